@@ -1,0 +1,18 @@
+"""diffprog: differentiable programs written the way the notes write them.
+
+    import diffprog as dp
+    model = dp.FeedForward(1, activation="identity") @ dp.FeedForward(16) ** 2
+    params = model.init(jax.random.key(0), x)
+    y = model(params, x)
+"""
+from .basic import (ACTIVATIONS, Activation, Dense, Dropout, FeedForward, Flatten, Gelu,
+                    LayerNorm, Relu, Sigmoid, Softmax, Step, Tanh, step)
+from .conv import AvgPool, Conv, MaxPool
+from .core import Batched, Compose, Layer, LayerError, Repeat, batched, layerclass, serial, spec_of
+from .embed import EmbedToken
+from .summary import summary
+
+
+from .interop import from_flax, to_flax
+from .torch_weights import load_torch
+__version__ = "0.1.0"

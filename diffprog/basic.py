@@ -1,0 +1,155 @@
+"""Core vector layers: Dense, FeedForward, activations, Flatten, Dropout, LayerNorm."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .core import Layer, LayerError, layerclass
+
+glorot = jax.nn.initializers.lecun_normal()
+
+
+def step(x):
+    """step(x) = [x > 0] = argmax{0, x}; its derivative is 0 everywhere (the notes' ReLU')."""
+    return (x > 0).astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+    "step": step,
+    "softmax": jax.nn.softmax,
+    "identity": lambda x: x,
+}
+
+
+def activation_fn(name: str):
+    if name not in ACTIVATIONS:
+        raise LayerError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+@layerclass
+class Dense(Layer):
+    """y = W x + b.  Type: (..., d) → (..., out).  Params: weight (d, out), bias (out,)."""
+
+    out: int
+    use_bias: bool = True
+
+    def init_params(self, key, spec):
+        self.expect(spec, ("d",), ("T", "d"))
+        params = {"weight": glorot(key, (spec.shape[-1], self.out), jnp.float32)}
+        if self.use_bias:
+            params["bias"] = jnp.zeros((self.out,), jnp.float32)
+        return params
+
+    def forward(self, params, x, **side):
+        d = params["weight"].shape[0]
+        self.expect(x, (d,), ("T", d))
+        y = x @ params["weight"]
+        return y + params["bias"] if self.use_bias else y
+
+
+@layerclass
+class FeedForward(Layer):
+    """FeedForward(x) = activation(W x + b) — one step of processing in the notes.
+
+    Type: (d,) → (out,) (also (T, d) → (T, out), position-wise). Params: weight, bias.
+    """
+
+    out: int
+    activation: str = "relu"
+
+    def init_params(self, key, spec):
+        activation_fn(self.activation)
+        self.expect(spec, ("d",), ("T", "d"))
+        return Dense(self.out).init_params(key, spec)
+
+    def forward(self, params, x, **side):
+        d = params["weight"].shape[0]
+        self.expect(x, (d,), ("T", d))
+        return activation_fn(self.activation)(x @ params["weight"] + params["bias"])
+
+
+@layerclass
+class Activation(Layer):
+    """y = activation(x), element-wise (softmax: over the last axis). Type: shape → shape."""
+
+    fn: str
+
+    def init_params(self, key, spec):
+        activation_fn(self.fn)
+        return {}
+
+    def forward(self, params, x, **side):
+        self.expect(x, *[("d",) * r for r in range(8)])
+        return activation_fn(self.fn)(x)
+
+    def __repr__(self):
+        return self.fn.capitalize()
+
+
+Relu, Sigmoid, Tanh, Gelu, Step, Softmax = (
+    Activation(n) for n in ("relu", "sigmoid", "tanh", "gelu", "step", "softmax"))
+
+
+@layerclass
+class FlattenLayer(Layer):
+    """Concatenate all axes of one example: (d1, ..., dk) → (d1·...·dk,)."""
+
+    def forward(self, params, x, **side):
+        return jnp.reshape(x, (-1,))
+
+    def __repr__(self):
+        return "Flatten"
+
+
+Flatten = FlattenLayer()
+
+
+@layerclass
+class Dropout(Layer):
+    """Zero each element with probability `rate` and scale the rest by 1/(1 - rate).
+
+    Active only when `key=` is given (training); without a key it is the identity.
+    Type: shape → shape.
+    """
+
+    rate: float
+
+    def __post_init__(self):
+        if not 0.0 <= self.rate < 1.0:
+            raise LayerError(f"Dropout({self.rate}): rate must be in [0, 1)")
+
+    def forward(self, params, x, *, key=None, **side):
+        if key is None or self.rate == 0.0:
+            return x
+        keep = jax.random.bernoulli(key, 1.0 - self.rate, jnp.shape(x))
+        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
+@layerclass
+class LayerNorm(Layer):
+    """y = scale ⊗ (x − mean(x)) / sqrt(var(x) + eps) + bias over the last axis.
+
+    Type: (..., d) → (..., d). Params: scale (d,) = 1, bias (d,) = 0.
+    """
+
+    eps: float = 1e-5
+
+    def init_params(self, key, spec):
+        self.expect(spec, ("d",), ("T", "d"))
+        d = spec.shape[-1]
+        return {"scale": jnp.ones((d,), jnp.float32), "bias": jnp.zeros((d,), jnp.float32)}
+
+    def forward(self, params, x, **side):
+        d = params["scale"].shape[0]
+        self.expect(x, (d,), ("T", d))
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * params["scale"] + params["bias"]
+
+    def __repr__(self):
+        return "LayerNorm" if self.eps == 1e-5 else f"LayerNorm(eps={self.eps})"

@@ -1,0 +1,119 @@
+"""Convolution and pooling over one channels-last example: (W, C) for 1-D, (H, W, C) for 2-D."""
+from __future__ import annotations
+
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+from .basic import glorot
+from .core import Layer, LayerError, layerclass
+
+Padding = Union[str, tuple]
+
+
+def _spatial_patterns(n_channels="C"):
+    return ("W", n_channels), ("H", "W", n_channels)
+
+
+def _tuple(v, n):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+@layerclass
+class Conv(Layer):
+    """Sweep `features` filters of size `kernel` over the input volume (cross-correlation).
+
+    y[p, o] = b[o] + Σ_{Δ, c} K[Δ, c, o] · x[stride·p + Δ, c]
+    Type: (W, C) → (W', features) or (H, W, C) → (H', W', features); the input rank picks
+    1-D or 2-D. `padding` is 'SAME', 'VALID' or explicit ((lo, hi), ...) per spatial axis.
+    Params: kernel (*kernel, C, features) (HWIO), bias (features,).
+    """
+
+    features: int
+    kernel: Union[int, tuple] = 3
+    stride: Union[int, tuple] = 1
+    padding: Padding = "SAME"
+
+    def init_params(self, key, spec):
+        self.expect(spec, *_spatial_patterns())
+        n = len(spec.shape) - 1
+        shape = _tuple(self.kernel, n) + (spec.shape[-1], self.features)
+        return {"kernel": glorot(key, shape, jnp.float32),
+                "bias": jnp.zeros((self.features,), jnp.float32)}
+
+    def forward(self, params, x, **side):
+        kernel = params["kernel"]
+        n = kernel.ndim - 2
+        self.expect(x, _spatial_patterns(kernel.shape[-2])[n - 1])
+        dims = ("WC", "WIO", "WC") if n == 1 else ("HWC", "HWIO", "HWC")
+        padding = self.padding if isinstance(self.padding, str) else tuple(map(tuple, self.padding))
+        y = jax.lax.conv_general_dilated(
+            x[None], kernel.astype(x.dtype), _tuple(self.stride, n), padding,
+            dimension_numbers=("N" + dims[0], dims[1], "N" + dims[2]))[0]
+        return y + params["bias"]
+
+
+@layerclass
+class _Pool(Layer):
+    """Reduce each window of `window` positions per channel. Type: (W, C) → (W', C),
+    (H, W, C) → (H', W', C). When stride == window, padding is 'VALID' and the window divides
+    the input, the volume is folded with a reshape and reduced along the new axes, as the
+    notes describe; otherwise `lax.reduce_window` is used. No parameters."""
+
+    window: Union[int, tuple]
+    stride: Union[int, tuple, None] = None
+    padding: Padding = "VALID"
+
+    def forward(self, params, x, **side):
+        self.expect(x, *_spatial_patterns())
+        n = x.ndim - 1
+        window = _tuple(self.window, n)
+        stride = window if self.stride is None else _tuple(self.stride, n)
+        if any(w > s for w, s in zip(window, x.shape)) and self.padding == "VALID":
+            raise LayerError(f"{self!r}: window {window} is larger than the input {x.shape}")
+        if self.folds(x.shape, window, stride):
+            return self.fold(x, window)
+        return self.sliding(x, window, stride)
+
+    def folds(self, shape, window, stride):
+        return (window == stride and self.padding == "VALID"
+                and all(s % w == 0 for s, w in zip(shape, window)))
+
+    @staticmethod
+    def folded(x, window):
+        """View (H, W, C) as (H/wh, wh, W/ww, ww, C); returns it and the window axes."""
+        shape, axes = [], []
+        for size, w in zip(x.shape[:-1], window):
+            shape += [size // w, w]
+            axes.append(len(shape) - 1)
+        return x.reshape(shape + [x.shape[-1]]), tuple(axes)
+
+
+@layerclass
+class MaxPool(_Pool):
+    __doc__ = "Max over each window (the notes' max pooling). " + _Pool.__doc__
+
+    def fold(self, x, window):
+        folded, axes = self.folded(x, window)
+        return folded.max(axis=axes)
+
+    def sliding(self, x, window, stride):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window + (1,), stride + (1,),
+                                     self.padding)
+
+
+@layerclass
+class AvgPool(_Pool):
+    __doc__ = "Mean over each window. " + _Pool.__doc__
+
+    def fold(self, x, window):
+        folded, axes = self.folded(x, window)
+        return folded.mean(axis=axes)
+
+    def sliding(self, x, window, stride):
+        total = jax.lax.reduce_window(x, 0.0, jax.lax.add, window + (1,), stride + (1,),
+                                      self.padding)
+        count = jax.lax.reduce_window(jnp.ones_like(x), 0.0, jax.lax.add, window + (1,),
+                                      stride + (1,), self.padding)
+        return total / count

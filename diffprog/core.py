@@ -1,0 +1,288 @@
+"""The layer protocol and the composition algebra of the notes: `f @ g` is f ∘ g, `f ** n` is f^n.
+
+A layer is an immutable value holding hyperparameters only. Its parameters live in a plain
+pytree (nested dicts of arrays) that `init` builds from ONE example and `apply` consumes:
+
+    params = layer.init(key, x)          # x: an array or a jax.ShapeDtypeStruct
+    y      = layer.apply(params, x, **side)   # == layer(params, x, **side)
+
+Side inputs are keyword-only. `key=` is accepted by every layer (stochastic ones use it,
+the rest ignore it); other side inputs (`lengths=`, `mask=`, ...) are listed in a layer's
+`side_inputs` and a composition forwards each one to the stages that read it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any  # a nested dict of arrays
+
+layerclass = dataclasses.dataclass(frozen=True, repr=False)
+"""Decorator for layer classes: frozen (immutable, hashable) dataclasses with notation reprs."""
+
+
+class LayerError(ValueError):
+    """Bad input to a layer. The message names the layer, what it expected and what it got."""
+
+
+def spec_of(x) -> Any:
+    """The `jax.ShapeDtypeStruct` of an array (or of every leaf of a pytree of arrays)."""
+    def one(a):
+        if isinstance(a, jax.ShapeDtypeStruct):
+            return a
+        return jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))
+    return jax.tree.map(one, x)
+
+
+def _describe(x) -> str:
+    s = spec_of(x)
+    if isinstance(s, jax.ShapeDtypeStruct):
+        return f"{tuple(s.shape)} {s.dtype}"
+    return repr(jax.tree.map(lambda a: f"{tuple(a.shape)} {a.dtype}", s))
+
+
+def _pattern(p) -> str:
+    return "(" + ", ".join(str(d) for d in p) + ("," if len(p) == 1 else "") + ")"
+
+
+class Layer:
+    """Base class. Subclasses are `@layerclass` dataclasses and define
+
+    - `init_params(key, spec) -> params` (spec: the ShapeDtypeStruct of one example),
+    - `forward(params, x, *, key=None, **side) -> y`,
+    - `side_inputs`: the names of the side inputs `forward` reads, besides `key`.
+    """
+
+    side_inputs: frozenset = frozenset()
+
+    # -- the protocol ------------------------------------------------------------------
+    def init(self, key, x) -> Params:
+        """Parameters for inputs shaped like `x` (one example; array or ShapeDtypeStruct)."""
+        return self.init_params(key, spec_of(x))
+
+    def apply(self, params: Params, x, **side):
+        """Run the layer on one example. Pure; works under jit, vmap and grad."""
+        unknown = set(side) - set(self.side_inputs) - {"key"}
+        if unknown:
+            raise LayerError(f"{self!r}: unexpected side input(s) {sorted(unknown)}; "
+                             f"it takes key= and {sorted(self.side_inputs) or 'nothing else'}")
+        return self.forward(params, x, **side)
+
+    def __call__(self, params: Params, x, **side):
+        return self.apply(params, x, **side)
+
+    def init_params(self, key, spec) -> Params:
+        return {}
+
+    def forward(self, params, x, **side):
+        raise NotImplementedError
+
+    def out_spec(self, x, **side):
+        """Output ShapeDtypeStruct for an input like `x`, computed without running anything."""
+        return jax.eval_shape(lambda x: self.apply(self.init(jax.random.key(0), x), x, **side),
+                              spec_of(x))
+
+    # -- the algebra -------------------------------------------------------------------
+    def __matmul__(self, other: "Layer") -> "Layer":
+        """`f @ g` is the composition f ∘ g: g runs first."""
+        if not isinstance(other, Layer):
+            return NotImplemented
+        return Compose(_stages(other) + _stages(self))
+
+    def __pow__(self, n: int) -> "Layer":
+        """`f ** n` is f^n: n applications of f with n independent parameter sets."""
+        if not isinstance(n, int) or n < 1:
+            raise LayerError(f"{self!r} ** {n!r}: the power must be an int >= 1")
+        return self if n == 1 else Repeat(self, n)
+
+    # -- errors and notation -----------------------------------------------------------
+    def expect(self, x, *patterns, dtype: str = "float") -> None:
+        """Raise LayerError unless `x` matches one of `patterns` and has the right dtype kind.
+
+        A pattern is a tuple with one entry per axis: an int fixes the axis size, a str (a
+        name like "T" or "d") leaves it free. `dtype` is "float", "int" or "any".
+        """
+        s = spec_of(x)
+        if not isinstance(s, jax.ShapeDtypeStruct):
+            raise LayerError(f"{self!r}: expected one array, got {_describe(x)}")
+        ok_shape = any(len(p) == len(s.shape) and all(isinstance(d, str) or d == n
+                                                     for d, n in zip(p, s.shape))
+                       for p in patterns)
+        kind = {"float": jnp.floating, "int": jnp.integer}.get(dtype)
+        ok_dtype = kind is None or jnp.issubdtype(s.dtype, kind)
+        if not (ok_shape and ok_dtype):
+            want = " or ".join(_pattern(p) for p in patterns)
+            want += "" if kind is None else f" {dtype}"
+            raise LayerError(f"{self!r}: expected input {want}, got {_describe(s)}")
+
+    def __repr__(self) -> str:
+        fields = [f for f in dataclasses.fields(self) if f.repr]
+        parts = []
+        for f in fields:
+            value = getattr(self, f.name)
+            if f.default is dataclasses.MISSING:
+                parts.append(repr(value))
+            elif value != f.default:
+                parts.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    @property
+    def name(self) -> str:
+        """Short name used for this layer's key in a composition's params."""
+        return repr(self).split("(")[0]
+
+
+def _stages(layer: Layer) -> tuple:
+    return layer.stages if isinstance(layer, Compose) else (layer,)
+
+
+@layerclass
+class Compose(Layer):
+    """The pipeline `stages[-1] ∘ ... ∘ stages[0]` (stages[0] runs first).
+
+    Params: `{"0_Conv": ..., "1_MaxPool": ..., ...}`, one entry per stage in running order.
+    A `key=` is split per stage (`fold_in(key, i)`); other side inputs go to every stage that
+    lists them in its `side_inputs`.
+    """
+
+    stages: tuple
+
+    @property
+    def side_inputs(self):
+        return frozenset().union(*(s.side_inputs for s in self.stages))
+
+    def names(self):
+        return [f"{i}_{s.name}" for i, s in enumerate(self.stages)]
+
+    def init_params(self, key, spec):
+        params = {}
+        for i, (name, stage) in enumerate(zip(self.names(), self.stages)):
+            params[name] = stage.init(jax.random.fold_in(key, i), spec)
+            spec = jax.eval_shape(stage.apply, params[name], spec)
+        return params
+
+    def forward(self, params, x, *, key=None, **side):
+        for i, (name, stage) in enumerate(zip(self.names(), self.stages)):
+            sub = {k: v for k, v in side.items() if k in stage.side_inputs}
+            if key is not None:
+                sub["key"] = jax.random.fold_in(key, i)
+            x = stage.apply(params[name], x, **sub)
+        return x
+
+    @property
+    def name(self):
+        return "serial"
+
+    def __repr__(self):
+        return " ∘ ".join(repr(s) for s in reversed(self.stages))
+
+
+def serial(*layers: Layer) -> Layer:
+    """The left-to-right pipeline: `serial(a, b, c) == c @ b @ a`."""
+    if not layers:
+        raise LayerError("serial(): needs at least one layer")
+    return Compose(sum((_stages(l) for l in layers), ()))
+
+
+def _shapes(spec):
+    return jax.tree.map(lambda s: (tuple(s.shape), s.dtype), spec)
+
+
+@layerclass
+class Repeat(Layer):
+    """f^n: n applications of `layer`, each with its own parameters.
+
+    When `layer` maps its input shape to itself, the n parameter sets are stacked on a leading
+    axis, params = {"stack": p} with every leaf of p shaped (n, ...), and
+
+        x_k = layer(p[k], x_{k-1}),  k = 1..n,   computed by one jax.lax.scan over k,
+
+    so the traced program and compile time do not grow with n. When only the first
+    application changes the shape (FeedForward(64)^3 on a 10-vector), params =
+    {"first": p_1, "stack": p_2..n} and the first application runs outside the scan.
+    `key=` is folded with the application index k.
+    """
+
+    layer: Layer
+    n: int
+
+    @property
+    def side_inputs(self):
+        return self.layer.side_inputs
+
+    def init_params(self, key, spec):
+        out = self.layer.out_spec(spec)
+        if _shapes(out) == _shapes(spec):
+            return {"stack": self._stack(key, spec, self.n)}
+        if _shapes(self.layer.out_spec(out)) != _shapes(out):
+            raise LayerError(f"{self!r}: {self.layer!r} maps {_describe(spec)} to "
+                             f"{_describe(out)} and then to another shape; f ** n needs f to "
+                             f"keep its shape after the first application (use dp.serial)")
+        first, rest = jax.random.split(key)
+        return {"first": self.layer.init(first, spec), "stack": self._stack(rest, out, self.n - 1)}
+
+    def _stack(self, key, spec, n):
+        return jax.vmap(lambda k: self.layer.init(k, spec))(jax.random.split(key, n))
+
+    def forward(self, params, x, *, key=None, **side):
+        def sub_side(k):
+            return side if key is None else {**side, "key": jax.random.fold_in(key, k)}
+        if "first" in params:
+            x = self.layer.apply(params["first"], x, **sub_side(0))
+        offset = 1 if "first" in params else 0
+
+        def step(h, p_k):
+            p, k = p_k
+            return self.layer.apply(p, h, **sub_side(k)), None
+
+        x, _ = jax.lax.scan(step, x, (params["stack"], offset + jnp.arange(self.n - offset)))
+        return x
+
+    @property
+    def name(self):
+        return f"{self.layer.name}^{self.n}"
+
+    def __repr__(self):
+        inner = repr(self.layer)
+        return f"({inner})^{self.n}" if isinstance(self.layer, Compose) else f"{inner}^{self.n}"
+
+
+@layerclass
+class Batched(Layer):
+    """`layer` mapped over a leading batch axis with `jax.vmap`: (B, *example) → (B, *out).
+
+    Built by `dp.batched(layer)`. `init` takes a batch and initialises `layer` from one
+    example of it; params are `layer`'s own. `key=` is split into B keys, one per example
+    (so dropout masks differ across examples); every other side input is batched along axis 0.
+    """
+
+    layer: Layer
+
+    @property
+    def side_inputs(self):
+        return self.layer.side_inputs
+
+    def init_params(self, key, spec):
+        if len(spec.shape) < 1:
+            raise LayerError(f"{self!r}: expected a batch (B, ...), got {_describe(spec)}")
+        return self.layer.init(key, jax.ShapeDtypeStruct(spec.shape[1:], spec.dtype))
+
+    def forward(self, params, x, *, key=None, **side):
+        batch = jax.tree.leaves(x)[0].shape[0]
+        keys = None if key is None else jax.random.split(key, batch)
+
+        def one(x, k, s):
+            return self.layer.apply(params, x, **s, **({} if k is None else {"key": k}))
+        return jax.vmap(one)(x, keys, side)
+
+    def __repr__(self):
+        return f"batched({self.layer!r})"
+
+
+def batched(layer: Layer) -> Batched:
+    """vmap `layer` over a leading batch axis, splitting `key=` per example. See `Batched`."""
+    return Batched(layer)
