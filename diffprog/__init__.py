@@ -10,9 +10,10 @@ from .basic import (ACTIVATIONS, Activation, Dense, Dropout, FeedForward, Flatte
 from .conv import AvgPool, Conv, MaxPool
 from .core import Batched, Compose, Layer, LayerError, Repeat, batched, layerclass, serial, spec_of
 from .embed import EmbedToken
-from .summary import summary
-
-
 from .interop import from_flax, to_flax
+from .recurrent import GRU, LSTM, LSTM_GATES, Bidirectional, Recurrent, SimpleRNN
+from .sequence import Collapse
+from .summary import summary
 from .torch_weights import load_torch
+
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ from .basic import Dense, LayerNorm
 from .conv import Conv
 from .core import Layer, LayerError
 from .embed import EmbedToken
+from .recurrent import GRU, LSTM, SimpleRNN
 
 
 def _take(layer, state_dict, *names):
@@ -54,3 +55,34 @@ def _(layer: LayerNorm, sd):
 def _(layer: EmbedToken, sd):
     (w,) = _take(layer, sd, "weight")
     return {"table": w}
+
+
+def _recurrent(layer, sd, n_gates):
+    """Split nn.RNN/LSTM/GRU layer-0 weights into per-gate (w_x, w_h, b_x, b_h), PyTorch order."""
+    w_ih, w_hh, b_ih, b_hh = _take(layer, sd, "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    if w_ih.shape[0] != n_gates * layer.hidden:
+        raise LayerError(f"load_torch({layer!r}): expected weight_ih_l0 with "
+                         f"{n_gates * layer.hidden} rows, got {tuple(w_ih.shape)}")
+    split = lambda a: jnp.split(a, n_gates)
+    return list(zip(*(split(w_ih), split(w_hh), split(b_ih), split(b_hh))))
+
+
+@load_torch.register
+def _(layer: SimpleRNN, sd):  # nn.RNN(nonlinearity="tanh", batch_first=True)
+    ((w_x, w_h, b_x, b_h),) = _recurrent(layer, sd, 1)
+    return {"w_x": w_x.T, "w_h": w_h.T, "bias": b_x + b_h}
+
+
+@load_torch.register
+def _(layer: LSTM, sd):  # nn.LSTM: gates stacked in the order i, f, g, o
+    gates = dict(zip(("save", "remember", "candidate", "focus"), _recurrent(layer, sd, 4)))
+    return {g: {"w_x": w_x.T, "w_h": w_h.T, "bias": b_x + b_h} for g, (w_x, w_h, b_x, b_h) in gates.items()}
+
+
+@load_torch.register
+def _(layer: GRU, sd):  # nn.GRU: gates stacked in the order r, z, n
+    gates = dict(zip(("reset", "update", "candidate"), _recurrent(layer, sd, 3)))
+    params = {g: {"w_x": w_x.T, "w_h": w_h.T, "bias": b_x + b_h} for g, (w_x, w_h, b_x, b_h) in gates.items()}
+    _, _, b_x, b_h = gates["candidate"]
+    params["candidate"].update(bias=b_x, bias_h=b_h)
+    return params

@@ -1,0 +1,66 @@
+"""Sequence helpers shared by recurrent and attention layers, and Collapse: (T, d) → (d,)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .core import Layer, LayerError, layerclass
+
+
+def check_sequence(layer: Layer, x, features=None, dtype="float") -> int:
+    """Check that `x` is a non-empty (T, features) sequence; return T."""
+    layer.expect(x, ("T", "d" if features is None else features), dtype=dtype)
+    if x.shape[0] == 0:
+        raise LayerError(f"{layer!r}: expected a non-empty sequence, got {tuple(x.shape)}")
+    return x.shape[0]
+
+
+def check_lengths(layer: Layer, lengths, steps: int):
+    """Validate a `lengths=` side input (a scalar: the number of valid steps of one example).
+
+    Concrete values must lie in [1, T]; traced ones (under jit) are clipped into that range.
+    """
+    if lengths is None:
+        return None
+    if np.ndim(lengths) != 0 or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise LayerError(f"{layer!r}: expected lengths= to be one int per example, "
+                         f"got shape {np.shape(lengths)} {jnp.result_type(lengths)}")
+    if not isinstance(lengths, jax.core.Tracer) and not 1 <= int(lengths) <= steps:
+        raise LayerError(f"{layer!r}: expected lengths in [1, {steps}], got {int(lengths)}")
+    return jnp.clip(lengths, 1, steps)
+
+
+def valid_steps(steps: int, lengths) -> jax.Array:
+    """Boolean (T,): True for the first `lengths` steps (all True when lengths is None)."""
+    t = jnp.arange(steps)
+    return t >= 0 if lengths is None else t < lengths
+
+
+@layerclass
+class Collapse(Layer):
+    """Summarise a sequence with one vector: Collapse : (T, d) → (d,).
+
+    mode "first": x_1;  "last": x_L;  "mean": (1/L) Σ_{t ≤ L} x_t, where L = `lengths=` (the
+    number of valid steps, default T), so padding never leaks into the summary.
+    """
+
+    mode: str = "mean"
+    side_inputs = frozenset({"lengths"})
+
+    def __post_init__(self):
+        if self.mode not in ("first", "last", "mean"):
+            raise LayerError(f"Collapse({self.mode!r}): mode must be 'first', 'last' or 'mean'")
+
+    def forward(self, params, x, *, key=None, lengths=None):
+        steps = check_sequence(self, x)
+        lengths = check_lengths(self, lengths, steps)
+        if self.mode == "first":
+            return x[0]
+        if self.mode == "last":
+            return x[-1] if lengths is None else x[lengths - 1]
+        mask = valid_steps(steps, lengths)[:, None]
+        return jnp.where(mask, x, 0).sum(0) / mask.sum()
+
+    def __repr__(self):
+        return f"Collapse({self.mode!r})"

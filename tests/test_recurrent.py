@@ -1,0 +1,188 @@
+"""Recurrent layers against the notes' equations, variable lengths, Collapse, PyTorch parity."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+import diffprog as dp
+
+sigmoid = jax.nn.sigmoid
+LAYERS = [dp.SimpleRNN(5), dp.LSTM(5), dp.GRU(5)]
+
+
+def xs_(key, T=7, d=3):
+    return jax.random.normal(key, (T, d))
+
+
+def test_simple_rnn_equation(key):
+    xs = xs_(key)
+    rnn = dp.SimpleRNN(5, return_state=True)
+    p = rnn.init(key, xs)
+    h, expected = jnp.zeros(5), []
+    for x in xs:
+        h = jnp.tanh(p["w_x"].T @ x + p["w_h"].T @ h + p["bias"])
+        expected.append(h)
+    ys, state = rnn(p, xs)
+    chex.assert_trees_all_close(ys, jnp.stack(expected), atol=1e-5)
+    chex.assert_trees_all_close(state["h"], h, atol=1e-5)
+
+
+def test_lstm_equations_in_the_notes_terms(key):
+    xs = xs_(key)
+    lstm = dp.LSTM(5, return_gates=True, return_state=True)
+    p = lstm.init(key, xs)
+    assert set(p) == {"remember", "save", "focus", "candidate"}
+    np.testing.assert_array_equal(p["remember"]["bias"], 1.0)  # "do not forget" at first
+    np.testing.assert_array_equal(p["save"]["bias"], 0.0)
+    gate = lambda g, x, h: p[g]["w_x"].T @ x + p[g]["w_h"].T @ h + p[g]["bias"]
+    h, c = jnp.zeros(5), jnp.zeros(5)
+    hs, cs, remembers = [], [], []
+    for x in xs:
+        remember, save, focus = (sigmoid(gate(g, x, h)) for g in ("remember", "save", "focus"))
+        candidate = jnp.tanh(gate("candidate", x, h))
+        c = remember * c + save * candidate
+        h = focus * jnp.tanh(c)
+        hs.append(h), cs.append(c), remembers.append(remember)
+    ys, trace, state = lstm(p, xs)
+    chex.assert_trees_all_close(ys, jnp.stack(hs), atol=1e-5)
+    chex.assert_trees_all_close(trace["cell"], jnp.stack(cs), atol=1e-5)
+    chex.assert_trees_all_close(trace["remember"], jnp.stack(remembers), atol=1e-5)
+    chex.assert_trees_all_close(state, {"h": h, "c": c}, atol=1e-5)
+    assert dp.LSTM(5, remember_bias=3.0).init(key, xs)["remember"]["bias"][0] == 3.0
+
+
+def test_gru_equation(key):
+    xs = xs_(key)
+    gru = dp.GRU(5)
+    p = gru.init(key, xs)
+    p["candidate"]["bias_h"] = jnp.arange(5.0) / 10
+    lin = lambda g, x, h: p[g]["w_x"].T @ x + p[g]["w_h"].T @ h + p[g]["bias"]
+    h, expected = jnp.zeros(5), []
+    for x in xs:
+        r, z = sigmoid(lin("reset", x, h)), sigmoid(lin("update", x, h))
+        n = jnp.tanh(p["candidate"]["w_x"].T @ x + p["candidate"]["bias"]
+                     + r * (p["candidate"]["w_h"].T @ h + p["candidate"]["bias_h"]))
+        h = (1 - z) * n + z * h
+        expected.append(h)
+    chex.assert_trees_all_close(gru(p, xs), jnp.stack(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=repr)
+def test_jit_vmap_and_gradients(layer, key):
+    xs = jax.random.normal(key, (3, 6, 3))
+    p = layer.init(key, xs[0])
+    loop = jnp.stack([layer(p, x) for x in xs])
+    chex.assert_trees_all_close(jax.jit(jax.vmap(layer.apply, (None, 0)))(p, xs), loop, atol=1e-5)
+    check_grads(lambda p, x: layer(p, x), (p, xs[0]), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("layer", LAYERS + [dp.Bidirectional(dp.LSTM(4))], ids=repr)
+def test_lengths_match_the_truncated_sequence(layer, key):
+    xs = xs_(key, T=8)
+    p = layer.init(key, xs)
+    full = layer(p, xs, lengths=5)
+    chex.assert_trees_all_close(full[:5], layer(p, xs[:5]), atol=1e-5)
+    np.testing.assert_array_equal(full[5:], 0.0)
+    # Padding content is irrelevant; jit and a traced lengths give the same result.
+    padded = xs.at[5:].set(100.0)
+    chex.assert_trees_all_close(jax.jit(layer.apply)(p, padded, lengths=jnp.int32(5)), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [dp.SimpleRNN(5, return_state=True), dp.LSTM(5, return_state=True),
+                                   dp.GRU(5, return_state=True)], ids=repr)
+def test_final_state_is_the_state_at_the_last_valid_step(layer, key):
+    xs = xs_(key, T=8)
+    p = layer.init(key, xs)
+    _, state = layer(p, xs, lengths=3)
+    _, expected = layer(p, xs[:3])
+    chex.assert_trees_all_close(state, expected, atol=1e-5)
+    # initial_state continues a sequence: running 3 then 5 steps == running 8.
+    ys_b, state_b = layer(p, xs[3:], initial_state=expected)
+    ys_all, state_all = layer(p, xs)
+    chex.assert_trees_all_close(ys_b, ys_all[3:], atol=1e-5)
+    chex.assert_trees_all_close(state_b, state_all, atol=1e-5)
+
+
+def test_collapse_modes_and_lengths(key):
+    x = jax.random.normal(key, (6, 3))
+    chex.assert_trees_all_close(dp.Collapse("first")({}, x), x[0])
+    chex.assert_trees_all_close(dp.Collapse("last")({}, x), x[-1])
+    chex.assert_trees_all_close(dp.Collapse("mean")({}, x), x.mean(0), atol=1e-6)
+    chex.assert_trees_all_close(dp.Collapse("last")({}, x, lengths=4), x[3])
+    chex.assert_trees_all_close(dp.Collapse("mean")({}, x, lengths=4), x[:4].mean(0), atol=1e-6)
+    with pytest.raises(dp.LayerError, match="mode"):
+        dp.Collapse("max")
+
+
+def test_recurrent_errors_are_clear(key):
+    lstm = dp.LSTM(11)
+    p = lstm.init(key, jnp.ones((5, 7)))
+    with pytest.raises(dp.LayerError, match=r"LSTM\(11\): expected input \(T, 7\) float, got \(5, 8\) float32"):
+        lstm(p, jnp.ones((5, 8)))
+    with pytest.raises(dp.LayerError, match=r"LSTM\(11\): expected input \(T, 7\)"):
+        lstm(p, jnp.ones(7))
+    with pytest.raises(dp.LayerError, match=r"lengths in \[1, 5\], got 6"):
+        lstm(p, jnp.ones((5, 7)), lengths=6)
+    with pytest.raises(dp.LayerError, match="non-empty sequence"):
+        lstm(p, jnp.ones((0, 7)))
+    with pytest.raises(dp.LayerError, match="initial_state"):
+        lstm(p, jnp.ones((5, 7)), initial_state={"h": jnp.zeros(11)})
+
+
+def test_stacks_compose_like_the_notes(key):
+    body = dp.LSTM(16) ** 3 @ dp.EmbedToken(20, 8)
+    assert repr(body) == "LSTM(16)^3 ∘ EmbedToken(20, 8)"
+    p = body.init(key, jnp.zeros(9, jnp.int32))
+    chex.assert_shape(p["1_LSTM^3"]["stack"]["remember"]["w_h"], (2, 16, 16))
+    chex.assert_shape(body(p, jnp.arange(9) % 20), (9, 16))
+
+
+def test_text_classifier_learns_two_synthetic_classes(key):
+    """Dense(1) ∘ Collapse('mean') ∘ LSTM^2 ∘ EmbedToken separates sequences by a marker token."""
+    model = dp.batched(dp.Dense(1) @ dp.Collapse("mean") @ dp.LSTM(16) ** 2 @ dp.EmbedToken(12, 8))
+    kx, ky, kl = jax.random.split(key, 3)
+    labels = jax.random.bernoulli(ky, 0.5, (64,))
+    tokens = jax.random.randint(kx, (64, 10), 2, 12)
+    tokens = tokens.at[:, 4].set(jnp.where(labels, 1, 0))  # class = which marker appears mid-sequence
+    lengths = jax.random.randint(kl, (64,), 6, 11)
+    p = model.init(key, tokens)
+    opt = optax.adam(0.02)
+    state = opt.init(p)
+
+    def loss(p):
+        logits = model(p, tokens, lengths=lengths)[:, 0]
+        return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+
+    @jax.jit
+    def step(p, state):
+        l, g = jax.value_and_grad(loss)(p)
+        u, state = opt.update(g, state)
+        return optax.apply_updates(p, u), state, l
+
+    first = loss(p)
+    for _ in range(60):
+        p, state, l = step(p, state)
+    accuracy = ((model(p, tokens, lengths=lengths)[:, 0] > 0) == labels).mean()
+    assert l < 0.2 * first and accuracy == 1.0
+
+
+def test_load_torch_recurrent_parity():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(2, 9, 4)).astype(np.float32)
+    for module, layer in [(torch.nn.RNN(4, 6, batch_first=True), dp.SimpleRNN(6, return_state=True)),
+                          (torch.nn.LSTM(4, 6, batch_first=True), dp.LSTM(6, return_state=True)),
+                          (torch.nn.GRU(4, 6, batch_first=True), dp.GRU(6, return_state=True))]:
+        sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+        p = dp.load_torch(layer, sd)
+        with torch.no_grad():
+            out, state = module(torch.tensor(x))
+        ys, final = jax.vmap(layer.apply, (None, 0))(p, x)
+        np.testing.assert_allclose(ys, out.numpy(), atol=1e-5)
+        h = state[0] if isinstance(state, tuple) else state
+        np.testing.assert_allclose(final["h"], h[0].numpy(), atol=1e-5)
+        if isinstance(state, tuple):
+            np.testing.assert_allclose(final["c"], state[1][0].numpy(), atol=1e-5)
