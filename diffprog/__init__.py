@@ -13,6 +13,8 @@ from .embed import EmbedToken
 from .interop import from_flax, to_flax
 from .recurrent import GRU, LSTM, LSTM_GATES, Bidirectional, Recurrent, SimpleRNN
 from .sequence import Collapse
+from . import soft
+from .soft import Gated, SoftLookup, Switch
 from .summary import summary
 from .torch_weights import load_torch
 
