@@ -5,11 +5,13 @@
     params = model.init(jax.random.key(0), x)
     y = model(params, x)
 """
+from .attention import Attention
 from .basic import (ACTIVATIONS, Activation, Dense, Dropout, FeedForward, Flatten, Gelu,
                     LayerNorm, Relu, Sigmoid, Softmax, Step, Tanh, step)
 from .conv import AvgPool, Conv, MaxPool
 from .core import Batched, Compose, Layer, LayerError, Repeat, batched, layerclass, serial, spec_of
 from .embed import EmbedToken
+from .generate import GenerateToken, LanguageModel, generate, sample
 from .interop import from_flax, to_flax
 from .recurrent import GRU, LSTM, LSTM_GATES, Bidirectional, Recurrent, SimpleRNN
 from .sequence import Collapse
@@ -17,5 +19,6 @@ from . import soft
 from .soft import Gated, SoftLookup, Switch
 from .summary import summary
 from .torch_weights import load_torch
+from .transformer import AddNorm, LearnedPositions, SinusoidalPositions, TransformerBlock, bert
 
 __version__ = "0.1.0"

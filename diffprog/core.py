@@ -86,6 +86,17 @@ class Layer:
         return jax.eval_shape(lambda x: self.apply(self.init(jax.random.key(0), x), x, **side),
                               spec_of(x))
 
+    # -- incremental decoding (generation) ---------------------------------------------
+    def init_cache(self, params, max_len: int, dtype=jnp.float32):
+        """State that `decode` carries from step to step ({} for position-wise layers)."""
+        return {}
+
+    def decode(self, params, x_t, cache, position):
+        """One step of a sequence layer: x_t is step `position` of the input (one row of
+        (T, d), or one token id). Default: a position-wise layer, applied to x_t alone.
+        Returns (y_t, cache)."""
+        return self.apply(params, x_t[None])[0], cache
+
     # -- the algebra -------------------------------------------------------------------
     def __matmul__(self, other: "Layer") -> "Layer":
         """`f @ g` is the composition f ∘ g: g runs first."""
@@ -173,6 +184,15 @@ class Compose(Layer):
             x = stage.apply(params[name], x, **sub)
         return x
 
+    def init_cache(self, params, max_len, dtype=jnp.float32):
+        return {n: s.init_cache(params[n], max_len, dtype) for n, s in zip(self.names(), self.stages)}
+
+    def decode(self, params, x_t, cache, position):
+        cache = dict(cache)
+        for name, stage in zip(self.names(), self.stages):
+            x_t, cache[name] = stage.decode(params[name], x_t, cache[name], position)
+        return x_t, cache
+
     @property
     def name(self):
         return "serial"
@@ -241,6 +261,22 @@ class Repeat(Layer):
 
         x, _ = jax.lax.scan(step, x, (params["stack"], offset + jnp.arange(self.n - offset)))
         return x
+
+    def init_cache(self, params, max_len, dtype=jnp.float32):
+        cache = {"stack": jax.vmap(lambda p: self.layer.init_cache(p, max_len, dtype))(params["stack"])}
+        if "first" in params:
+            cache["first"] = self.layer.init_cache(params["first"], max_len, dtype)
+        return cache
+
+    def decode(self, params, x_t, cache, position):
+        new = {}
+        if "first" in params:
+            x_t, new["first"] = self.layer.decode(params["first"], x_t, cache["first"], position)
+
+        def step(h, p_c):
+            return self.layer.decode(p_c[0], h, p_c[1], position)
+        x_t, new["stack"] = jax.lax.scan(step, x_t, (params["stack"], cache["stack"]))
+        return x_t, new
 
     @property
     def name(self):

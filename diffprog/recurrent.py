@@ -53,6 +53,13 @@ class Recurrent(Layer):
     def initial_carry(self, dtype):
         return {"h": jnp.zeros((self.hidden,), dtype)}
 
+    def init_cache(self, params, max_len, dtype=jnp.float32):
+        return self.initial_carry(dtype)
+
+    def decode(self, params, x_t, cache, position):
+        carry, out = self.cell(self.prepare(params), cache, x_t)
+        return out["h"], carry
+
     def prepare(self, params):
         """Work done once per sequence, outside the loop (e.g. fusing gate weights)."""
         return params

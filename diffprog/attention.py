@@ -1,0 +1,149 @@
+"""Multi-head attention: a soft lookup of every query in the (key, value) memory of a sequence."""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .basic import Dense
+from .core import Layer, LayerError, layerclass
+from .sequence import check_lengths, check_sequence, valid_steps
+from .soft import score_layer
+
+
+@layerclass
+class Attention(Layer):
+    """Attention : SequenceModel, (T, d) → (T, d) — the notes' attention, `heads` times.
+
+    For each head h, with q_t = W_q^h x_t, k_s = W_k^h m_s, v_s = W_v^h m_s:
+
+        α_{t,s} = softmax_s(score(q_t, k_s)),  head_h(x)_t = Σ_s α_{t,s} v_s
+        Attention(x)_t = W_o [head_1(x)_t; ...; head_H(x)_t] + b_o
+
+    m = x (self-attention) or the `context=` side input (S, d_c) when `cross=True`.
+    score "dot" is q·k/√head_dim computed by `jax.nn.dot_product_attention`; "general" and
+    "concat" are the notes' other soft-lookup scores (see `dp.soft`), computed explicitly.
+
+    Masks (combined): `causal=True` (t attends to s ≤ t); `lengths=` (self: valid steps of x) or
+    `context_lengths=` (cross: valid steps of the context) hide padded keys; `mask=` a boolean
+    (T, S) where True means "may attend". `return_weights=True` returns (y, α (heads, T, S)).
+    `dropout` on α is active when `key=` is given.
+    Params: query/key/value {weight (d, heads·head_dim), bias}, output {weight, bias}, and
+    "score" for the general/concat scores.
+    """
+
+    heads: int
+    causal: bool = False
+    cross: bool = False
+    score: str = "dot"
+    dropout: float = 0.0
+    return_weights: bool = False
+
+    @property
+    def side_inputs(self):
+        sides = {"mask", "lengths"}
+        return frozenset(sides | {"context", "context_lengths"} if self.cross else sides)
+
+    def init_params(self, key, spec):
+        check_sequence(self, spec)
+        d = spec.shape[-1]
+        if d % self.heads:
+            raise LayerError(f"{self!r}: model width {d} is not divisible by {self.heads} heads")
+        head_dim = d // self.heads
+        kq, kk, kv, ko, ks = jax.random.split(key, 5)
+        params = {name: Dense(d).init(k, spec) for name, k in
+                  (("query", kq), ("key", kk), ("value", kv), ("output", ko))}
+        if self.score != "dot":
+            one = jax.ShapeDtypeStruct((head_dim,), spec.dtype)
+            params["score"] = score_layer(self.score).init(
+                ks, (one, jax.ShapeDtypeStruct((1, head_dim), spec.dtype)))
+        return params
+
+    def heads_of(self, params, x, name):
+        y = Dense(params[name]["weight"].shape[1]).apply(params[name], x)
+        return y.reshape(x.shape[0], self.heads, -1)
+
+    def forward(self, params, x, *, key=None, mask=None, lengths=None, context=None,
+                context_lengths=None):
+        d = params["query"]["weight"].shape[0]
+        steps = check_sequence(self, x, d)
+        if params["query"]["weight"].shape[1] % self.heads:
+            raise LayerError(f"{self!r}: params have {params['query']['weight'].shape[1]} "
+                             f"query features, not divisible by {self.heads} heads")
+        if self.cross:
+            if context is None:
+                raise LayerError(f"{self!r}: cross-attention needs context= (S, {d})")
+            check_sequence(self, context, params["key"]["weight"].shape[0])
+            memory, memory_lengths = context, check_lengths(self, context_lengths, context.shape[0])
+        else:
+            memory, memory_lengths = x, check_lengths(self, lengths, steps)
+        q, k, v = (self.heads_of(params, a, n) for a, n in ((x, "query"), (memory, "key"), (memory, "value")))
+        allowed = self.allowed(steps, memory.shape[0], mask, memory_lengths)
+        explicit = (self.return_weights or self.score != "dot"
+                    or (self.dropout > 0 and key is not None))
+        if explicit:
+            out, weights = self.attend_explicitly(params, q, k, v, allowed, key)
+        else:
+            only_causal = allowed is None or (self.causal and mask is None and memory_lengths is None)
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=None if only_causal else allowed[None], is_causal=self.causal and only_causal)
+        y = Dense(d).apply(params["output"], out.reshape(steps, -1))
+        return (y, weights) if self.return_weights else y
+
+    def allowed(self, steps, memory_steps, mask, memory_lengths) -> Optional[jax.Array]:
+        """Boolean (T, S): which key each query may attend to (None: all)."""
+        allowed = None
+        if self.causal:
+            allowed = jnp.tril(jnp.ones((steps, memory_steps), bool))
+        if memory_lengths is not None:
+            keys_ok = jnp.broadcast_to(valid_steps(memory_steps, memory_lengths), (steps, memory_steps))
+            allowed = keys_ok if allowed is None else allowed & keys_ok
+        if mask is not None:
+            if np.shape(mask) != (steps, memory_steps) or jnp.result_type(mask) != bool:
+                raise LayerError(f"{self!r}: expected mask= bool ({steps}, {memory_steps}), "
+                                 f"got {np.shape(mask)} {jnp.result_type(mask)}")
+            allowed = mask if allowed is None else allowed & mask
+        return allowed
+
+    def logits(self, params, q, k):
+        """Scores (heads, T, S)."""
+        if self.score == "dot":
+            return jnp.einsum("thd,shd->hts", q, k) / np.sqrt(q.shape[-1]).astype(q.dtype)
+        layer = score_layer(self.score)
+        per_query = jax.vmap(lambda qt, kh: layer.apply(params["score"], (qt, kh)), (0, None))
+        return jax.vmap(per_query, (1, 1))(q, k)
+
+    def attend_explicitly(self, params, q, k, v, allowed, key):
+        logits = self.logits(params, q, k)
+        if allowed is not None:
+            logits = jnp.where(allowed[None], logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits, axis=-1)
+        dropped = weights
+        if self.dropout > 0 and key is not None:
+            keep = jax.random.bernoulli(key, 1 - self.dropout, weights.shape)
+            dropped = jnp.where(keep, weights / (1 - self.dropout), 0)
+        return jnp.einsum("hts,shd->thd", dropped, v), weights
+
+    # -- incremental decoding with a KV cache (self-attention, causal) ------------------
+    def init_cache(self, params, max_len, dtype=jnp.float32):
+        width = params["key"]["weight"].shape[1]
+        shape = (max_len, self.heads, width // self.heads)
+        return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+    def decode(self, params, x_t, cache, position):
+        if self.cross or not self.causal:
+            raise LayerError(f"{self!r}: step-by-step decoding needs causal self-attention")
+        max_len = cache["key"].shape[0]
+        if not isinstance(position, jax.core.Tracer) and position >= max_len:
+            raise LayerError(f"{self!r}: position {position} is past the KV cache ({max_len})")
+        q, k, v = (self.heads_of(params, x_t[None], n) for n in ("query", "key", "value"))
+        cache = {"key": jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), position, 0),
+                 "value": jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), position, 0)}
+        allowed = (jnp.arange(max_len) <= position)[None]
+        if self.score == "dot":
+            out = jax.nn.dot_product_attention(q, cache["key"], cache["value"], mask=allowed[None])
+        else:
+            out, _ = self.attend_explicitly(params, q, cache["key"], cache["value"], allowed, None)
+        return Dense(x_t.shape[-1]).apply(params["output"], out.reshape(1, -1))[0], cache

@@ -1,0 +1,180 @@
+"""Generating tokens: GenerateToken, LanguageModel, sampling rules and the decoding loop.
+
+    LanguageModel(x) = GenerateToken(Collapse(SequenceModel(EmbedToken(x))))
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from .basic import LayerNorm
+from .core import Layer, LayerError, layerclass
+from .embed import EmbedToken
+from .sequence import Collapse, check_lengths
+
+
+@layerclass
+class GenerateToken(Layer):
+    """score(y) = x · EmbedToken(y) for every token y: logits (vocab,) from x (d,) (or (T, d) →
+    (T, vocab)). Params: {"table": (vocab, d)} — inside LanguageModel, the embedding's own table
+    (weight tying). Softmax of the logits is the distribution over the next token.
+    """
+
+    vocab: int
+
+    def init_params(self, key, spec):
+        self.expect(spec, ("d",), ("T", "d"))
+        return EmbedToken(self.vocab, spec.shape[-1]).init(key, jax.ShapeDtypeStruct((), jnp.int32))
+
+    def forward(self, params, x, **side):
+        d = params["table"].shape[1]
+        self.expect(x, (d,), ("T", d))
+        return x @ params["table"].T.astype(x.dtype)
+
+
+@layerclass
+class LanguageModel(Layer):
+    """LanguageModel = GenerateToken ∘ Collapse('last') ∘ body ∘ EmbedToken, with tied weights.
+
+    int[T] → (vocab,): logits of the token after the last valid one (`lengths=`).
+    With `per_position=True`: int[T] → (T, vocab), the logits after every prefix — the form used
+    to train causal models (the body must then be causal: a recurrent body, or a Transformer
+    with causal=True). `positions` (e.g. LearnedPositions(max_len)) is added after the
+    embedding; `final_norm` applies a LayerNorm before GenerateToken (needed by pre-LN bodies).
+    Params: {"embed": {"table"}, "positions", "body", "norm"?}.
+    """
+
+    vocab: int
+    dim: int
+    body: Layer
+    positions: Optional[Layer] = None
+    final_norm: bool = False
+    per_position: bool = False
+    side_inputs = frozenset({"lengths"})
+
+    @property
+    def stages(self):
+        """(name, layer) pairs from the embedding to the last hidden state."""
+        stages = [("embed", EmbedToken(self.vocab, self.dim))]
+        stages += [("positions", self.positions)] if self.positions is not None else []
+        stages += [("body", self.body)]
+        return stages + ([("norm", LayerNorm())] if self.final_norm else [])
+
+    def init_params(self, key, spec):
+        params = {}
+        for i, (name, layer) in enumerate(self.stages):
+            params[name] = layer.init(jax.random.fold_in(key, i), spec)
+            spec = jax.eval_shape(layer.apply, params[name], spec)
+        return params
+
+    def hidden(self, params, ids, *, key=None, lengths=None):
+        x = ids
+        for i, (name, layer) in enumerate(self.stages):
+            side = {k: v for k, v in {"lengths": lengths}.items() if k in layer.side_inputs and v is not None}
+            x = layer.apply(params[name], x, key=None if key is None else jax.random.fold_in(key, i), **side)
+        return x
+
+    def forward(self, params, ids, *, key=None, lengths=None):
+        h = self.hidden(params, ids, key=key, lengths=lengths)
+        if not self.per_position:
+            h = Collapse("last").apply({}, h, **({} if lengths is None else {"lengths": lengths}))
+        return GenerateToken(self.vocab).apply(params["embed"], h)
+
+    def init_cache(self, params, max_len, dtype=jnp.float32):
+        return {name: layer.init_cache(params[name], max_len, dtype) for name, layer in self.stages}
+
+    def decode(self, params, token, cache, position):
+        """Logits (vocab,) for the token after `token`, read at `position`; carries the cache."""
+        x, cache = token, dict(cache)
+        for name, layer in self.stages:
+            x, cache[name] = layer.decode(params[name], x, cache[name], position)
+        return GenerateToken(self.vocab).apply(params["embed"], x), cache
+
+    def __repr__(self):
+        names = [repr(l) for _, l in self.stages]
+        head = "GenerateToken" if self.per_position else "GenerateToken ∘ Collapse('last')"
+        return f"LanguageModel({head} ∘ {' ∘ '.join(reversed(names))})"
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+def sample(key, logits, *, temperature: float = 1.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None, greedy: bool = False):
+    """Draw a token from softmax(logits / temperature), optionally keeping only the top_k
+    logits or the smallest set whose probability reaches top_p. `greedy`: argmax."""
+    if greedy or temperature == 0:
+        return jnp.argmax(logits, -1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:  # keep the most likely tokens until their mass reaches top_p
+        sorted_logits = jnp.sort(logits, -1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, -1)
+        mass_before = jnp.cumsum(probs, -1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), -1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, -1)
+
+
+def generate(model: LanguageModel, params, prompts, steps: int, *, key=None,
+             use_cache: bool = True, **sampling):
+    """Continue each prompt by `steps` tokens: prompts int (B, P) → int (B, steps).
+
+    A jit-compiled `lax.scan`. With `use_cache=True` the model reads one token per step,
+    carrying its KV cache (Transformer) or state (RNN); with `use_cache=False` it recomputes
+    the whole prefix every step (the reference the cache must agree with). Sampling keywords
+    go to `sample` (greedy, temperature, top_k, top_p); without `key=` decoding is greedy.
+    """
+    prompts = jnp.asarray(prompts)
+    if prompts.ndim != 2 or prompts.shape[1] == 0:
+        raise LayerError(f"generate: expected prompts (B, P) with P ≥ 1, got {prompts.shape}")
+    if key is None:
+        sampling = {**sampling, "greedy": True}
+        key = jax.random.key(0)
+    total = prompts.shape[1] + steps
+    max_len = getattr(model.positions, "max_len", None)
+    if max_len is not None and total > max_len:
+        raise LayerError(f"generate: prompt ({prompts.shape[1]}) + steps ({steps}) = {total} is "
+                         f"longer than the model's positional table ({max_len})")
+    keys = jax.random.split(key, prompts.shape[0])
+    one = _cached if use_cache else _uncached
+    return jax.jit(jax.vmap(one, (None, None, 0, None, 0, None)), static_argnums=(0, 3, 5))(
+        model, params, prompts, steps, keys, tuple(sorted(sampling.items())))
+
+
+def _cached(model, params, prompt, steps, key, sampling):
+    sampling = dict(sampling)
+    cache = model.init_cache(params, prompt.shape[0] + steps)
+
+    def read(cache, token_position):
+        token, position = token_position
+        logits, cache = model.decode(params, token, cache, position)
+        return cache, logits
+    cache, logits = jax.lax.scan(read, cache, (prompt, jnp.arange(prompt.shape[0])))
+
+    def write(carry, k):
+        cache, logits, position = carry
+        token = sample(k, logits, **sampling)
+        logits, cache = model.decode(params, token, cache, position)
+        return (cache, logits, position + 1), token
+    _, tokens = jax.lax.scan(write, (cache, logits[-1], prompt.shape[0]), jax.random.split(key, steps))
+    return tokens
+
+
+def _uncached(model, params, prompt, steps, key, sampling):
+    sampling = dict(sampling)
+    buffer = jnp.concatenate([prompt, jnp.zeros(steps, prompt.dtype)])
+    per_position = dataclasses.replace(model, per_position=True)
+
+    def write(buffer, k_position):
+        k, position = k_position
+        logits = per_position.apply(params, buffer)[position - 1]
+        token = sample(k, logits, **sampling)
+        return buffer.at[position].set(token), token
+    positions = prompt.shape[0] + jnp.arange(steps)
+    _, tokens = jax.lax.scan(write, buffer, (jax.random.split(key, steps), positions))
+    return tokens
