@@ -9,11 +9,13 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
+from .attention import Attention
 from .basic import Dense, LayerNorm
 from .conv import Conv
 from .core import Layer, LayerError
 from .embed import EmbedToken
 from .recurrent import GRU, LSTM, SimpleRNN
+from .transformer import TransformerBlock
 
 
 def _take(layer, state_dict, *names):
@@ -86,3 +88,23 @@ def _(layer: GRU, sd):  # nn.GRU: gates stacked in the order r, z, n
     _, _, b_x, b_h = gates["candidate"]
     params["candidate"].update(bias=b_x, bias_h=b_h)
     return params
+
+
+@load_torch.register
+def _(layer: Attention, sd):  # nn.MultiheadAttention(batch_first=True)
+    w, b, w_out, b_out = _take(layer, sd, "in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+    (wq, wk, wv), (bq, bk, bv) = jnp.split(w, 3), jnp.split(b, 3)
+    return {"query": {"weight": wq.T, "bias": bq}, "key": {"weight": wk.T, "bias": bk},
+            "value": {"weight": wv.T, "bias": bv}, "output": {"weight": w_out.T, "bias": b_out}}
+
+
+@load_torch.register
+def _(layer: TransformerBlock, sd):  # nn.TransformerEncoderLayer(batch_first=True, relu)
+    sub = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    attention = load_torch(Attention(layer.heads), sub("self_attn."))
+    return {"attention": {"f": {"0_Attention": attention, "1_Dropout": {}},
+                          "norm": load_torch(LayerNorm(), sub("norm1."))},
+            "feedforward": {"f": {"0_FeedForward": load_torch(Dense(layer.ff), sub("linear1.")),
+                                  "1_Dense": load_torch(Dense(layer.d), sub("linear2.")),
+                                  "2_Dropout": {}},
+                            "norm": load_torch(LayerNorm(), sub("norm2."))}}

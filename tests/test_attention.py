@@ -1,0 +1,239 @@
+"""Attention, AddNorm, TransformerBlock, BERT, language models and generation."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+import diffprog as dp
+
+
+def reference_attention(p, x, memory, heads, allowed=None):
+    """The notes' equations, one head at a time, in plain jnp."""
+    proj = lambda a, n: a @ p[n]["weight"] + p[n]["bias"]
+    q, k, v = proj(x, "query"), proj(memory, "key"), proj(memory, "value")
+    dh = q.shape[-1] // heads
+    outs = []
+    for h in range(heads):
+        s = slice(h * dh, (h + 1) * dh)
+        logits = q[:, s] @ k[:, s].T / np.sqrt(dh)
+        if allowed is not None:
+            logits = jnp.where(allowed, logits, -jnp.inf)
+        outs.append(jax.nn.softmax(logits, -1) @ v[:, s])
+    return jnp.concatenate(outs, -1) @ p["output"]["weight"] + p["output"]["bias"]
+
+
+def test_self_attention_matches_the_equations(key):
+    x = jax.random.normal(key, (5, 8))
+    att = dp.Attention(2)
+    p = att.init(key, x)
+    chex.assert_trees_all_close(att(p, x), reference_attention(p, x, x, 2), atol=1e-5)
+    causal = jnp.tril(jnp.ones((5, 5), bool))
+    chex.assert_trees_all_close(dp.Attention(2, causal=True)(p, x), reference_attention(p, x, x, 2, causal), atol=1e-5)
+    check_grads(lambda p, x: att(p, x), (p, x), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+
+
+def test_cross_attention_and_masks(key):
+    kx, kc = jax.random.split(key)
+    x, context = jax.random.normal(kx, (4, 8)), jax.random.normal(kc, (6, 8))
+    att = dp.Attention(4, cross=True)
+    p = att.init(key, x)
+    chex.assert_trees_all_close(att(p, x, context=context), reference_attention(p, x, context, 4), atol=1e-5)
+    # context_lengths hides padded keys: same as the truncated context.
+    chex.assert_trees_all_close(att(p, x, context=context, context_lengths=3),
+                                att(p, x, context=context[:3]), atol=1e-5)
+    # An explicit mask (True = may attend) and return_weights.
+    mask = jax.random.bernoulli(key, 0.6, (4, 6)).at[:, 0].set(True)
+    y, w = dp.Attention(4, cross=True, return_weights=True)(p, x, context=context, mask=mask)
+    chex.assert_trees_all_close(y, reference_attention(p, x, context, 4, mask), atol=1e-5)
+    chex.assert_shape(w, (4, 4, 6))
+    np.testing.assert_array_equal(np.asarray(w)[:, ~np.asarray(mask)], 0.0)
+    chex.assert_trees_all_close(w.sum(-1), jnp.ones((4, 4)), atol=1e-5)
+
+
+def test_self_attention_lengths_match_truncation(key):
+    x = jax.random.normal(key, (7, 8))
+    for att in (dp.Attention(2), dp.Attention(2, causal=True)):
+        p = att.init(key, x)
+        chex.assert_trees_all_close(att(p, x, lengths=4)[:4], att(p, x[:4]), atol=1e-5)
+        chex.assert_trees_all_close(jax.jit(att.apply)(p, x, lengths=jnp.int32(4))[:4], att(p, x[:4]), atol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["general", "concat"])
+def test_attention_with_the_notes_scores(score, key):
+    x = jax.random.normal(key, (5, 8))
+    att = dp.Attention(2, score=score, causal=True, return_weights=True)
+    p = att.init(key, x)
+    y, w = att(p, x)
+    layer = dp.soft.score_layer(score)
+    q = (x @ p["query"]["weight"] + p["query"]["bias"]).reshape(5, 2, 4)
+    k = (x @ p["key"]["weight"] + p["key"]["bias"]).reshape(5, 2, 4)
+    t = 3
+    expected = jax.nn.softmax(layer(p["score"], (q[t, 1], k[: t + 1, 1])))
+    chex.assert_trees_all_close(w[1, t, : t + 1], expected, atol=1e-5)
+    check_grads(lambda p: att(p, x)[0], (p,), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+
+
+def test_attention_errors(key):
+    with pytest.raises(dp.LayerError, match=r"Attention\(3\): model width 8 is not divisible by 3 heads"):
+        dp.Attention(3).init(key, jnp.ones((4, 8)))
+    att = dp.Attention(2)
+    p = att.init(key, jnp.ones((4, 8)))
+    with pytest.raises(dp.LayerError, match=r"expected mask= bool \(4, 4\), got \(4, 5\)"):
+        att(p, jnp.ones((4, 8)), mask=jnp.ones((4, 5), bool))
+    with pytest.raises(dp.LayerError, match=r"Attention\(2\): expected input \(T, 8\)"):
+        att(p, jnp.ones((4, 6)))
+    with pytest.raises(dp.LayerError, match="needs context="):
+        dp.Attention(2, cross=True)(p, jnp.ones((4, 8)))
+    with pytest.raises(dp.LayerError, match="unexpected side input"):
+        att(p, jnp.ones((4, 8)), context=jnp.ones((3, 8)))
+
+
+def test_addnorm_post_and_pre(key):
+    x = jax.random.normal(key, (3, 6))
+    f = dp.Dense(6)
+    post, pre = dp.AddNorm(f), dp.AddNorm(f, pre_norm=True)
+    p = post.init(key, x)
+    ln = lambda v: dp.LayerNorm()(p["norm"], v)
+    chex.assert_trees_all_close(post(p, x), ln(x + f(p["f"], x)), atol=1e-6)
+    chex.assert_trees_all_close(pre(p, x), x + f(p["f"], ln(x)), atol=1e-6)
+
+
+def test_transformer_block_is_the_notes_one_liner(key):
+    x = jax.random.normal(key, (5, 8))
+    block = dp.TransformerBlock(8, 2, 16)
+    p = block.init(key, x)
+    attention = dp.AddNorm(dp.Dropout(0.0) @ dp.Attention(2))
+    feedforward = dp.AddNorm(dp.Dropout(0.0) @ dp.Dense(8) @ dp.FeedForward(16))
+    chex.assert_trees_all_close(block(p, x), feedforward(p["feedforward"], attention(p["attention"], x)), atol=1e-5)
+    check_grads(lambda p: block(p, x), (p,), order=1, modes=["rev"], atol=3e-2, rtol=3e-2)
+
+
+def test_positions(key):
+    x = jnp.zeros((6, 8))
+    learned = dp.LearnedPositions(10)
+    p = learned.init(key, x)
+    chex.assert_trees_all_close(learned(p, x), p["table"][:6])
+    with pytest.raises(dp.LayerError, match="longer than the positional table"):
+        learned(p, jnp.zeros((11, 8)))
+    s = dp.SinusoidalPositions()({}, x)
+    np.testing.assert_allclose(s[3, 0], np.sin(3.0), rtol=1e-6)
+    np.testing.assert_allclose(s[3, 4], np.cos(3.0), rtol=1e-6)
+    np.testing.assert_allclose(s[2, 1], np.sin(2 / 10000 ** (2 / 8)), rtol=1e-5)
+
+
+def test_bert_is_one_scan_whatever_the_depth(key):
+    ids = jnp.arange(6) % 50
+    def equations(depth):
+        model = dp.bert(50, d=16, heads=2, ff=32, depth=depth, max_len=8)
+        p = model.init(key, ids)
+        return len(jax.make_jaxpr(model.apply)(p, ids).jaxpr.eqns), model, p
+    n24, model, p = equations(24)
+    n2, _, _ = equations(2)
+    assert n24 <= n2
+    assert repr(model) == "TransformerBlock(16, 2, 32)^24 ∘ LearnedPositions(8) ∘ EmbedToken(50, 16)"
+    chex.assert_shape(p["2_TransformerBlock^24"]["stack"]["attention"]["norm"]["scale"], (24, 16))
+    chex.assert_shape(model(p, ids), (6, 16))
+
+
+LM_BODIES = [dp.TransformerBlock(16, 2, 32, causal=True) ** 2, dp.LSTM(16) ** 2, dp.SimpleRNN(16)]
+
+
+def lm_of(body):
+    positions = dp.LearnedPositions(32) if isinstance(body, dp.Repeat) and isinstance(body.layer, dp.TransformerBlock) else None
+    return dp.LanguageModel(13, 16, body, positions=positions)
+
+
+@pytest.mark.parametrize("body", LM_BODIES, ids=repr)
+def test_language_model_forms_agree_and_tie_weights(body, key):
+    lm = lm_of(body)
+    ids = jax.random.randint(key, (7,), 0, 13)
+    p = lm.init(key, ids)
+    assert "table" in p["embed"] and "head" not in p  # one table: GenerateToken reuses it
+    per_position = dp.LanguageModel(**{**lm.__dict__, "per_position": True})
+    logits = per_position(p, ids)
+    chex.assert_shape(logits, (7, 13))
+    chex.assert_trees_all_close(lm(p, ids), logits[-1], atol=1e-5)
+    chex.assert_trees_all_close(lm(p, ids, lengths=4), lm(p, ids[:4]), atol=1e-5)
+    # causal: logits at position t do not depend on later tokens
+    chex.assert_trees_all_close(per_position(p, ids.at[5].set(0))[:5], logits[:5], atol=1e-5)
+
+
+@pytest.mark.parametrize("body", LM_BODIES, ids=repr)
+def test_cached_generation_equals_recomputation(body, key):
+    lm = lm_of(body)
+    p = lm.init(key, jnp.zeros(4, jnp.int32))
+    prompts = jax.random.randint(key, (3, 5), 0, 13)
+    cached = dp.generate(lm, p, prompts, 9)
+    chex.assert_shape(cached, (3, 9))
+    chex.assert_trees_all_equal(cached, dp.generate(lm, p, prompts, 9, use_cache=False))
+    sampled = dp.generate(lm, p, prompts, 9, key=key, temperature=0.7, top_k=4)
+    chex.assert_trees_all_equal(sampled, dp.generate(lm, p, prompts, 9, key=key, temperature=0.7, top_k=4, use_cache=False))
+
+
+def test_generation_errors(key):
+    lm = lm_of(LM_BODIES[0])
+    p = lm.init(key, jnp.zeros(4, jnp.int32))
+    with pytest.raises(dp.LayerError, match="longer than the model's positional table"):
+        dp.generate(lm, p, jnp.zeros((1, 30), jnp.int32), 5)
+    with pytest.raises(dp.LayerError, match=r"expected prompts \(B, P\)"):
+        dp.generate(lm, p, jnp.zeros((4,), jnp.int32), 5)
+
+
+def test_sampling_rules(key):
+    logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+    keys = jax.random.split(key, 4000)
+    draw = lambda **kw: jax.vmap(lambda k: dp.sample(k, logits, **kw))(keys)
+    assert set(np.unique(draw(top_k=2)).tolist()) == {0, 1}
+    assert set(np.unique(draw(top_p=0.7)).tolist()) == {0, 1}   # 0.5 < 0.7 ≤ 0.8
+    freq = np.bincount(np.asarray(draw()), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    cold = np.bincount(np.asarray(draw(temperature=0.2)), minlength=4) / 4000
+    assert cold[0] > 0.9
+    assert int(dp.sample(key, logits, greedy=True)) == 0
+
+
+def test_transformer_lm_learns_to_copy_a_pattern(key):
+    """A causal Transformer LM learns a repeating sequence and then generates it."""
+    lm = dp.LanguageModel(5, 16, dp.TransformerBlock(16, 2, 32, causal=True) ** 2,
+                          positions=dp.LearnedPositions(24), per_position=True)
+    seq = jnp.array([0, 1, 2, 3, 4] * 4)
+    p = lm.init(key, seq[:-1])
+    opt = optax.adam(1e-2)
+    state = opt.init(p)
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(lm(p, seq[:-1]), seq[1:]).mean()
+
+    @jax.jit
+    def step(p, state):
+        l, g = jax.value_and_grad(loss)(p)
+        u, state = opt.update(g, state)
+        return optax.apply_updates(p, u), state, l
+    for _ in range(150):
+        p, state, l = step(p, state)
+    assert l < 0.05
+    chex.assert_trees_all_equal(dp.generate(lm, p, seq[None, :3], 7)[0], seq[3:10])
+
+
+def test_load_torch_attention_and_encoder_layer_parity():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(2, 6, 8)).astype(np.float32)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(6)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    sd = {k: v.detach().numpy() for k, v in mha.state_dict().items()}
+    for is_causal in (False, True):
+        att = dp.Attention(2, causal=is_causal)
+        with torch.no_grad():
+            t = torch.tensor(x)
+            expected = mha(t, t, t, attn_mask=causal if is_causal else None, need_weights=False)[0].numpy()
+        np.testing.assert_allclose(jax.vmap(att.apply, (None, 0))(dp.load_torch(att, sd), x), expected, atol=1e-5)
+    for norm_first in (False, True):
+        layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first).eval()
+        sd = {k: v.detach().numpy() for k, v in layer.state_dict().items()}
+        for is_causal in (False, True):
+            block = dp.TransformerBlock(8, 2, 16, causal=is_causal, pre_norm=norm_first)
+            with torch.no_grad():
+                expected = layer(torch.tensor(x), src_mask=causal if is_causal else None, is_causal=is_causal).numpy()
+            np.testing.assert_allclose(jax.vmap(block.apply, (None, 0))(dp.load_torch(block, sd), x), expected, atol=1e-5)
