@@ -21,4 +21,7 @@ from .summary import summary
 from .torch_weights import load_torch
 from .transformer import AddNorm, LearnedPositions, SinusoidalPositions, TransformerBlock, bert
 
+from . import metrics
+from .train import CheckpointError, TrainingError, TrainResult, train
+
 __version__ = "0.1.0"

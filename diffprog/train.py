@@ -1,0 +1,238 @@
+"""train(): one small, dependable training loop — jit, donated state, orbax checkpoints, resume,
+NaN guard, JSONL metrics, tqdm, data parallelism over a `jax.sharding.Mesh`, bf16 compute.
+
+Data is a function of the step: `data(step) -> batch`, a dict of arrays with a leading batch
+axis: "inputs", "targets", and optionally "lengths" (B,) and "mask" (same shape as targets).
+Because the batch is a function of the step, the step IS the data position: a resumed run sees
+exactly the batches the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from .core import Layer, batched
+
+Batch = dict
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a NaN or infinite loss); names the step."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be restored (corrupt or incompatible); names the file and mismatch."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    params: Any
+    opt_state: Any
+    step: int
+    history: list  # the metric records, also written to <workdir>/metrics.jsonl
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _shardings(mesh, state, batch, fsdp):
+    """Batch split along the mesh's first axis; state replicated, or (fsdp) each array split
+    along its first axis that the device count divides."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    axis, n = mesh.axis_names[0], mesh.devices.size
+
+    def param_spec(a):
+        if fsdp:
+            for i, size in enumerate(np.shape(a)):
+                if size % n == 0:
+                    return NamedSharding(mesh, P(*([None] * i + [axis])))
+        return NamedSharding(mesh, P())
+    for name, a in batch.items():
+        if np.shape(a)[0] % n:
+            raise TrainingError(f"batch['{name}'] has {np.shape(a)[0]} examples, not divisible "
+                                f"by the {n} devices of the mesh")
+    return (jax.tree.map(param_spec, state),
+            jax.tree.map(lambda a: NamedSharding(mesh, P(axis)), batch))
+
+
+class _Checkpoints:
+    """orbax-checkpoint: atomic writes (temporary directory, then rename), keep the last N."""
+
+    def __init__(self, directory: Path, keep: int):
+        import orbax.checkpoint as ocp
+        self.ocp, self.directory = ocp, directory
+        self.manager = ocp.CheckpointManager(
+            directory.absolute(), item_handlers=ocp.StandardCheckpointHandler(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=False, create=True))
+
+    def latest(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step, state):
+        self.manager.save(step, args=self.ocp.args.StandardSave(state))
+        self.manager.wait_until_finished()
+
+    def check_compatible(self, step, like):
+        """Compare the checkpoint's parameter shapes with the model's before reading arrays."""
+        path = self.directory / str(step)
+        try:
+            saved = self.manager.item_metadata(step)["params"]
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot restore checkpoint: unreadable metadata ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:300]})") from e
+        describe = lambda tree: {jax.tree_util.keystr(p): f"{tuple(a.shape)} {a.dtype}"
+                                 for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        want, got = describe(like["params"]), describe(saved)
+        for name in sorted(set(want) | set(got)):
+            if want.get(name) != got.get(name):
+                raise CheckpointError(f"{path}: params{name} is {got.get(name, 'absent')} in the "
+                                      f"checkpoint, the model expects {want.get(name, 'nothing')}")
+
+    def restore(self, step, like):
+        path = self.directory / str(step)
+        self.check_compatible(step, like)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), like)
+        try:
+            restored = self.manager.restore(step, args=self.ocp.args.StandardRestore(abstract))
+        except Exception as e:  # orbax raises many types; name the file and the cause
+            raise CheckpointError(f"{path}: cannot restore checkpoint ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:300]})") from e
+        want = jax.tree_util.tree_flatten_with_path(like)[0]
+        got = jax.tree_util.tree_flatten_with_path(restored)[0]
+        for (path_w, a), (_, b) in zip(want, got):
+            if np.shape(a) != np.shape(b) or a.dtype != b.dtype:
+                raise CheckpointError(f"{path}: {jax.tree_util.keystr(path_w)} is "
+                                      f"{np.shape(b)} {b.dtype} in the checkpoint, the model "
+                                      f"expects {np.shape(a)} {a.dtype}")
+        if len(want) != len(got):
+            raise CheckpointError(f"{path}: the checkpoint holds {len(got)} arrays, the model "
+                                  f"expects {len(want)}")
+        return restored
+
+
+def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
+          data: Callable[[int], Batch], *, steps: int, seed: int = 0,
+          eval_data: Optional[Iterable[Batch]] = None, eval_every: int = 0,
+          eval_metrics: Optional[dict] = None, workdir: Optional[str] = None,
+          checkpoint_every: int = 0, keep: int = 3, resume: bool = False,
+          quiet: bool = False, log_every: int = 10, mesh=None, fsdp: bool = False,
+          compute_dtype=None, clip_norm: Optional[float] = None, params=None,
+          description: str = "train") -> TrainResult:
+    """Train `model` (one-example layer; batched here with `dp.batched`) for `steps` steps.
+
+    loss(outputs, batch) -> scalar, outputs being the model's (B, ...) outputs. The optimiser is
+    any optax transformation (LR schedules live inside it); `clip_norm` prepends
+    `optax.clip_by_global_norm`. Each step's dropout key is fold_in(key(seed), step).
+
+    workdir: metrics.jsonl is appended there; with checkpoint_every > 0, orbax checkpoints of
+    {params, opt_state, step, rng} go to workdir/checkpoints (last `keep` kept) and
+    `resume=True` continues from the latest one. A non-finite loss raises TrainingError naming
+    the step; nothing is saved after it. eval_data: batches averaged every `eval_every` steps
+    and at the end, reporting the loss and `eval_metrics` {name: fn(outputs, batch)}.
+    mesh: a `jax.sharding.Mesh`; the batch is sharded along its first axis, params replicated
+    (fsdp=True: sharded along the same axis). compute_dtype (e.g. jnp.bfloat16): params and
+    float inputs are cast for the forward/backward pass; params and optimiser state stay float32.
+    """
+    if clip_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
+    net = batched(model)
+    first = data(0)
+    root = jax.random.key(seed)
+    if params is None:
+        example = jax.ShapeDtypeStruct(np.shape(first["inputs"])[1:], jnp.asarray(first["inputs"]).dtype)
+        params = model.init(jax.random.fold_in(root, 0), example)
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
+             "rng": jax.random.key_data(jax.random.fold_in(root, 1))}
+
+    def outputs(params, batch, key=None):
+        if compute_dtype is not None:
+            params = _cast(params, compute_dtype)
+            batch = {**batch, "inputs": _cast(batch["inputs"], compute_dtype)}
+        side = {"lengths": batch["lengths"]} if "lengths" in batch and "lengths" in net.side_inputs else {}
+        return _cast(net.apply(params, batch["inputs"], key=key, **side), jnp.float32)
+
+    def train_step(state, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        value, grads = jax.value_and_grad(lambda p: loss(outputs(p, batch, key), batch))(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        return {**state, "params": optax.apply_updates(state["params"], updates),
+                "opt_state": opt_state, "step": state["step"] + 1}, value
+
+    metric_fns = {"loss": loss, **(eval_metrics or {})}
+    evaluate = jax.jit(lambda params, batch: {n: f(outputs(params, batch), batch) for n, f in metric_fns.items()})
+    if mesh is not None:
+        state_sharding, batch_sharding = _shardings(mesh, state, first, fsdp)
+        state = jax.device_put(state, state_sharding)
+        step_fn = jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
+                          out_shardings=(state_sharding, None))
+        put = lambda b: jax.device_put(b, batch_sharding)
+    else:
+        step_fn, put = jax.jit(train_step, donate_argnums=0), lambda b: b
+
+    workdir = Path(workdir) if workdir else None
+    checkpoints = None
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if checkpoint_every:
+            checkpoints = _Checkpoints(workdir / "checkpoints", keep)
+            if resume and checkpoints.latest() is not None:
+                state = checkpoints.restore(checkpoints.latest(), state)
+    start = int(state["step"])
+    history = []
+
+    def record(entry):
+        history.append(entry)
+        if workdir is not None:
+            with open(workdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def run_eval(step):
+        batches = list(eval_data)
+        totals = [jax.device_get(evaluate(state["params"], put(b))) for b in batches]
+        record({"step": step, **{f"eval_{k}": float(np.mean([t[k] for t in totals])) for k in totals[0]}})
+
+    tokens = int(np.prod(np.shape(first["targets"])))
+    bar = tqdm(total=steps, initial=start, desc=description, dynamic_ncols=True,
+               disable=quiet or not sys.stderr.isatty())
+    tick, tick_step = time.perf_counter(), start
+    for step in range(start, steps):
+        state, value = step_fn(state, put(data(step)))
+        value = float(value)
+        if not math.isfinite(value):
+            bar.close()
+            last = checkpoints.latest() if checkpoints else None
+            raise TrainingError(f"step {step}: loss is {value}; training stopped"
+                                + (f" (last good checkpoint: step {last} in "
+                                   f"{checkpoints.directory})" if last is not None else ""))
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            now = time.perf_counter()
+            rate = tokens * (done - tick_step) / max(now - tick, 1e-9)
+            tick, tick_step = now, done
+            record({"step": done, "loss": value, "tokens_per_s": rate})
+            bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:,.0f}")
+        bar.update(1)
+        if eval_data is not None and eval_every and done % eval_every == 0 and done != steps:
+            run_eval(done)
+        if checkpoints and (done % checkpoint_every == 0 or done == steps):
+            if not all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(state["params"])):
+                raise TrainingError(f"step {step}: parameters are not finite; checkpoint not saved")
+            checkpoints.save(done, state)
+    bar.close()
+    if eval_data is not None:
+        run_eval(steps)
+    return TrainResult(state["params"], state["opt_state"], int(state["step"]), history)

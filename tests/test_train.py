@@ -1,0 +1,136 @@
+"""The trainer: reproducibility, checkpoints and resume, bad states, data parallel, bf16."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import diffprog as dp
+
+sys.path.insert(0, str(Path(__file__).parent))
+import train_toy  # noqa: E402
+
+SCRIPT = str(Path(__file__).parent / "train_toy.py")
+
+
+def test_training_reduces_loss_writes_metrics_and_is_reproducible(tmp_path):
+    a = train_toy.run(tmp_path / "a", 40)
+    b = train_toy.run(tmp_path / "b", 40)
+    chex.assert_trees_all_equal(a.params, b.params)
+    losses = [h["loss"] for h in a.history]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, 41)) and all(l["tokens_per_s"] > 0 for l in lines)
+    other = dp.train(train_toy.MODEL, train_toy.loss, optax.adam(1e-2), train_toy.data, steps=3, seed=4, quiet=True)
+    assert not np.allclose(other.params["0_FeedForward^2"]["first"]["weight"], a.params["0_FeedForward^2"]["first"]["weight"])
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    n = 6
+    full = train_toy.run(tmp_path / "full", 2 * n, checkpoint_every=n)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.Popen([sys.executable, SCRIPT, str(tmp_path / "killed"), str(2 * n), str(n),
+                             "--hang-after", str(n)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    saved = tmp_path / "killed" / "checkpoints" / str(n)
+    deadline = time.time() + 240
+    while not (saved.exists() and any(saved.iterdir())) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert saved.exists(), proc.stderr.read().decode()[-2000:]
+    resumed = train_toy.run(tmp_path / "killed", 2 * n, checkpoint_every=n, resume=True)
+    assert resumed.step == 2 * n
+    chex.assert_trees_all_equal(resumed.params, full.params)
+    chex.assert_trees_all_equal(resumed.opt_state, full.opt_state)
+
+
+def test_keep_last_n_checkpoints(tmp_path):
+    train_toy.run(tmp_path, 10, checkpoint_every=2)
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [6, 8, 10]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    def data(step):
+        batch = train_toy.data(step)
+        return {**batch, "inputs": batch["inputs"] * (jnp.nan if step == 7 else 1.0)}
+    run = lambda **kw: dp.train(train_toy.MODEL, train_toy.loss, optax.adam(1e-2), data, steps=12,
+                                workdir=tmp_path, checkpoint_every=5, quiet=True, **kw)
+    with pytest.raises(dp.TrainingError, match=r"step 7: loss is nan; training stopped \(last good checkpoint: step 5"):
+        run()
+    good = train_toy.run(tmp_path / "ref", 5)
+    restored = dp.train(train_toy.MODEL, train_toy.loss, optax.adam(1e-2), data, steps=5, seed=3,
+                        workdir=tmp_path, checkpoint_every=5, resume=True, quiet=True)
+    assert restored.step == 5
+    chex.assert_tree_all_finite(restored.params)
+
+
+def test_corrupt_and_incompatible_checkpoints_name_the_file(tmp_path):
+    train_toy.run(tmp_path, 4, checkpoint_every=4)
+    wide = dp.Dense(1) @ dp.FeedForward(32) ** 2
+    with pytest.raises(dp.CheckpointError, match=r"checkpoints/4: .*(32|16)"):
+        dp.train(wide, train_toy.loss, optax.adam(1e-2), train_toy.data, steps=8, workdir=tmp_path,
+                 checkpoint_every=4, resume=True, quiet=True)
+    for f in (tmp_path / "checkpoints" / "4").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the array data, not the metadata
+            f.write_bytes(b"garbage" * 3)
+    with pytest.raises(dp.CheckpointError, match=r"checkpoints/4: cannot restore checkpoint"):
+        train_toy.run(tmp_path, 8, checkpoint_every=4, resume=True)
+    (tmp_path / "checkpoints" / "4" / "_CHECKPOINT_METADATA").write_text("{not json")
+    with pytest.raises(dp.CheckpointError, match=r"checkpoints/4: cannot restore checkpoint"):
+        train_toy.run(tmp_path, 8, checkpoint_every=4, resume=True)
+
+
+def _subprocess(args, devices):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent),
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    out = subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_data_parallel_on_four_devices_matches_one(tmp_path):
+    one = _subprocess([str(tmp_path / "1"), "20", "0"], 1)
+    four = _subprocess([str(tmp_path / "4"), "20", "0", "--devices", "4"], 4)
+    fsdp = _subprocess([str(tmp_path / "f"), "20", "0", "--devices", "4", "--fsdp"], 4)
+    assert len(one) == 20
+    np.testing.assert_allclose(four, one, atol=1e-5)
+    np.testing.assert_allclose(fsdp, one, atol=1e-5)
+
+
+def test_bf16_compute_trains_like_float32():
+    f32 = train_toy.run(None, 60)
+    bf16 = train_toy.run(None, 60, compute_dtype=jnp.bfloat16)
+    assert jax.tree.leaves(bf16.params)[0].dtype == jnp.float32
+    last = lambda r: np.mean([h["loss"] for h in r.history[-10:]])
+    assert abs(last(bf16) - last(f32)) < 0.05 + 0.2 * last(f32)
+    assert last(bf16) < 0.5 * np.mean([h["loss"] for h in bf16.history[:5]])
+
+
+def test_eval_metrics_and_helpers():
+    logits = jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], [[0.3, 0.3, 0.4], [0.5, 0.25, 0.25]]]))
+    targets = jnp.array([[0, 1], [2, 1]])
+    nats = dp.metrics.cross_entropy(logits, targets)
+    np.testing.assert_allclose(nats, -np.mean(np.log([0.7, 0.8, 0.4, 0.25])), rtol=1e-5)
+    np.testing.assert_allclose(dp.metrics.bits(nats), nats / np.log(2), rtol=1e-6)
+    np.testing.assert_allclose(dp.metrics.perplexity(nats), np.exp(nats), rtol=1e-6)
+    np.testing.assert_allclose(dp.metrics.accuracy(logits, targets), 0.75)
+    np.testing.assert_allclose(dp.metrics.exact_match(logits, targets), 0.5)
+    mask = jnp.array([[1, 1], [1, 0]])
+    np.testing.assert_allclose(dp.metrics.accuracy(logits, targets, mask), 1.0)
+    np.testing.assert_allclose(dp.metrics.exact_match(logits, targets, mask), 1.0)
+    result = dp.train(train_toy.MODEL, train_toy.loss, optax.adam(1e-2), train_toy.data, steps=10, quiet=True,
+                      eval_data=[train_toy.data(1000 + i) for i in range(2)], eval_every=5,
+                      eval_metrics={"mae": lambda o, b: jnp.abs(o - b["targets"]).mean()})
+    evals = [h for h in result.history if "eval_loss" in h]
+    assert [e["step"] for e in evals] == [5, 10] and all(e["eval_mae"] > 0 for e in evals)
