@@ -9,11 +9,12 @@ from .attention import Attention
 from .basic import (ACTIVATIONS, Activation, Dense, Dropout, FeedForward, Flatten, Gelu,
                     LayerNorm, Relu, Sigmoid, Softmax, Step, Tanh, step)
 from .conv import AvgPool, Conv, MaxPool
-from .core import Batched, Compose, Layer, LayerError, Repeat, batched, layerclass, serial, spec_of
+from .core import Batched, Compose, Layer, LayerError, Remat, Repeat, batched, layerclass, serial, spec_of
 from .embed import EmbedToken
 from .generate import GenerateToken, LanguageModel, generate, sample
 from .interop import from_flax, to_flax
 from .recurrent import GRU, LSTM, LSTM_GATES, Bidirectional, Recurrent, SimpleRNN
+from .seq2seq import SequenceToSequence, rnn_seq2seq, transformer_seq2seq, translate
 from .sequence import Collapse
 from . import soft
 from .soft import Gated, SoftLookup, Switch

@@ -46,7 +46,7 @@ class Attention(Layer):
         sides = {"mask", "lengths"}
         return frozenset(sides | {"context", "context_lengths"} if self.cross else sides)
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         check_sequence(self, spec)
         d = spec.shape[-1]
         if d % self.heads:
@@ -126,14 +126,20 @@ class Attention(Layer):
             dropped = jnp.where(keep, weights / (1 - self.dropout), 0)
         return jnp.einsum("hts,shd->thd", dropped, v), weights
 
-    # -- incremental decoding with a KV cache (self-attention, causal) ------------------
-    def init_cache(self, params, max_len, dtype=jnp.float32):
+    # -- incremental decoding: a KV cache (causal self-attention) or the fixed context --
+    def init_cache(self, params, max_len, dtype=jnp.float32, context=None, context_lengths=None, **side):
+        if self.cross:
+            if context is None:
+                raise LayerError(f"{self!r}: decoding with cross-attention needs context= in init_cache")
+            return {"context": context, **({} if context_lengths is None else {"context_lengths": context_lengths})}
         width = params["key"]["weight"].shape[1]
         shape = (max_len, self.heads, width // self.heads)
         return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
     def decode(self, params, x_t, cache, position):
-        if self.cross or not self.causal:
+        if self.cross:
+            return self.apply(params, x_t[None], **cache)[0], cache
+        if not self.causal:
             raise LayerError(f"{self!r}: step-by-step decoding needs causal self-attention")
         max_len = cache["key"].shape[0]
         if not isinstance(position, jax.core.Tracer) and position >= max_len:

@@ -38,7 +38,7 @@ class Dense(Layer):
     out: int
     use_bias: bool = True
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         self.expect(spec, ("d",), ("T", "d"))
         params = {"weight": glorot(key, (spec.shape[-1], self.out), jnp.float32)}
         if self.use_bias:
@@ -62,7 +62,7 @@ class FeedForward(Layer):
     out: int
     activation: str = "relu"
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         activation_fn(self.activation)
         self.expect(spec, ("d",), ("T", "d"))
         return Dense(self.out).init_params(key, spec)
@@ -79,7 +79,7 @@ class Activation(Layer):
 
     fn: str
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         activation_fn(self.fn)
         return {}
 
@@ -139,7 +139,7 @@ class LayerNorm(Layer):
 
     eps: float = 1e-5
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         self.expect(spec, ("d",), ("T", "d"))
         d = spec.shape[-1]
         return {"scale": jnp.ones((d,), jnp.float32), "bias": jnp.zeros((d,), jnp.float32)}

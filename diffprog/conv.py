@@ -35,7 +35,7 @@ class Conv(Layer):
     stride: Union[int, tuple] = 1
     padding: Padding = "SAME"
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         self.expect(spec, *_spatial_patterns())
         n = len(spec.shape) - 1
         shape = _tuple(self.kernel, n) + (spec.shape[-1], self.features)

@@ -60,9 +60,12 @@ class Layer:
     side_inputs: frozenset = frozenset()
 
     # -- the protocol ------------------------------------------------------------------
-    def init(self, key, x) -> Params:
-        """Parameters for inputs shaped like `x` (one example; array or ShapeDtypeStruct)."""
-        return self.init_params(key, spec_of(x))
+    def init(self, key, x, **side) -> Params:
+        """Parameters for inputs shaped like `x` (one example; array or ShapeDtypeStruct).
+
+        Side inputs are optional here; give those a layer needs in order to run (e.g. the
+        `context=` of cross-attention) so that shapes can be inferred through it."""
+        return self.init_params(key, spec_of(x), **spec_of(side))
 
     def apply(self, params: Params, x, **side):
         """Run the layer on one example. Pure; works under jit, vmap and grad."""
@@ -83,12 +86,14 @@ class Layer:
 
     def out_spec(self, x, **side):
         """Output ShapeDtypeStruct for an input like `x`, computed without running anything."""
-        return jax.eval_shape(lambda x: self.apply(self.init(jax.random.key(0), x), x, **side),
-                              spec_of(x))
+        return jax.eval_shape(lambda x, side: self.apply(self.init(jax.random.key(0), x, **side), x, **side),
+                              spec_of(x), spec_of(side))
 
     # -- incremental decoding (generation) ---------------------------------------------
-    def init_cache(self, params, max_len: int, dtype=jnp.float32):
-        """State that `decode` carries from step to step ({} for position-wise layers)."""
+    def init_cache(self, params, max_len: int, dtype=jnp.float32, **side):
+        """State that `decode` carries from step to step ({} for position-wise layers).
+        Side inputs fixed for the whole decoding (e.g. `context=` of cross-attention) are
+        given here and kept in the cache."""
         return {}
 
     def decode(self, params, x_t, cache, position):
@@ -169,11 +174,13 @@ class Compose(Layer):
     def names(self):
         return [f"{i}_{s.name}" for i, s in enumerate(self.stages)]
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         params = {}
         for i, (name, stage) in enumerate(zip(self.names(), self.stages)):
-            params[name] = stage.init(jax.random.fold_in(key, i), spec)
-            spec = jax.eval_shape(stage.apply, params[name], spec)
+            mine = {k: v for k, v in side.items() if k in stage.side_inputs}
+            params[name] = stage.init(jax.random.fold_in(key, i), spec, **mine)
+            if i + 1 < len(self.stages):
+                spec = jax.eval_shape(lambda p, x, s: stage.apply(p, x, **s), params[name], spec, mine)
         return params
 
     def forward(self, params, x, *, key=None, **side):
@@ -184,8 +191,9 @@ class Compose(Layer):
             x = stage.apply(params[name], x, **sub)
         return x
 
-    def init_cache(self, params, max_len, dtype=jnp.float32):
-        return {n: s.init_cache(params[n], max_len, dtype) for n, s in zip(self.names(), self.stages)}
+    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
+        return {n: s.init_cache(params[n], max_len, dtype, **{k: v for k, v in side.items() if k in s.side_inputs})
+                for n, s in zip(self.names(), self.stages)}
 
     def decode(self, params, x_t, cache, position):
         cache = dict(cache)
@@ -234,19 +242,19 @@ class Repeat(Layer):
     def side_inputs(self):
         return self.layer.side_inputs
 
-    def init_params(self, key, spec):
-        out = self.layer.out_spec(spec)
+    def init_params(self, key, spec, **side):
+        out = self.layer.out_spec(spec, **side)
         if _shapes(out) == _shapes(spec):
-            return {"stack": self._stack(key, spec, self.n)}
-        if _shapes(self.layer.out_spec(out)) != _shapes(out):
+            return {"stack": self._stack(key, spec, self.n, side)}
+        if _shapes(self.layer.out_spec(out, **side)) != _shapes(out):
             raise LayerError(f"{self!r}: {self.layer!r} maps {_describe(spec)} to "
                              f"{_describe(out)} and then to another shape; f ** n needs f to "
                              f"keep its shape after the first application (use dp.serial)")
         first, rest = jax.random.split(key)
-        return {"first": self.layer.init(first, spec), "stack": self._stack(rest, out, self.n - 1)}
+        return {"first": self.layer.init(first, spec, **side), "stack": self._stack(rest, out, self.n - 1, side)}
 
-    def _stack(self, key, spec, n):
-        return jax.vmap(lambda k: self.layer.init(k, spec))(jax.random.split(key, n))
+    def _stack(self, key, spec, n, side):
+        return jax.vmap(lambda k: self.layer.init(k, spec, **side))(jax.random.split(key, n))
 
     def forward(self, params, x, *, key=None, **side):
         def sub_side(k):
@@ -262,10 +270,10 @@ class Repeat(Layer):
         x, _ = jax.lax.scan(step, x, (params["stack"], offset + jnp.arange(self.n - offset)))
         return x
 
-    def init_cache(self, params, max_len, dtype=jnp.float32):
-        cache = {"stack": jax.vmap(lambda p: self.layer.init_cache(p, max_len, dtype))(params["stack"])}
+    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
+        cache = {"stack": jax.vmap(lambda p: self.layer.init_cache(p, max_len, dtype, **side))(params["stack"])}
         if "first" in params:
-            cache["first"] = self.layer.init_cache(params["first"], max_len, dtype)
+            cache["first"] = self.layer.init_cache(params["first"], max_len, dtype, **side)
         return cache
 
     def decode(self, params, x_t, cache, position):
@@ -288,6 +296,40 @@ class Repeat(Layer):
 
 
 @layerclass
+class Remat(Layer):
+    """`layer` with rematerialisation: its activations are recomputed in the backward pass
+    instead of stored (`jax.checkpoint`), trading compute for memory on long sequences.
+    `Remat(TransformerBlock(...)) ** 24` checkpoints each block of the scan. `policy` is a
+    `jax.checkpoint_policies` name (e.g. "dots_saveable": keep matmul results), or None
+    (save nothing). Params, side inputs and outputs are `layer`'s own.
+    """
+
+    layer: Layer
+    policy: str = None
+
+    @property
+    def side_inputs(self):
+        return self.layer.side_inputs
+
+    def init_params(self, key, spec, **side):
+        return self.layer.init(key, spec, **side)
+
+    def forward(self, params, x, **side):
+        policy = None if self.policy is None else getattr(jax.checkpoint_policies, self.policy)
+        return jax.checkpoint(lambda p, x, s: self.layer.apply(p, x, **s), policy=policy)(params, x, side)
+
+    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
+        return self.layer.init_cache(params, max_len, dtype, **side)
+
+    def decode(self, params, x_t, cache, position):
+        return self.layer.decode(params, x_t, cache, position)
+
+    @property
+    def name(self):
+        return self.layer.name
+
+
+@layerclass
 class Batched(Layer):
     """`layer` mapped over a leading batch axis with `jax.vmap`: (B, *example) → (B, *out).
 
@@ -302,7 +344,7 @@ class Batched(Layer):
     def side_inputs(self):
         return self.layer.side_inputs
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         if len(spec.shape) < 1:
             raise LayerError(f"{self!r}: expected a batch (B, ...), got {_describe(spec)}")
         return self.layer.init(key, jax.ShapeDtypeStruct(spec.shape[1:], spec.dtype))

@@ -21,7 +21,7 @@ class EmbedToken(Layer):
     vocab: int
     dim: int
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         self.expect(spec, (), ("T",), dtype="int")
         table = jax.random.normal(key, (self.vocab, self.dim), jnp.float32) / np.sqrt(self.dim)
         return {"table": table}

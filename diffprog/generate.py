@@ -25,7 +25,7 @@ class GenerateToken(Layer):
 
     vocab: int
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         self.expect(spec, ("d",), ("T", "d"))
         return EmbedToken(self.vocab, spec.shape[-1]).init(key, jax.ShapeDtypeStruct((), jnp.int32))
 
@@ -63,7 +63,7 @@ class LanguageModel(Layer):
         stages += [("body", self.body)]
         return stages + ([("norm", LayerNorm())] if self.final_norm else [])
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         params = {}
         for i, (name, layer) in enumerate(self.stages):
             params[name] = layer.init(jax.random.fold_in(key, i), spec)
@@ -83,7 +83,7 @@ class LanguageModel(Layer):
             h = Collapse("last").apply({}, h, **({} if lengths is None else {"lengths": lengths}))
         return GenerateToken(self.vocab).apply(params["embed"], h)
 
-    def init_cache(self, params, max_len, dtype=jnp.float32):
+    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return {name: layer.init_cache(params[name], max_len, dtype) for name, layer in self.stages}
 
     def decode(self, params, token, cache, position):

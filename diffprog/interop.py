@@ -18,7 +18,7 @@ class FromFlax(Layer):
 
     module: Any
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         return self.module.init(key, jax.numpy.zeros(spec.shape, spec.dtype))
 
     def forward(self, params, x, *, key=None, **side):

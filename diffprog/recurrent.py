@@ -46,14 +46,14 @@ class Recurrent(Layer):
     def input_size(self, params) -> int:
         raise NotImplementedError
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         check_sequence(self, spec)
         return self.cell_params(key, spec.shape[-1])
 
     def initial_carry(self, dtype):
         return {"h": jnp.zeros((self.hidden,), dtype)}
 
-    def init_cache(self, params, max_len, dtype=jnp.float32):
+    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return self.initial_carry(dtype)
 
     def decode(self, params, x_t, cache, position):
@@ -240,7 +240,7 @@ class Bidirectional(Layer):
         if getattr(self.layer, "return_state", False) or getattr(self.layer, "return_gates", False):
             raise LayerError(f"Bidirectional({self.layer!r}): the wrapped layer must return only ys")
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         kf, kb = jax.random.split(key)
         return {"forward": self.layer.init(kf, spec), "backward": self.layer.init(kb, spec)}
 

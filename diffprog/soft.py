@@ -89,7 +89,7 @@ class DotScore(Layer):
 class GeneralScore(Layer):
     """score(q, k) = qᵀ W_α k. Input: (q (d_q,), keys (n, d_k)) → (n,). Params: W (d_q, d_k)."""
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         q, keys = _check_query_keys(self, spec)
         return {"W": glorot(key, (q.shape[-1], keys.shape[-1]), jnp.float32)}
 
@@ -108,7 +108,7 @@ class ConcatScore(Layer):
 
     hidden: int = 32
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         q, keys = _check_query_keys(self, spec)
         kq, kk, kv = jax.random.split(key, 3)
         return {"W_q": glorot(kq, (q.shape[-1], self.hidden), jnp.float32),
@@ -183,7 +183,7 @@ class Gated(Layer):
     temperature: float = 1.0
     hard: bool = False
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         kt, kf, kc = jax.random.split(key, 3)
         return {"if_true": self.if_true.init(kt, spec), "if_false": self.if_false.init(kf, spec),
                 "condition": self.condition.init(kc, spec)}
@@ -213,7 +213,7 @@ class Switch(Layer):
     temperature: float = 1.0
     hard: bool = False
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         keys = jax.random.split(key, len(self.cases) + 1)
         return {"cases": {n: c.init(k, spec) for n, c, k in zip(_named(self.cases), self.cases, keys)},
                 "selector": self.selector.init(keys[-1], spec)}
@@ -241,7 +241,7 @@ class SoftLookup(Layer):
     temperature: float = 1.0
     hard: bool = False
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         q, keys, _ = spec
         return score_layer(self.score).init(key, (q, keys))
 

@@ -29,8 +29,8 @@ class AddNorm(Layer):
     def side_inputs(self):
         return self.f.side_inputs
 
-    def init_params(self, key, spec):
-        return {"f": self.f.init(key, spec), "norm": LayerNorm().init(key, spec)}
+    def init_params(self, key, spec, **side):
+        return {"f": self.f.init(key, spec, **side), "norm": LayerNorm().init(key, spec)}
 
     def forward(self, params, x, **side):
         norm = lambda v: LayerNorm().apply(params["norm"], v)
@@ -38,8 +38,8 @@ class AddNorm(Layer):
             return x + self.f.apply(params["f"], norm(x), **side)
         return norm(x + self.f.apply(params["f"], x, **side))
 
-    def init_cache(self, params, max_len, dtype=jnp.float32):
-        return self.f.init_cache(params["f"], max_len, dtype)
+    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
+        return self.f.init_cache(params["f"], max_len, dtype, **side)
 
     def decode(self, params, x_t, cache, position):
         norm = lambda v: LayerNorm().apply(params["norm"], v)
@@ -59,7 +59,7 @@ class LearnedPositions(Layer):
 
     max_len: int
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         check_sequence(self, spec)
         return {"table": 0.02 * jax.random.normal(key, (self.max_len, spec.shape[-1]), jnp.float32)}
 
@@ -101,10 +101,12 @@ class TransformerBlock(Layer):
     """TransformerBlock(x) = AddNorm(FeedForward, AddNorm(Attention, x)). Type: (T, d) → (T, d).
 
     FeedForward here is the Transformer's two-matrix version, Dense(d) ∘ FeedForward(ff).
-    `causal` masks the future; `pre_norm` switches both AddNorms to pre-LN; `dropout` applies
-    after attention and after the feed-forward (when `key=` is given).
-    Params: {"attention": AddNorm params, "feedforward": AddNorm params}.
-    Side inputs: lengths=, mask= (to the attention).
+    `causal` masks the future; `pre_norm` switches the AddNorms to pre-LN; `dropout` applies
+    after each attention and after the feed-forward (when `key=` is given). `cross=True` makes
+    the decoder block of an encoder/decoder Transformer: a cross-attention AddNorm over the
+    `context=` side input (S, d) sits between self-attention and the feed-forward.
+    Params: {"attention", ["cross_attention",] "feedforward"}, each AddNorm params.
+    Side inputs: lengths=, mask= (self-attention); context=, context_lengths= (cross).
     """
 
     d: int
@@ -113,35 +115,45 @@ class TransformerBlock(Layer):
     causal: bool = False
     pre_norm: bool = False
     dropout: float = 0.0
-    side_inputs = frozenset({"lengths", "mask"})
+    cross: bool = False
 
     @property
-    def attention(self):
-        return AddNorm(Dropout(self.dropout) @ Attention(self.heads, causal=self.causal), self.pre_norm)
+    def side_inputs(self):
+        return frozenset().union(*(part.side_inputs for part in self.parts.values()))
 
     @property
-    def feedforward(self):
-        return AddNorm(Dropout(self.dropout) @ Dense(self.d) @ FeedForward(self.ff), self.pre_norm)
+    def parts(self):
+        """The block's AddNorm stages in running order."""
+        wrap = lambda f: AddNorm(Dropout(self.dropout) @ f, self.pre_norm)
+        parts = {"attention": wrap(Attention(self.heads, causal=self.causal))}
+        if self.cross:
+            parts["cross_attention"] = wrap(Attention(self.heads, cross=True))
+        parts["feedforward"] = wrap(Dense(self.d) @ FeedForward(self.ff))
+        return parts
 
-    def init_params(self, key, spec):
+    def init_params(self, key, spec, **side):
         check_sequence(self, spec, self.d)
-        ka, kf = jax.random.split(key)
-        return {"attention": self.attention.init(ka, spec), "feedforward": self.feedforward.init(kf, spec)}
+        return {name: part.init(jax.random.fold_in(key, i), spec,
+                                **{k: v for k, v in side.items() if k in part.side_inputs})
+                for i, (name, part) in enumerate(self.parts.items())}
 
     def forward(self, params, x, *, key=None, **side):
         check_sequence(self, x, self.d)
-        ka, kf = (None, None) if key is None else jax.random.split(key)
-        x = self.attention.apply(params["attention"], x, key=ka, **side)
-        return self.feedforward.apply(params["feedforward"], x, key=kf)
+        for i, (name, part) in enumerate(self.parts.items()):
+            mine = {k: v for k, v in side.items() if k in part.side_inputs}
+            x = part.apply(params[name], x, key=None if key is None else jax.random.fold_in(key, i), **mine)
+        return x
 
-    def init_cache(self, params, max_len, dtype=jnp.float32):
-        return {name: part.init_cache(params[name], max_len, dtype)
-                for name, part in (("attention", self.attention), ("feedforward", self.feedforward))}
+    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
+        return {name: part.init_cache(params[name], max_len, dtype,
+                                      **{k: v for k, v in side.items() if k in part.side_inputs})
+                for name, part in self.parts.items()}
 
     def decode(self, params, x_t, cache, position):
-        x_t, attention = self.attention.decode(params["attention"], x_t, cache["attention"], position)
-        y, feedforward = self.feedforward.decode(params["feedforward"], x_t, cache["feedforward"], position)
-        return y, {"attention": attention, "feedforward": feedforward}
+        cache = dict(cache)
+        for name, part in self.parts.items():
+            x_t, cache[name] = part.decode(params[name], x_t, cache[name], position)
+        return x_t, cache
 
 
 def bert(vocab: int, d: int = 1024, heads: int = 16, ff: int = 4096, depth: int = 24,
