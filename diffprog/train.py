@@ -2,7 +2,8 @@
 NaN guard, JSONL metrics, tqdm, data parallelism over a `jax.sharding.Mesh`, bf16 compute.
 
 Data is a function of the step: `data(step) -> batch`, a dict of arrays with a leading batch
-axis: "inputs", "targets", and optionally "lengths" (B,) and "mask" (same shape as targets).
+axis: "inputs" (an array or a tuple of arrays), "targets", optionally "mask" (same shape as
+targets), and any side input the model reads (e.g. "lengths" (B,)), passed as `name=`.
 Because the batch is a function of the step, the step IS the data position: a resumed run sees
 exactly the batches the uninterrupted run would have seen.
 """
@@ -153,7 +154,7 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
     first = data(0)
     root = jax.random.key(seed)
     if params is None:
-        example = jax.ShapeDtypeStruct(np.shape(first["inputs"])[1:], jnp.asarray(first["inputs"]).dtype)
+        example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.asarray(a).dtype), first["inputs"])
         params = model.init(jax.random.fold_in(root, 0), example)
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
              "rng": jax.random.key_data(jax.random.fold_in(root, 1))}
@@ -162,7 +163,7 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
         if compute_dtype is not None:
             params = _cast(params, compute_dtype)
             batch = {**batch, "inputs": _cast(batch["inputs"], compute_dtype)}
-        side = {"lengths": batch["lengths"]} if "lengths" in batch and "lengths" in net.side_inputs else {}
+        side = {k: v for k, v in batch.items() if k in net.side_inputs}
         return _cast(net.apply(params, batch["inputs"], key=key, **side), jnp.float32)
 
     def train_step(state, batch):

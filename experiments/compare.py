@@ -49,17 +49,18 @@ PRESETS = {
                 "steps": {"adding": 800, "copy": 500, "parens": 300, "recall": 600}, "seeds": [0], "width": 48},
     "full": {"lengths": {"adding": [25, 50, 100, 200], "copy": [5, 10, 20, 40], "parens": [16, 32, 64, 128],
                          "recall": [4, 8, 12]},
-             "steps": {"adding": 3000, "copy": 2000, "parens": 1000, "recall": 2000}, "seeds": [0, 1], "width": 64},
+             "steps": {"adding": 2000, "copy": 1500, "parens": 800, "recall": 1500}, "seeds": [0, 1], "width": 48},
 }
 MODELS = ("rnn", "lstm", "transformer")
 
 
 def build(model: str, task: Task, length_of_inputs: int, width: int) -> dp.Layer:
     """embed → body → head. Widths are chosen so that the three bodies have similar sizes."""
-    embed = dp.EmbedToken(task.vocab, width) if task.vocab else dp.Dense(width)
+    d = 2 * width // 3 if model == "transformer" else width  # two blocks of 6d² ≈ one LSTM of 8w²
+    embed = dp.EmbedToken(task.vocab, d) if task.vocab else dp.Dense(d)
     body = {"rnn": dp.SimpleRNN(2 * width),
             "lstm": dp.LSTM(width),
-            "transformer": dp.TransformerBlock(width, 4, 2 * width, causal=task.per_position) ** 2
+            "transformer": dp.TransformerBlock(d, 4, 2 * d, causal=task.per_position) ** 2
             @ dp.LearnedPositions(length_of_inputs)}[model]
     head = dp.Dense(task.outputs) if task.per_position else dp.Dense(task.outputs) @ dp.Collapse("last")
     return head @ body @ embed

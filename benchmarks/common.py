@@ -1,0 +1,65 @@
+"""Shared by the benchmarks: timing, the machine description, JSON + markdown output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from experiments.common import markdown_table  # noqa: F401  (re-exported for the benchmarks)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"jax": jax.__version__}
+    for name in ("flax", "optax", "torch"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "python": platform.python_version(), **versions}
+
+
+def block(x):
+    return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def median_time(fn, reps: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in seconds over `reps` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_rate(n: int = 1024, reps: int = 10) -> float:
+    """Measured float32 matmul FLOP/s of this backend (n×n @ n×n)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    seconds = median_time(lambda: f(a).block_until_ready(), reps)
+    return 2 * n ** 3 / seconds
+
+
+def write(name: str, results: dict, table: str, out: str = "benchmarks/results") -> Path:
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{name}.json").write_text(json.dumps(results, indent=2, default=float))
+    (path / f"{name}.md").write_text(table + "\n")
+    return path

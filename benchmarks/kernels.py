@@ -1,0 +1,77 @@
+"""Kernel choices inside diffprog, measured: attention, pooling, and the LSTM scan's unroll.
+
+    python -m benchmarks.kernels [--quick]
+
+- attention: `jax.nn.dot_product_attention` vs an explicit einsum-softmax, (B, T, H, D), causal;
+- pooling: MaxPool by reshape-fold vs `lax.reduce_window` (window == stride == 2);
+- LSTM: forward + backward time for lax.scan unroll factors 1, 2, 4, 8.
+Writes benchmarks/results/kernels.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import diffprog as dp
+
+from .common import block, machine, markdown_table, median_time, write
+
+
+def explicit_attention(q, k, v):
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    t = q.shape[1]
+    logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(logits.dtype).min)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, -1), v)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    reps = 3 if args.quick else 20
+    results = {"machine": machine()}
+    rows = []
+    B, T, H, D = (2, 32, 2, 8) if args.quick else (16, 256, 4, 64)
+    q, k, v = jax.random.normal(jax.random.key(0), (3, B, T, H, D))
+    for name, f in [("dot_product_attention", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)),
+                    ("einsum-softmax", explicit_attention)]:
+        fwd = jax.jit(f)
+        bwd = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2)))
+        results[f"attention/{name}"] = {"forward_s": median_time(lambda: block(fwd(q, k, v)), reps),
+                                        "backward_s": median_time(lambda: block(bwd(q, k, v)), reps)}
+        r = results[f"attention/{name}"]
+        rows.append([f"attention (B{B} T{T} H{H} D{D}, causal)", name, f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
+    x = jax.random.normal(jax.random.key(1), (16, 32, 32, 16) if not args.quick else (2, 8, 8, 4))
+    pool = dp.MaxPool(2)
+    for name, f in [("reshape-fold", lambda x: pool.fold(x, (2, 2))), ("reduce_window", lambda x: pool.sliding(x, (2, 2), (2, 2)))]:
+        batched = jax.vmap(f)
+        fwd = jax.jit(batched)
+        bwd = jax.jit(jax.grad(lambda x: batched(x).sum()))
+        results[f"maxpool/{name}"] = {"forward_s": median_time(lambda: block(fwd(x)), reps),
+                                      "backward_s": median_time(lambda: block(bwd(x)), reps)}
+        r = results[f"maxpool/{name}"]
+        rows.append([f"max pool 2×2 on {tuple(x.shape)}", name, f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
+    B, T, W = (2, 16, 16) if args.quick else (32, 128, 256)
+    xs = jax.random.normal(jax.random.key(2), (B, T, W))
+    for unroll in (1, 2, 4, 8):
+        lstm = dp.LSTM(W, unroll=unroll)
+        params = lstm.init(jax.random.key(0), xs[0])
+        net = jax.vmap(lstm.apply, (None, 0))
+        fwd = jax.jit(net)
+        bwd = jax.jit(jax.grad(lambda p: net(p, xs).sum()))
+        results[f"lstm/unroll={unroll}"] = {"forward_s": median_time(lambda: block(fwd(params, xs)), reps),
+                                            "backward_s": median_time(lambda: block(bwd(params)), reps)}
+        r = results[f"lstm/unroll={unroll}"]
+        rows.append([f"LSTM({W}) B{B} T{T}", f"unroll={unroll}", f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
+    table = markdown_table(["kernel", "variant", "forward ms", "forward+backward ms"], rows)
+    write("kernels" + ("_quick" if args.quick else ""), results, table, args.out)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

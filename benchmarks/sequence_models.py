@@ -1,0 +1,247 @@
+"""SimpleRNN vs LSTM vs Transformer character LMs: diffprog against PyTorch and Flax, one run.
+
+    python -m benchmarks.sequence_models            # full measurement (several minutes)
+    python -m benchmarks.sequence_models --quick    # small shapes, under a minute
+
+Models (all three kits): vocab 65 → embedding 256 → 2 layers of width 256 → tied head;
+Transformer: 4 heads, FF 1024, learned positions, causal, post-LN. Cross-entropy, Adam 1e-3.
+Measures, per kit and model: train-step time (forward + backward + Adam) at batch 32, T 128
+(median over --reps steps after warm-up, best of --rounds interleaved rounds) and tokens/s;
+forward-only tokens/s; step time and compile time as T grows (batch 16); peak memory of the
+compiled step (XLA memory analysis); model FLOP utilisation = (XLA's FLOP count of the compiled
+step / step time) / (float32 GEMM FLOP/s measured in the same run). PyTorch runs when torch is
+installed (`pip install -e ".[bench]"`), Flax always. Writes benchmarks/results/
+sequence_models.{json,md} and step_time_vs_T.png.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import diffprog as dp
+
+from .common import block, gemm_rate, machine, markdown_table, median_time, write
+
+VOCAB, KINDS = 65, ("rnn", "lstm", "transformer")
+
+
+# -- diffprog -------------------------------------------------------------------------------
+
+def diffprog_model(kind, width, max_len):
+    body = {"rnn": lambda: dp.SimpleRNN(width) ** 2, "lstm": lambda: dp.LSTM(width) ** 2,
+            "transformer": lambda: dp.TransformerBlock(width, 4, 4 * width, causal=True) ** 2}[kind]()
+    positions = dp.LearnedPositions(max_len) if kind == "transformer" else None
+    return dp.LanguageModel(VOCAB, width, body, positions=positions, per_position=True)
+
+
+def jax_steps(apply, params):
+    """jit-compiled (train_step, forward) for an apply(params, ids (B, T)) -> logits."""
+    opt = optax.adam(1e-3)
+
+    def train_step(state, ids, targets):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(lambda p: dp.metrics.cross_entropy(apply(p, ids), targets))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+    return jax.jit(train_step, donate_argnums=0), jax.jit(apply), (params, opt.init(params))
+
+
+def measure_jax(apply, params, batch, steps, reps):
+    train_step, forward, state = jax_steps(apply, params)
+    ids = jax.random.randint(jax.random.key(1), (batch, steps), 0, VOCAB)
+    start = time.perf_counter()
+    compiled = train_step.lower(state, ids, ids).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    memory = compiled.memory_analysis()
+    holder = [state]
+
+    def one():
+        holder[0], loss = train_step(holder[0], ids, ids)
+        block(loss)
+    step_s = median_time(one, reps)
+    forward_s = median_time(lambda: block(forward(holder[0][0], ids)), reps)
+    peak = None if memory is None else (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                        + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    return {"step_s": step_s, "forward_s": forward_s, "compile_s": compile_s,
+            "flops": float(cost.get("flops", 0.0)), "peak_bytes": peak}
+
+
+def diffprog_runner(kind, width, max_len):
+    model = diffprog_model(kind, width, max_len)
+    params = model.init(jax.random.key(0), jnp.zeros(8, jnp.int32))
+    return jax.vmap(model.apply, (None, 0)), params
+
+
+# -- Flax linen -----------------------------------------------------------------------------
+
+def flax_runner(kind, width, max_len):
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+            x = nn.LayerNorm()(x + nn.MultiHeadDotProductAttention(4)(x, x, mask=mask))
+            return nn.LayerNorm()(x + nn.Dense(width)(nn.relu(nn.Dense(4 * width)(x))))
+
+    class LM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            embed = nn.Embed(VOCAB, width)
+            x = embed(ids)
+            if kind == "transformer":
+                x = x + self.param("positions", nn.initializers.normal(0.02), (max_len, width))[: ids.shape[1]]
+                for _ in range(2):
+                    x = Block()(x)
+            else:
+                cell = nn.SimpleCell if kind == "rnn" else nn.OptimizedLSTMCell
+                for _ in range(2):
+                    x = nn.RNN(cell(width))(x)
+            return embed.attend(x)
+
+    model = LM()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    return model.apply, params
+
+
+# -- PyTorch --------------------------------------------------------------------------------
+
+def torch_runner(kind, width, max_len):
+    import torch
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(VOCAB, width)
+            if kind == "transformer":
+                self.positions = torch.nn.Parameter(0.02 * torch.randn(max_len, width))
+                layer = torch.nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True)
+                self.body = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            else:
+                self.body = (torch.nn.RNN if kind == "rnn" else torch.nn.LSTM)(width, width, 2, batch_first=True)
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            if kind == "transformer":
+                t = ids.shape[1]
+                mask = torch.nn.Transformer.generate_square_subsequent_mask(t)
+                x = self.body(x + self.positions[:t], mask=mask, is_causal=True)
+            else:
+                x = self.body(x)[0]
+            return x @ self.embed.weight.T
+    return LM()
+
+
+def measure_torch(kind, width, max_len, batch, steps, reps):
+    import os
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    model = torch_runner(kind, width, max_len)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    ids = torch.randint(0, VOCAB, (batch, steps))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def one():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(ids).reshape(-1, VOCAB), ids.reshape(-1))
+        loss.backward()
+        opt.step()
+
+    def forward():
+        with torch.no_grad():
+            model(ids)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"step_s": median_time(one, reps), "forward_s": median_time(forward, reps), "params": n_params}
+
+
+# -- the run --------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small shapes and few repetitions (< 1 minute)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if args.quick:
+        width, batch, steps, sweep, sweep_batch, args.reps, args.rounds = 32, 4, 32, (16, 32), 4, 3, 1
+    else:
+        width, batch, steps, sweep, sweep_batch = 256, 32, 128, (64, 128, 256, 512, 1024), 16
+    max_len = max(max(sweep), steps)
+    try:
+        import torch  # noqa: F401
+        peers = ("flax", "pytorch")
+    except ImportError:
+        peers = ("flax",)
+    gemm = gemm_rate(256 if args.quick else 1024)
+    results = {"machine": machine(), "gemm_flops_per_s": gemm, "shape": {"batch": batch, "T": steps, "width": width},
+               "models": {}}
+    runners = {"diffprog": diffprog_runner, "flax": flax_runner}
+    for kind in KINDS:
+        entry = results["models"].setdefault(kind, {})
+        for kit in ("diffprog", *peers):
+            rounds = []
+            for _ in range(args.rounds):  # interleaving rounds would recompile; rounds repeat the timing
+                if kit == "pytorch":
+                    rounds.append(measure_torch(kind, width, max_len, batch, steps, args.reps))
+                else:
+                    apply, params = runners[kit](kind, width, max_len)
+                    r = measure_jax(apply, params, batch, steps, args.reps)
+                    r["params"] = int(sum(a.size for a in jax.tree.leaves(params)))
+                    rounds.append(r)
+            best = min(rounds, key=lambda r: r["step_s"])
+            best["tokens_per_s"] = batch * steps / best["step_s"]
+            best["forward_tokens_per_s"] = batch * steps / best["forward_s"]
+            if best.get("flops"):
+                best["mfu"] = best["flops"] / best["step_s"] / gemm
+            entry[kit] = best
+            print(f"{kind:11s} {kit:8s} step {best['step_s'] * 1e3:8.1f} ms  "
+                  f"{best['tokens_per_s']:>9,.0f} tok/s  params {best['params']:,}", flush=True)
+        apply, params = diffprog_runner(kind, width, max_len)
+        entry["diffprog"]["sweep"] = {}
+        for t in sweep:
+            r = measure_jax(apply, params, sweep_batch, t, max(args.reps // 2, 3))
+            entry["diffprog"]["sweep"][t] = {"step_s": r["step_s"], "compile_s": r["compile_s"]}
+    rows = []
+    for kind, entry in results["models"].items():
+        ours = entry["diffprog"]
+        best_peer = min((entry[k]["step_s"] for k in peers), default=float("nan"))
+        rows.append([kind, f"{ours['params']:,}", f"{ours['step_s'] * 1e3:.1f}",
+                     *(f"{entry[k]['step_s'] * 1e3:.1f}" for k in peers),
+                     f"{best_peer / ours['step_s']:.2f}", f"{ours['tokens_per_s']:,.0f}",
+                     f"{ours['forward_tokens_per_s']:,.0f}", f"{ours.get('mfu', float('nan')):.1%}",
+                     f"{(ours['peak_bytes'] or 0) / 2**20:.1f}", f"{ours['compile_s']:.1f}"])
+    header = ["model", "params", "diffprog ms", *(f"{k} ms" for k in peers), "speed ratio (best peer / diffprog)",
+              "train tok/s", "forward tok/s", "MFU", "peak MiB", "compile s"]
+    sweep_rows = [[kind, *(f"{results['models'][kind]['diffprog']['sweep'][t]['step_s'] * 1e3:.1f}" for t in sweep)]
+                  for kind in KINDS]
+    table = (f"Train step, batch {batch}, T {steps}, width {width} "
+             f"(float32 GEMM: {gemm / 1e9:.0f} GFLOP/s; MFU = XLA-counted FLOPs of the compiled step / step time / GEMM rate)\n\n"
+             + markdown_table(header, rows)
+             + f"\n\ndiffprog train-step ms vs T (batch {sweep_batch})\n\n"
+             + markdown_table(["model", *(f"T={t}" for t in sweep)], sweep_rows))
+    path = write("sequence_models" + ("_quick" if args.quick else ""), results, table, args.out)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind in KINDS:
+        ax.plot(sweep, [results["models"][kind]["diffprog"]["sweep"][t]["step_s"] * 1e3 for t in sweep], "o-", label=kind)
+    ax.set(xscale="log", yscale="log", xlabel="T", ylabel="train step (ms)", title=f"diffprog, batch {sweep_batch}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path / ("step_time_vs_T" + ("_quick" if args.quick else "") + ".png"), dpi=110)
+    print("\n" + table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
