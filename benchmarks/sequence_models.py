@@ -48,6 +48,7 @@ def jax_steps(apply, params):
         loss, grads = jax.value_and_grad(lambda p: dp.metrics.cross_entropy(apply(p, ids), targets))(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
+    params = jax.tree.map(jnp.copy, params)  # the step donates its state; keep the caller's arrays
     return jax.jit(train_step, donate_argnums=0), jax.jit(apply), (params, opt.init(params))
 
 

@@ -31,9 +31,14 @@ def straight_through(soft, hard):
     return soft + jax.lax.stop_gradient(hard - soft)
 
 
+def _is_one(temperature):
+    """True for a Python number equal to 1 (a traced τ is always applied)."""
+    return isinstance(temperature, (int, float)) and temperature == 1.0
+
+
 def sharpen_gate(g, temperature=1.0, hard=False):
     """σ(logit(g)/τ) — for g = σ(z) this is σ(z/τ); `hard`: [g > ½] straight-through."""
-    if temperature != 1.0:
+    if not _is_one(temperature):
         g = jnp.clip(g, _EPS, 1 - _EPS)
         g = jax.nn.sigmoid((jnp.log(g) - jnp.log1p(-g)) / temperature)
     return straight_through(g, (g > 0.5).astype(g.dtype)) if hard else g
@@ -41,7 +46,7 @@ def sharpen_gate(g, temperature=1.0, hard=False):
 
 def sharpen_mask(g, temperature=1.0, hard=False, axis=-1):
     """softmax(log(g)/τ) — for g = softmax(z) this is softmax(z/τ); `hard`: one-hot argmax."""
-    if temperature != 1.0:
+    if not _is_one(temperature):
         g = jax.nn.softmax(jnp.log(jnp.clip(g, _EPS, 1.0)) / temperature, axis=axis)
     if hard:
         one_hot = jax.nn.one_hot(jnp.argmax(g, axis=axis), g.shape[axis], dtype=g.dtype, axis=axis)

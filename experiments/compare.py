@@ -56,7 +56,7 @@ MODELS = ("rnn", "lstm", "transformer")
 
 def build(model: str, task: Task, length_of_inputs: int, width: int) -> dp.Layer:
     """embed → body → head. Widths are chosen so that the three bodies have similar sizes."""
-    d = 2 * width // 3 if model == "transformer" else width  # two blocks of 6d² ≈ one LSTM of 8w²
+    d = 2 * width // 3 // 4 * 4 if model == "transformer" else width  # 2 blocks of 6d² ≈ an LSTM of 8w²
     embed = dp.EmbedToken(task.vocab, d) if task.vocab else dp.Dense(d)
     body = {"rnn": dp.SimpleRNN(2 * width),
             "lstm": dp.LSTM(width),
@@ -126,11 +126,12 @@ def summarise(runs):
 def plot(runs, path):
     import matplotlib.pyplot as plt
     names = list(dict.fromkeys(r["task"] for r in runs))
+    models = list(dict.fromkeys(r["model"] for r in runs))
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
         mine = [r for r in runs if r["task"] == name]
         lengths = sorted({r["length"] for r in mine})
-        for model in MODELS:
+        for model in models:
             ys = [np.mean([r["metric"] for r in mine if r["model"] == model and r["length"] == n]) for n in lengths]
             ax.plot(lengths, ys, "o-", label=model)
         base = [np.mean([r["baseline"] for r in mine if r["length"] == n]) for n in lengths]
@@ -142,11 +143,12 @@ def plot(runs, path):
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
         longest = max(r["length"] for r in runs if r["task"] == name)
-        for model in MODELS:
+        for model in models:
             for r in runs:
                 if (r["task"], r["length"], r["model"]) == (name, longest, model) and r["seed"] == runs[0]["seed"]:
                     ax.plot(*zip(*r["curve"]), label=model)
-        ax.axhline(runs[[r["task"] for r in runs].index(name)]["baseline"], color="k", ls="--", label="baseline")
+        ax.axhline(next(r["baseline"] for r in runs if (r["task"], r["length"]) == (name, longest)),
+                   color="k", ls="--", label="baseline")
         ax.set(title=f"{name}, {TASKS[name].length_name}={longest}", xlabel="step", ylabel="held-out metric")
     axes[0][0].legend()
     fig.tight_layout()

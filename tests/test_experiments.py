@@ -1,0 +1,73 @@
+"""Every experiment and benchmark runs end to end on tiny settings and writes what it promises."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_compare_quick(tmp_path):
+    from experiments import compare
+    runs = compare.main(["--preset", "quick", "--tasks", "adding", "recall", "--models", "lstm", "transformer",
+                         "--out", str(tmp_path)])
+    assert len(runs) == 4
+    out = next((tmp_path / "compare").iterdir())
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 4 and "| adding | T=10 |" in results["table"]
+    assert {p.name for p in out.iterdir()} >= {"results.json", "config.json", "metric_vs_length.png", "learning_curves.png"}
+    adding = [r for r in runs if r["task"] == "adding"]
+    assert all(0.1 < r["baseline"] < 0.25 for r in adding)  # ≈ 1/6
+    assert all(r["curve"] and r["params"] > 0 for r in runs)
+
+
+def test_help_of_every_experiment():
+    for name in ("compare", "charlm", "seq2seq", "soft_programs", "lstm_counter", "vision"):
+        out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--help"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "usage" in out.stdout, (name, out.stderr[-500:])
+
+
+def test_charlm_trains_samples_and_resumes(tmp_path):
+    from experiments import charlm
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    common = ["--text", str(text), "--body", "lstm", "--n_layer", "1", "--n_embd", "16", "--block_size", "16",
+              "--batch_size", "4", "--eval_interval", "10", "--eval_batches", "2", "--checkpoint_every", "10",
+              "--workdir", str(tmp_path / "run"), "--sample_chars", "20"]
+    first = charlm.main(common + ["--max_iters", "10"])
+    second = charlm.main(common + ["--max_iters", "20", "--resume"])
+    assert second["steps"] == 20 and second["val_loss"] < first["val_loss"] + 0.5
+    assert len(second["sample"]) == 16 + 20
+    assert (tmp_path / "run" / "checkpoints" / "20").exists()
+    with pytest.raises(SystemExit):
+        charlm.main(["--text", str(tmp_path / "missing.txt")])
+
+
+def test_default_corpus_ships_with_python():
+    from experiments.charlm import default_text
+    text = default_text()
+    assert len(text) > 100_000 and " the " in text
+
+
+def test_lstm_counter_soft_programs_seq2seq_quick(tmp_path):
+    from experiments import lstm_counter, seq2seq, soft_programs
+    counter = lstm_counter.main(["--steps", "20", "--hidden", "4", "--length", "12", "--out", str(tmp_path)])
+    assert -1 <= counter["best_correlation"] <= 1 and len(counter["correlations"]) == 4
+    runs = soft_programs.main(["--steps", "10", "--out", str(tmp_path)])
+    assert {(r["program"], r["mode"]) for r in runs} == {(p, m) for p in ("if", "switch", "lookup") for m in ("soft", "annealed", "hard")}
+    results = seq2seq.main(["--steps", "5", "--max_len", "4", "--dim", "8", "--out", str(tmp_path)])
+    assert set(results) == {"lstm+attention", "transformer"}
+    for name in ("lstm_counter", "soft_programs", "seq2seq"):
+        out = next((tmp_path / name).iterdir())
+        assert any(p.suffix == ".png" for p in out.iterdir()) and (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("name", ["sequence_models", "depth", "kernels"])
+def test_benchmarks_quick(name, tmp_path):
+    module = __import__(f"benchmarks.{name}", fromlist=["main"])
+    results = module.main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / f"{name}_quick.json").exists() and (tmp_path / f"{name}_quick.md").exists()
+    assert results["machine"]["cores"] >= 1
