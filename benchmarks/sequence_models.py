@@ -52,7 +52,8 @@ def jax_steps(apply, params):
     return jax.jit(train_step, donate_argnums=0), jax.jit(apply), (params, opt.init(params))
 
 
-def measure_jax(apply, params, batch, steps, reps):
+def prepare_jax(apply, params, batch, steps, reps):
+    """Compile the train step once; return (static facts, a function that times one round)."""
     train_step, forward, state = jax_steps(apply, params)
     ids = jax.random.randint(jax.random.key(1), (batch, steps), 0, VOCAB)
     start = time.perf_counter()
@@ -61,17 +62,20 @@ def measure_jax(apply, params, batch, steps, reps):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     memory = compiled.memory_analysis()
+    peak = None if memory is None else (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                        + memory.output_size_in_bytes - memory.alias_size_in_bytes)
     holder = [state]
 
     def one():
         holder[0], loss = train_step(holder[0], ids, ids)
         block(loss)
-    step_s = median_time(one, reps)
-    forward_s = median_time(lambda: block(forward(holder[0][0], ids)), reps)
-    peak = None if memory is None else (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                                        + memory.output_size_in_bytes - memory.alias_size_in_bytes)
-    return {"step_s": step_s, "forward_s": forward_s, "compile_s": compile_s,
-            "flops": float(cost.get("flops", 0.0)), "peak_bytes": peak}
+
+    def round_():
+        return {"step_s": median_time(one, reps),
+                "forward_s": median_time(lambda: block(forward(holder[0][0], ids)), reps)}
+    facts = {"compile_s": compile_s, "flops": float(cost.get("flops", 0.0)), "peak_bytes": peak,
+             "params": int(sum(a.size for a in jax.tree.leaves(params)))}
+    return facts, round_
 
 
 def diffprog_runner(kind, width, max_len):
@@ -140,7 +144,7 @@ def torch_runner(kind, width, max_len):
     return LM()
 
 
-def measure_torch(kind, width, max_len, batch, steps, reps):
+def prepare_torch(kind, width, max_len, batch, steps, reps):
     import os
     import torch
     torch.set_num_threads(os.cpu_count())
@@ -159,8 +163,10 @@ def measure_torch(kind, width, max_len, batch, steps, reps):
     def forward():
         with torch.no_grad():
             model(ids)
-    n_params = sum(p.numel() for p in model.parameters())
-    return {"step_s": median_time(one, reps), "forward_s": median_time(forward, reps), "params": n_params}
+
+    def round_():
+        return {"step_s": median_time(one, reps), "forward_s": median_time(forward, reps)}
+    return {"params": sum(p.numel() for p in model.parameters())}, round_
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -188,17 +194,20 @@ def main(argv=None):
     runners = {"diffprog": diffprog_runner, "flax": flax_runner}
     for kind in KINDS:
         entry = results["models"].setdefault(kind, {})
+        prepared = {}
         for kit in ("diffprog", *peers):
-            rounds = []
-            for _ in range(args.rounds):  # interleaving rounds would recompile; rounds repeat the timing
-                if kit == "pytorch":
-                    rounds.append(measure_torch(kind, width, max_len, batch, steps, args.reps))
-                else:
-                    apply, params = runners[kit](kind, width, max_len)
-                    r = measure_jax(apply, params, batch, steps, args.reps)
-                    r["params"] = int(sum(a.size for a in jax.tree.leaves(params)))
-                    rounds.append(r)
-            best = min(rounds, key=lambda r: r["step_s"])
+            if kit == "pytorch":
+                prepared[kit] = prepare_torch(kind, width, max_len, batch, steps, args.reps)
+            else:
+                prepared[kit] = prepare_jax(*runners[kit](kind, width, max_len), batch, steps, args.reps)
+        rounds = {kit: [] for kit in prepared}
+        for _ in range(args.rounds):  # interleaved: every kit once per round
+            for kit, (_, round_) in prepared.items():
+                rounds[kit].append(round_())
+        for kit, (facts, _) in prepared.items():
+            best = {**facts, "step_s": min(r["step_s"] for r in rounds[kit]),
+                    "forward_s": min(r["forward_s"] for r in rounds[kit]),
+                    "rounds_step_s": [r["step_s"] for r in rounds[kit]]}
             best["tokens_per_s"] = batch * steps / best["step_s"]
             best["forward_tokens_per_s"] = batch * steps / best["forward_s"]
             if best.get("flops"):
@@ -206,11 +215,10 @@ def main(argv=None):
             entry[kit] = best
             print(f"{kind:11s} {kit:8s} step {best['step_s'] * 1e3:8.1f} ms  "
                   f"{best['tokens_per_s']:>9,.0f} tok/s  params {best['params']:,}", flush=True)
-        apply, params = diffprog_runner(kind, width, max_len)
         entry["diffprog"]["sweep"] = {}
         for t in sweep:
-            r = measure_jax(apply, params, sweep_batch, t, max(args.reps // 2, 3))
-            entry["diffprog"]["sweep"][t] = {"step_s": r["step_s"], "compile_s": r["compile_s"]}
+            facts, round_ = prepare_jax(*diffprog_runner(kind, width, max_len), sweep_batch, t, max(args.reps // 2, 3))
+            entry["diffprog"]["sweep"][t] = {"step_s": round_()["step_s"], "compile_s": facts["compile_s"]}
     rows = []
     for kind, entry in results["models"].items():
         ours = entry["diffprog"]
