@@ -8,8 +8,12 @@ Transformer: 4 heads, FF 1024, learned positions, causal, post-LN. Cross-entropy
 Measures, per kit and model: train-step time (forward + backward + Adam) at batch 32, T 128
 (median over --reps steps after warm-up, best of --rounds interleaved rounds) and tokens/s;
 forward-only tokens/s; step time and compile time as T grows (batch 16); peak memory of the
-compiled step (XLA memory analysis); model FLOP utilisation = (XLA's FLOP count of the compiled
-step / step time) / (float32 GEMM FLOP/s measured in the same run). PyTorch runs when torch is
+compiled step (XLA memory analysis); model FLOP utilisation = (model FLOPs / step time) / (float32 GEMM
+FLOP/s measured in the same run), with model FLOPs per token = 6·N + 12·L·T·d (Transformer
+attention; 0 for RNNs), N = the weights used in matrix products (recurrent and gate matrices,
+attention and feed-forward projections, the tied output head), L layers, width d — the
+usual 2 FLOPs per multiply-add, ×3 for forward + backward. (XLA's own cost analysis counts a
+scan's body once, so it under-counts stacked layers and recurrences.) PyTorch runs when torch is
 installed (`pip install -e ".[bench]"`), Flax always. Writes benchmarks/results/
 sequence_models.{json,md} and step_time_vs_T.png.
 """
@@ -73,7 +77,7 @@ def prepare_jax(apply, params, batch, steps, reps):
     def round_():
         return {"step_s": median_time(one, reps),
                 "forward_s": median_time(lambda: block(forward(holder[0][0], ids)), reps)}
-    facts = {"compile_s": compile_s, "flops": float(cost.get("flops", 0.0)), "peak_bytes": peak,
+    facts = {"compile_s": compile_s, "xla_flops": float(cost.get("flops", 0.0)), "peak_bytes": peak,
              "params": int(sum(a.size for a in jax.tree.leaves(params)))}
     return facts, round_
 
@@ -169,6 +173,14 @@ def prepare_torch(kind, width, max_len, batch, steps, reps):
     return {"params": sum(p.numel() for p in model.parameters())}, round_
 
 
+def model_flops(kind, width, batch, steps, layers=2):
+    """Training FLOPs of one step: (6·N + 12·L·T·d) per token (see the module docstring)."""
+    per_layer = {"rnn": 2 * width * width, "lstm": 8 * width * width, "transformer": 12 * width * width}[kind]
+    n = layers * per_layer + VOCAB * width
+    attention = 12 * layers * steps * width if kind == "transformer" else 0
+    return (6 * n + attention) * batch * steps
+
+
 # -- the run --------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -188,7 +200,7 @@ def main(argv=None):
         peers = ("flax", "pytorch")
     except ImportError:
         peers = ("flax",)
-    gemm = gemm_rate(256 if args.quick else 1024)
+    gemm = gemm_rate(256 if args.quick else 2048)
     results = {"machine": machine(), "gemm_flops_per_s": gemm, "shape": {"batch": batch, "T": steps, "width": width},
                "models": {}}
     runners = {"diffprog": diffprog_runner, "flax": flax_runner}
@@ -210,8 +222,9 @@ def main(argv=None):
                     "rounds_step_s": [r["step_s"] for r in rounds[kit]]}
             best["tokens_per_s"] = batch * steps / best["step_s"]
             best["forward_tokens_per_s"] = batch * steps / best["forward_s"]
-            if best.get("flops"):
-                best["mfu"] = best["flops"] / best["step_s"] / gemm
+            if kit == "diffprog":
+                best["model_flops"] = model_flops(kind, width, batch, steps)
+                best["mfu"] = best["model_flops"] / best["step_s"] / gemm
             entry[kit] = best
             print(f"{kind:11s} {kit:8s} step {best['step_s'] * 1e3:8.1f} ms  "
                   f"{best['tokens_per_s']:>9,.0f} tok/s  params {best['params']:,}", flush=True)
@@ -233,7 +246,7 @@ def main(argv=None):
     sweep_rows = [[kind, *(f"{results['models'][kind]['diffprog']['sweep'][t]['step_s'] * 1e3:.1f}" for t in sweep)]
                   for kind in KINDS]
     table = (f"Train step, batch {batch}, T {steps}, width {width} "
-             f"(float32 GEMM: {gemm / 1e9:.0f} GFLOP/s; MFU = XLA-counted FLOPs of the compiled step / step time / GEMM rate)\n\n"
+             f"(float32 GEMM: {gemm / 1e9:.0f} GFLOP/s; MFU = (6N + 12LTd) FLOPs per token / step time / GEMM rate)\n\n"
              + markdown_table(header, rows)
              + f"\n\ndiffprog train-step ms vs T (batch {sweep_batch})\n\n"
              + markdown_table(["model", *(f"T={t}" for t in sweep)], sweep_rows))

@@ -89,31 +89,28 @@ class _Pool(Layer):
             axes.append(len(shape) - 1)
         return x.reshape(shape + [x.shape[-1]]), tuple(axes)
 
+    def fold(self, x, window):
+        folded, axes = self.folded(x, window)
+        return self.reduce(folded, axis=axes)
+
+    def window_reduce(self, x, window, stride, init, op):
+        return jax.lax.reduce_window(x, init, op, window + (1,), stride + (1,), self.padding)
+
 
 @layerclass
 class MaxPool(_Pool):
     __doc__ = "Max over each window (the notes' max pooling). " + _Pool.__doc__
-
-    def fold(self, x, window):
-        folded, axes = self.folded(x, window)
-        return folded.max(axis=axes)
+    reduce = staticmethod(jnp.max)
 
     def sliding(self, x, window, stride):
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window + (1,), stride + (1,),
-                                     self.padding)
+        return self.window_reduce(x, window, stride, -jnp.inf, jax.lax.max)
 
 
 @layerclass
 class AvgPool(_Pool):
     __doc__ = "Mean over each window. " + _Pool.__doc__
-
-    def fold(self, x, window):
-        folded, axes = self.folded(x, window)
-        return folded.mean(axis=axes)
+    reduce = staticmethod(jnp.mean)
 
     def sliding(self, x, window, stride):
-        total = jax.lax.reduce_window(x, 0.0, jax.lax.add, window + (1,), stride + (1,),
-                                      self.padding)
-        count = jax.lax.reduce_window(jnp.ones_like(x), 0.0, jax.lax.add, window + (1,),
-                                      stride + (1,), self.padding)
-        return total / count
+        total = self.window_reduce(x, window, stride, 0.0, jax.lax.add)
+        return total / self.window_reduce(jnp.ones_like(x), window, stride, 0.0, jax.lax.add)

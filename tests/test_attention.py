@@ -8,6 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 import diffprog as dp
+from helpers import fit
 
 
 def reference_attention(p, x, memory, heads, allowed=None):
@@ -201,17 +202,8 @@ def test_transformer_lm_learns_to_copy_a_pattern(key):
                           positions=dp.LearnedPositions(24), per_position=True)
     seq = jnp.array([0, 1, 2, 3, 4] * 4)
     p = lm.init(key, seq[:-1])
-    opt = optax.adam(1e-2)
-    state = opt.init(p)
-    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(lm(p, seq[:-1]), seq[1:]).mean()
-
-    @jax.jit
-    def step(p, state):
-        l, g = jax.value_and_grad(loss)(p)
-        u, state = opt.update(g, state)
-        return optax.apply_updates(p, u), state, l
-    for _ in range(150):
-        p, state, l = step(p, state)
+    loss = lambda p, _: optax.softmax_cross_entropy_with_integer_labels(lm(p, seq[:-1]), seq[1:]).mean()
+    p, l = fit(loss, p, optax.adam(1e-2), 150)
     assert l < 0.05
     chex.assert_trees_all_equal(dp.generate(lm, p, seq[None, :3], 7)[0], seq[3:10])
 

@@ -8,6 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 import diffprog as dp
+from helpers import fit
 
 sigmoid = jax.nn.sigmoid
 LAYERS = [dp.SimpleRNN(5), dp.LSTM(5), dp.GRU(5)]
@@ -149,22 +150,13 @@ def test_text_classifier_learns_two_synthetic_classes(key):
     tokens = tokens.at[:, 4].set(jnp.where(labels, 1, 0))  # class = which marker appears mid-sequence
     lengths = jax.random.randint(kl, (64,), 6, 11)
     p = model.init(key, tokens)
-    opt = optax.adam(0.02)
-    state = opt.init(p)
 
-    def loss(p):
+    def loss(p, _):
         logits = model(p, tokens, lengths=lengths)[:, 0]
         return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
 
-    @jax.jit
-    def step(p, state):
-        l, g = jax.value_and_grad(loss)(p)
-        u, state = opt.update(g, state)
-        return optax.apply_updates(p, u), state, l
-
-    first = loss(p)
-    for _ in range(60):
-        p, state, l = step(p, state)
+    first = loss(p, 0)
+    p, l = fit(loss, p, optax.adam(0.02), 60)
     accuracy = ((model(p, tokens, lengths=lengths)[:, 0] > 0) == labels).mean()
     assert l < 0.2 * first and accuracy == 1.0
 

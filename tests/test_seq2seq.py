@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import diffprog as dp
+from helpers import fit
 
 MODELS = [dp.rnn_seq2seq(10, 10, 24), dp.transformer_seq2seq(10, 10, 24, 2, 48, 2, 16)]
 
@@ -46,18 +47,12 @@ def test_seq2seq_learns_to_reverse(model, key):
         return src, jnp.concatenate([jnp.ones((32, 1), jnp.int32), tgt[:, :-1]], 1), tgt
     src, tin, tgt = batch(key)
     p = model.init(key, (src[0], tin[0]))
-    opt = optax.adam(5e-3)
-    state = opt.init(p)
     net = jax.vmap(model.apply, (None, 0))
 
-    @jax.jit
-    def step(p, state, k):
-        src, tin, tgt = batch(k)
-        l, g = jax.value_and_grad(lambda p: dp.metrics.cross_entropy(net(p, (src, tin)), tgt))(p)
-        u, state = opt.update(g, state)
-        return optax.apply_updates(p, u), state, l
-    for i in range(400):
-        p, state, l = step(p, state, jax.random.fold_in(key, i))
+    def loss(p, i):
+        src, tin, tgt = batch(jax.random.fold_in(key, i))
+        return dp.metrics.cross_entropy(net(p, (src, tin)), tgt)
+    p, _ = fit(loss, p, optax.adam(5e-3), 400)
     src, _, tgt = batch(jax.random.key(123))
     out = dp.translate(model, p, src, 5, 1)
     assert float((out == tgt).all(-1).mean()) > 0.8

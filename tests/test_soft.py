@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import diffprog as dp
+from helpers import fit
 from diffprog import soft
 
 sigma = jax.nn.sigmoid
@@ -120,19 +121,9 @@ def test_gated_and_switch_layers_compose_and_learn(key):
     y = jnp.where(x[:, :1] > 0, x, -x)
     net = dp.batched(dp.Gated(dp.Dense(3), dp.Dense(3), dp.Dense(1)))
     p = net.init(key, x)
-    opt = optax.adam(0.05)
-    state = opt.init(p)
-    loss = lambda p: jnp.mean((net(p, x) - y) ** 2)
-
-    @jax.jit
-    def step(p, state):
-        l, g = jax.value_and_grad(loss)(p)
-        u, state = opt.update(g, state)
-        return optax.apply_updates(p, u), state, l
-
-    first = loss(p)
-    for _ in range(300):
-        p, state, l = step(p, state)
+    loss = lambda p, _: jnp.mean((net(p, x) - y) ** 2)
+    first = loss(p, 0)
+    p, l = fit(loss, p, optax.adam(0.05), 300)
     assert l < 0.05 * first
     sw = dp.Switch((dp.Dense(2), dp.Dense(2), dp.Tanh @ dp.Dense(2)), dp.Dense(3))
     ps = sw.init(key, jnp.ones(4))

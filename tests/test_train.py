@@ -16,8 +16,7 @@ import pytest
 
 import diffprog as dp
 
-sys.path.insert(0, str(Path(__file__).parent))
-import train_toy  # noqa: E402
+import train_toy
 
 SCRIPT = str(Path(__file__).parent / "train_toy.py")
 

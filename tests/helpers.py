@@ -1,0 +1,19 @@
+"""Shared by the tests that train something small."""
+import jax
+import optax
+
+
+def fit(loss, params, optimizer, steps):
+    """Minimise loss(params, step) with an optax optimiser, one jit-compiled step at a time.
+    Returns (params, the last step's loss)."""
+    state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, state, i):
+        value, grads = jax.value_and_grad(loss)(params, i)
+        updates, state = optimizer.update(grads, state)
+        return optax.apply_updates(params, updates), state, value
+    value = None
+    for i in range(steps):
+        params, state, value = step(params, state, i)
+    return params, value
