@@ -17,7 +17,8 @@ def summary(model: Layer, x, *, print_fn=print) -> str:
     """A table with one row per stage of `model` (one example `x`), returned and printed.
 
     Columns: stage (the notes' notation), input → output (shape dtype), parameter count, and
-    FLOPs as XLA's cost analysis of that stage's compiled forward pass counts them.
+    FLOPs as XLA's cost analysis of that stage's compiled forward pass counts them (an
+    estimate: XLA counts the body of a scan once, so `f ** n` rows are under-counted).
     """
     stages = model.stages if isinstance(model, Compose) else (model,)
     spec = spec_of(x)

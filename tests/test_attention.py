@@ -77,6 +77,19 @@ def test_attention_with_the_notes_scores(score, key):
     check_grads(lambda p: att(p, x)[0], (p,), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
 
 
+def test_attention_dropout_only_with_a_key(key):
+    x = jax.random.normal(key, (6, 8))
+    att = dp.Attention(2, dropout=0.5, return_weights=True)
+    p = att.init(key, x)
+    plain, w = att(p, x)
+    chex.assert_trees_all_close(plain, dp.Attention(2)(p, x), atol=1e-5)  # no key: no dropout
+    dropped, w_k = att(p, x, key=jax.random.key(3))
+    assert not np.allclose(dropped, plain)
+    chex.assert_trees_all_close(w_k, w)  # the returned weights are the undropped softmax
+    other, _ = att(p, x, key=jax.random.key(4))
+    assert not np.allclose(dropped, other)
+
+
 def test_attention_errors(key):
     with pytest.raises(dp.LayerError, match=r"Attention\(3\): model width 8 is not divisible by 3 heads"):
         dp.Attention(3).init(key, jnp.ones((4, 8)))

@@ -117,6 +117,11 @@ def test_gated_and_switch_layers_compose_and_learn(key):
     gated = dp.Gated(dp.Dense(3), dp.Dense(3), dp.Dense(1))
     model = dp.Dense(3) @ gated ** 2
     assert repr(model) == "Dense(3) ∘ Gated(Dense(3), Dense(3), Dense(1))^2"
+    pm = model.init(key, jnp.ones(3))
+    chex.assert_shape(pm["0_Gated^2"]["stack"]["condition"]["weight"], (2, 3, 1))
+    one = jax.tree.map(lambda a: a[0], pm["0_Gated^2"]["stack"])
+    two = jax.tree.map(lambda a: a[1], pm["0_Gated^2"]["stack"])
+    chex.assert_trees_all_close(model(pm, jnp.ones(3)), dp.Dense(3)(pm["1_Dense"], gated(two, gated(one, jnp.ones(3)))), atol=1e-6)
     x = jax.random.normal(key, (256, 3))
     y = jnp.where(x[:, :1] > 0, x, -x)
     net = dp.batched(dp.Gated(dp.Dense(3), dp.Dense(3), dp.Dense(1)))
