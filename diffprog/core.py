@@ -156,8 +156,51 @@ def _stages(layer: Layer) -> tuple:
     return layer.stages if isinstance(layer, Compose) else (layer,)
 
 
+class Pipeline(Layer):
+    """A layer that runs named stages one after another: `named_stages()` gives (name, layer)
+    pairs in running order; params, caches and the per-stage key are keyed by those names.
+
+    Stage i gets `fold_in(key, i)` and the side inputs it lists in its `side_inputs`.
+    """
+
+    def named_stages(self):
+        raise NotImplementedError
+
+    @property
+    def side_inputs(self):
+        return frozenset().union(*(s.side_inputs for _, s in self.named_stages()))
+
+    @staticmethod
+    def _mine(stage, side):
+        return {k: v for k, v in side.items() if k in stage.side_inputs}
+
+    def init_params(self, key, spec, **side):
+        params, stages = {}, self.named_stages()
+        for i, (name, stage) in enumerate(stages):
+            mine = self._mine(stage, side)
+            params[name] = stage.init(jax.random.fold_in(key, i), spec, **mine)
+            if i + 1 < len(stages):
+                spec = jax.eval_shape(lambda p, x, s: stage.apply(p, x, **s), params[name], spec, mine)
+        return params
+
+    def forward(self, params, x, *, key=None, **side):
+        for i, (name, stage) in enumerate(self.named_stages()):
+            x = stage.apply(params[name], x, key=None if key is None else jax.random.fold_in(key, i),
+                            **self._mine(stage, side))
+        return x
+
+    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
+        return {n: s.init_cache(params[n], max_len, dtype, **self._mine(s, side)) for n, s in self.named_stages()}
+
+    def decode(self, params, x_t, cache, position):
+        cache = dict(cache)
+        for name, stage in self.named_stages():
+            x_t, cache[name] = stage.decode(params[name], x_t, cache[name], position)
+        return x_t, cache
+
+
 @layerclass
-class Compose(Layer):
+class Compose(Pipeline):
     """The pipeline `stages[-1] ∘ ... ∘ stages[0]` (stages[0] runs first).
 
     Params: `{"0_Conv": ..., "1_MaxPool": ..., ...}`, one entry per stage in running order.
@@ -167,39 +210,11 @@ class Compose(Layer):
 
     stages: tuple
 
-    @property
-    def side_inputs(self):
-        return frozenset().union(*(s.side_inputs for s in self.stages))
-
     def names(self):
         return [f"{i}_{s.name}" for i, s in enumerate(self.stages)]
 
-    def init_params(self, key, spec, **side):
-        params = {}
-        for i, (name, stage) in enumerate(zip(self.names(), self.stages)):
-            mine = {k: v for k, v in side.items() if k in stage.side_inputs}
-            params[name] = stage.init(jax.random.fold_in(key, i), spec, **mine)
-            if i + 1 < len(self.stages):
-                spec = jax.eval_shape(lambda p, x, s: stage.apply(p, x, **s), params[name], spec, mine)
-        return params
-
-    def forward(self, params, x, *, key=None, **side):
-        for i, (name, stage) in enumerate(zip(self.names(), self.stages)):
-            sub = {k: v for k, v in side.items() if k in stage.side_inputs}
-            if key is not None:
-                sub["key"] = jax.random.fold_in(key, i)
-            x = stage.apply(params[name], x, **sub)
-        return x
-
-    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
-        return {n: s.init_cache(params[n], max_len, dtype, **{k: v for k, v in side.items() if k in s.side_inputs})
-                for n, s in zip(self.names(), self.stages)}
-
-    def decode(self, params, x_t, cache, position):
-        cache = dict(cache)
-        for name, stage in zip(self.names(), self.stages):
-            x_t, cache[name] = stage.decode(params[name], x_t, cache[name], position)
-        return x_t, cache
+    def named_stages(self):
+        return list(zip(self.names(), self.stages))
 
     @property
     def name(self):

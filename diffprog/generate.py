@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .basic import LayerNorm
-from .core import Layer, LayerError, layerclass
+from .core import Layer, LayerError, Pipeline, layerclass
 from .embed import EmbedToken
 from .sequence import Collapse, check_lengths
 
@@ -36,7 +36,7 @@ class GenerateToken(Layer):
 
 
 @layerclass
-class LanguageModel(Layer):
+class LanguageModel(Pipeline):
     """LanguageModel = GenerateToken ∘ Collapse('last') ∘ body ∘ EmbedToken, with tied weights.
 
     int[T] → (vocab,): logits of the token after the last valid one (`lengths=`).
@@ -55,46 +55,26 @@ class LanguageModel(Layer):
     per_position: bool = False
     side_inputs = frozenset({"lengths"})
 
-    @property
-    def stages(self):
+    def named_stages(self):
         """(name, layer) pairs from the embedding to the last hidden state."""
         stages = [("embed", EmbedToken(self.vocab, self.dim))]
         stages += [("positions", self.positions)] if self.positions is not None else []
         stages += [("body", self.body)]
         return stages + ([("norm", LayerNorm())] if self.final_norm else [])
 
-    def init_params(self, key, spec, **side):
-        params = {}
-        for i, (name, layer) in enumerate(self.stages):
-            params[name] = layer.init(jax.random.fold_in(key, i), spec)
-            spec = jax.eval_shape(layer.apply, params[name], spec)
-        return params
-
-    def hidden(self, params, ids, *, key=None, lengths=None):
-        x = ids
-        for i, (name, layer) in enumerate(self.stages):
-            side = {k: v for k, v in {"lengths": lengths}.items() if k in layer.side_inputs and v is not None}
-            x = layer.apply(params[name], x, key=None if key is None else jax.random.fold_in(key, i), **side)
-        return x
-
     def forward(self, params, ids, *, key=None, lengths=None):
-        h = self.hidden(params, ids, key=key, lengths=lengths)
+        h = super().forward(params, ids, key=key, lengths=lengths)
         if not self.per_position:
             h = Collapse("last").apply({}, h, **({} if lengths is None else {"lengths": lengths}))
         return GenerateToken(self.vocab).apply(params["embed"], h)
 
-    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
-        return {name: layer.init_cache(params[name], max_len, dtype) for name, layer in self.stages}
-
     def decode(self, params, token, cache, position):
         """Logits (vocab,) for the token after `token`, read at `position`; carries the cache."""
-        x, cache = token, dict(cache)
-        for name, layer in self.stages:
-            x, cache[name] = layer.decode(params[name], x, cache[name], position)
-        return GenerateToken(self.vocab).apply(params["embed"], x), cache
+        h, cache = super().decode(params, token, cache, position)
+        return GenerateToken(self.vocab).apply(params["embed"], h), cache
 
     def __repr__(self):
-        names = [repr(l) for _, l in self.stages]
+        names = [repr(l) for _, l in self.named_stages()]
         head = "GenerateToken" if self.per_position else "GenerateToken ∘ Collapse('last')"
         return f"LanguageModel({head} ∘ {' ∘ '.join(reversed(names))})"
 

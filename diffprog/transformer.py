@@ -10,7 +10,7 @@ import numpy as np
 
 from .attention import Attention
 from .basic import Dense, Dropout, FeedForward, LayerNorm
-from .core import Layer, LayerError, layerclass
+from .core import Layer, LayerError, Pipeline, layerclass
 from .embed import EmbedToken
 from .sequence import check_sequence
 
@@ -97,7 +97,7 @@ class SinusoidalPositions(Layer):
 
 
 @layerclass
-class TransformerBlock(Layer):
+class TransformerBlock(Pipeline):
     """TransformerBlock(x) = AddNorm(FeedForward, AddNorm(Attention, x)). Type: (T, d) → (T, d).
 
     FeedForward here is the Transformer's two-matrix version, Dense(d) ∘ FeedForward(ff).
@@ -118,10 +118,6 @@ class TransformerBlock(Layer):
     cross: bool = False
 
     @property
-    def side_inputs(self):
-        return frozenset().union(*(part.side_inputs for part in self.parts.values()))
-
-    @property
     def parts(self):
         """The block's AddNorm stages in running order."""
         wrap = lambda f: AddNorm(Dropout(self.dropout) @ f, self.pre_norm)
@@ -131,29 +127,16 @@ class TransformerBlock(Layer):
         parts["feedforward"] = wrap(Dense(self.d) @ FeedForward(self.ff))
         return parts
 
+    def named_stages(self):
+        return list(self.parts.items())
+
     def init_params(self, key, spec, **side):
         check_sequence(self, spec, self.d)
-        return {name: part.init(jax.random.fold_in(key, i), spec,
-                                **{k: v for k, v in side.items() if k in part.side_inputs})
-                for i, (name, part) in enumerate(self.parts.items())}
+        return super().init_params(key, spec, **side)
 
-    def forward(self, params, x, *, key=None, **side):
+    def forward(self, params, x, **side):
         check_sequence(self, x, self.d)
-        for i, (name, part) in enumerate(self.parts.items()):
-            mine = {k: v for k, v in side.items() if k in part.side_inputs}
-            x = part.apply(params[name], x, key=None if key is None else jax.random.fold_in(key, i), **mine)
-        return x
-
-    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
-        return {name: part.init_cache(params[name], max_len, dtype,
-                                      **{k: v for k, v in side.items() if k in part.side_inputs})
-                for name, part in self.parts.items()}
-
-    def decode(self, params, x_t, cache, position):
-        cache = dict(cache)
-        for name, part in self.parts.items():
-            x_t, cache[name] = part.decode(params[name], x_t, cache[name], position)
-        return x_t, cache
+        return super().forward(params, x, **side)
 
 
 def bert(vocab: int, d: int = 1024, heads: int = 16, ff: int = 4096, depth: int = 24,
