@@ -62,11 +62,12 @@ class LanguageModel(Pipeline):
         stages += [("body", self.body)]
         return stages + ([("norm", LayerNorm())] if self.final_norm else [])
 
-    def forward(self, params, ids, *, key=None, lengths=None):
-        h = super().forward(params, ids, key=key, lengths=lengths)
+    def _run(self, run, params, ids, key, side):
+        """The stages, then the head (`run`: Layer.apply or Layer.apply_batch)."""
+        h = super()._run(run, params, ids, key, side)
         if not self.per_position:
-            h = Collapse("last").apply({}, h, **({} if lengths is None else {"lengths": lengths}))
-        return GenerateToken(self.vocab).apply(params["embed"], h)
+            h = run(Collapse("last"), {}, h, **side)
+        return run(GenerateToken(self.vocab), params["embed"], h)
 
     def decode(self, params, token, cache, position):
         """Logits (vocab,) for the token after `token`, read at `position`; carries the cache."""

@@ -1,15 +1,23 @@
 """Recurrent sequence models: a pure cell per layer, one `jax.lax.scan` loop for all of them.
 
-SequenceModel : (T, d) → (T, hidden). Each layer defines its cell
+SequenceModel : (T, d) → (T, hidden). A layer defines its weights and its activation,
 
-    cell(params, carry, x_t) -> (carry, out_t)     carry: {"h": ...} (LSTM: {"h", "c"})
+    gx_t = x_t W_x + b_x,   gh_t = h_{t-1} W_h + b_h      (all gates at once: G = gates · hidden)
+    activate(gx_t, gh_t, carry) -> (carry, out_t)         carry: {"h"} (LSTM: {"h", "c"})
 
-and `Recurrent.forward` runs it over the sequence with `jax.lax.scan`.
+and `cell(params, carry, x_t)` is one step. The loop computes x W_x + b_x for every step in one
+matrix product, then scans h_{t-1} W_h over time. On a batch (`apply_batch`, `dp.batched`) the
+loop runs on (B, hidden) states, and its backward pass is written out (`_recurrence`): the
+reverse scan only carries the state gradients, and the weight gradient Σ_t h_{t-1}ᵀ ∂gh_t is one
+matrix product over all examples and steps after it, instead of T small ones inside the loop.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .basic import glorot
 from .core import Layer, LayerError, layerclass
@@ -27,9 +35,14 @@ def _gate_params(key, d, hidden, bias=0.0):
 
 
 def _fused(params, gates):
-    """Stack the gates' [w_x; w_h] into one (d + hidden, n·hidden) matrix and their biases."""
-    w = jnp.concatenate([jnp.concatenate([params[g]["w_x"], params[g]["w_h"]]) for g in gates], 1)
-    return w, jnp.concatenate([params[g]["bias"] for g in gates])
+    """The gates' weights side by side: w_x (d, G), w_h (hidden, G), b_x (G,), b_h = 0."""
+    w_x, w_h, b_x = (jnp.concatenate([params[g][k] for g in gates], -1) for k in ("w_x", "w_h", "bias"))
+    return w_x, w_h, b_x, jnp.zeros_like(b_x)
+
+
+def _sigmoid(z):
+    """σ(z) = (1 + tanh(z/2)) / 2: on XLA:CPU a tanh pass is ~2× faster than the logistic."""
+    return (1 + jnp.tanh(z / 2)) / 2
 
 
 class Recurrent(Layer):
@@ -43,50 +56,117 @@ class Recurrent(Layer):
 
     side_inputs = frozenset({"lengths", "initial_state"})
 
-    def input_size(self, params) -> int:
-        raise NotImplementedError
-
     def init_params(self, key, spec, **side):
         check_sequence(self, spec)
         return self.cell_params(key, spec.shape[-1])
 
-    def initial_carry(self, dtype):
-        return {"h": jnp.zeros((self.hidden,), dtype)}
+    def initial_carry(self, dtype, batch=()):
+        return {"h": jnp.zeros(batch + (self.hidden,), dtype)}
+
+    def cell(self, params, carry, x_t):
+        """One step: (params, carry, x_t (d,)) -> (carry, out_t); out_t["h"] is y_t."""
+        w_x, w_h, b_x, b_h = self.weights(params)
+        return self.activate(x_t @ w_x + b_x, carry["h"] @ w_h + b_h, carry)
 
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return self.initial_carry(dtype)
 
     def decode(self, params, x_t, cache, position):
-        carry, out = self.cell(self.prepare(params), cache, x_t)
+        carry, out = self.cell(params, cache, x_t)
         return out["h"], carry
 
-    def prepare(self, params):
-        """Work done once per sequence, outside the loop (e.g. fusing gate weights)."""
-        return params
-
     def forward(self, params, xs, *, key=None, lengths=None, initial_state=None):
-        steps = check_sequence(self, xs, self.input_size(params))
+        steps = self._check(params, xs)
         lengths = check_lengths(self, lengths, steps)
-        carry = self.initial_carry(xs.dtype) if initial_state is None else initial_state
-        expected = jax.tree.map(jnp.shape, self.initial_carry(xs.dtype))
-        if jax.tree.map(jnp.shape, carry) != expected:
-            raise LayerError(f"{self!r}: expected initial_state shaped {expected}, "
-                             f"got {jax.tree.map(jnp.shape, carry)}")
-        prepared = self.prepare(params)
-        valid = valid_steps(steps, lengths)
+        carry = self._initial(initial_state, xs.dtype, ())
+        w_x, w_h, b_x, b_h = self.weights(params)
+        valid = None if lengths is None else valid_steps(steps, lengths)
+        carry, outs = self._loop(b_x, w_h, b_h, xs @ w_x, carry, valid)
+        return self._result(outs, carry)
 
-        def step(carry, inputs):
-            x_t, valid_t = inputs
-            new, out = self.cell(prepared, carry, x_t)
-            if lengths is not None:
-                new = jax.tree.map(lambda n, o: jnp.where(valid_t, n, o), new, carry)
-                out = jax.tree.map(lambda v: jnp.where(valid_t, v, 0), out)
-            return new, out
+    def forward_batch(self, params, xs, *, key=None, lengths=None, initial_state=None):
+        """(B, T, d) → (B, T, hidden): the time-major loop of `_recurrence` over (B, hidden)."""
+        steps = self._check(params, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype))
+        lengths = check_lengths(self, lengths, steps, batch=xs.shape[0])
+        carry = self._initial(initial_state, xs.dtype, xs.shape[:1])
+        w_x, w_h, b_x, b_h = self.weights(params)
+        valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths
+        carry, outs = _recurrence(self, b_x, w_h, b_h, jnp.swapaxes(xs, 0, 1) @ w_x, carry, valid)
+        return self._result(jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outs), carry)
 
-        carry, outs = jax.lax.scan(step, carry, (xs, valid), unroll=self.unroll)
+    def _check(self, params, xs) -> int:
+        return check_sequence(self, xs, self.weights(params)[0].shape[0])
+
+    def _initial(self, initial_state, dtype, batch):
+        expected = self.initial_carry(dtype, batch)
+        if initial_state is None:
+            return expected
+        if jax.tree.map(jnp.shape, initial_state) != jax.tree.map(jnp.shape, expected):
+            raise LayerError(f"{self!r}: expected initial_state shaped {jax.tree.map(jnp.shape, expected)}, "
+                             f"got {jax.tree.map(jnp.shape, initial_state)}")
+        return initial_state
+
+    def _result(self, outs, carry):
         ys = outs.pop("h")
         result = (ys,) + ((outs,) if outs else ()) + ((carry,) if self.return_state else ())
         return result[0] if len(result) == 1 else result
+
+    def _update(self, gx, gh, carry, valid):
+        """`activate`; where `valid` is False (padding) the carry is kept and the output is 0."""
+        new, out = self.activate(gx, gh, carry)
+        if valid is None:
+            return new, out
+        keep = jnp.expand_dims(valid, -1)
+        return (jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, carry),
+                jax.tree.map(lambda v: jnp.where(keep, v, 0), out))
+
+    def _loop(self, b_x, w_h, b_h, xws, carry, valid, residuals=False):
+        """Scan over axis 0 of xws = x W_x (the bias b_x is added inside the loop, where it
+        fuses with the activation); returns (final carry, outs), and with `residuals` also
+        every step's gh_t and incoming carry (for `_recurrence`'s backward pass)."""
+        def step(carry, inputs):
+            xw, v = inputs
+            gx, gh = xw + b_x, carry["h"] @ w_h + b_h
+            new, out = self._update(gx, gh, carry, v)
+            return new, ((out, gh, carry) if residuals else out)
+        return jax.lax.scan(step, carry, (xws, valid), unroll=self.unroll)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recurrence(layer, b_x, w_h, b_h, xws, carry, valid):
+    """layer._loop on time-major xws (T, B, G), with the backward pass below."""
+    return layer._loop(b_x, w_h, b_h, xws, carry, valid)
+
+
+def _recurrence_fwd(layer, b_x, w_h, b_h, xws, carry, valid):
+    final, (outs, ghs, carries) = layer._loop(b_x, w_h, b_h, xws, carry, valid, residuals=True)
+    return (final, outs), (b_x, w_h, xws, ghs, carries, valid)
+
+
+def _recurrence_bwd(layer, residuals, cotangents):
+    """Reverse scan: ∂carry_{t-1} = ∂activate/∂carry · ∂carry_t + (∂gh_t) W_hᵀ; then
+    ∂W_h = Σ_{t,b} h_{t-1}ᵀ ∂gh_t and ∂b_h = Σ ∂gh_t, each one reduction over T·B."""
+    b_x, w_h, xws, ghs, carries, valid = residuals
+    d_final, d_outs = cotangents
+    w_h_t = w_h.T
+
+    def step(d_carry, inputs):
+        xw, gh, carry, v, d_out = inputs
+        _, vjp = jax.vjp(lambda gx, gh, carry: layer._update(gx, gh, carry, v), xw + b_x, gh, carry)
+        d_gx, d_gh, d_prev = vjp((d_carry, d_out))
+        # where gx and gh only meet as gx + gh, autodiff hands back one object for both: stack it once
+        return {**d_prev, "h": d_prev["h"] + d_gh @ w_h_t}, (d_gh if d_gx is d_gh else (d_gx, d_gh))
+
+    d_carry, d_gs = jax.lax.scan(step, d_final, (xws, ghs, carries, valid, d_outs),
+                                 reverse=True, unroll=layer.unroll)
+    d_gxs, d_ghs = d_gs if isinstance(d_gs, tuple) else (d_gs, d_gs)
+    h_prev = carries["h"]
+    over = tuple(range(h_prev.ndim - 1))
+    return (d_gxs.sum(over), jnp.tensordot(h_prev, d_ghs, (over, over)), d_ghs.sum(over), d_gxs,
+            d_carry, None)
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 @layerclass
@@ -103,15 +183,11 @@ class SimpleRNN(Recurrent):
     def cell_params(self, key, d):
         return _gate_params(key, d, self.hidden)
 
-    def input_size(self, params):
-        return params["w_x"].shape[0]
+    def weights(self, params):
+        return params["w_x"], params["w_h"], params["bias"], jnp.zeros_like(params["bias"])
 
-    def prepare(self, params):
-        return jnp.concatenate([params["w_x"], params["w_h"]]), params["bias"]
-
-    def cell(self, prepared, carry, x_t):
-        w, b = prepared
-        h = jnp.tanh(jnp.concatenate([x_t, carry["h"]]) @ w + b)
+    def activate(self, gx, gh, carry):
+        h = jnp.tanh(gx + gh)
         return {"h": h}, {"h": h}
 
 
@@ -131,7 +207,8 @@ class LSTM(Recurrent):
 
     Params: {"remember", "save", "focus", "candidate"}, each {w_x (d, hidden), w_h (hidden,
     hidden), bias (hidden,)}; the remember bias starts at `remember_bias` (default 1.0: "do not
-    forget" at first). Each step computes all four projections as ONE product [x_t; h_{t-1}] · W.
+    forget" at first). The four gates' projections are fused: x·W_x for all steps is one matrix
+    product, and each step computes h_{t-1}·W_h for all four gates as one product.
     Carry: {"h", "c"}. With `return_gates=True` the output is (ys, trace) where trace holds every
     step's remember/save/focus/candidate activations and cell state c, each (T, hidden).
     """
@@ -147,21 +224,18 @@ class LSTM(Recurrent):
         return {g: _gate_params(k, d, self.hidden, self.remember_bias if g == "remember" else 0.0)
                 for g, k in zip(LSTM_GATES, keys)}
 
-    def input_size(self, params):
-        return params["remember"]["w_x"].shape[0]
+    def initial_carry(self, dtype, batch=()):
+        return {g: jnp.zeros(batch + (self.hidden,), dtype) for g in ("h", "c")}
 
-    def initial_carry(self, dtype):
-        return {"h": jnp.zeros((self.hidden,), dtype), "c": jnp.zeros((self.hidden,), dtype)}
-
-    def prepare(self, params):
+    def weights(self, params):
         return _fused(params, LSTM_GATES)
 
-    def cell(self, prepared, carry, x_t):
-        w, b = prepared
-        z = jnp.concatenate([x_t, carry["h"]]) @ w + b
-        remember, save, focus, candidate = jnp.split(z, 4)
-        remember, save, focus = jax.nn.sigmoid(remember), jax.nn.sigmoid(save), jax.nn.sigmoid(focus)
-        candidate = jnp.tanh(candidate)
+    def activate(self, gx, gh, carry):
+        # one tanh pass over all four gates, σ(z) = (1 + tanh(z/2)) / 2: ~2× faster on XLA:CPU
+        # than three logistic passes and a tanh
+        scale = np.repeat(np.array([0.5, 0.5, 0.5, 1.0], np.float32), self.hidden).astype(gx.dtype)
+        remember, save, focus, candidate = jnp.split(jnp.tanh((gx + gh) * scale), 4, -1)
+        remember, save, focus = (1 + remember) / 2, (1 + save) / 2, (1 + focus) / 2
         c = remember * carry["c"] + save * candidate
         h = focus * jnp.tanh(c)
         out = {"h": h}
@@ -194,25 +268,14 @@ class GRU(Recurrent):
         params["candidate"]["bias_h"] = jnp.zeros((self.hidden,), jnp.float32)
         return params
 
-    def input_size(self, params):
-        return params["reset"]["w_x"].shape[0]
+    def weights(self, params):
+        w_x, w_h, b_x, b_h = _fused(params, ("reset", "update", "candidate"))
+        return w_x, w_h, b_x, b_h.at[2 * self.hidden:].set(params["candidate"]["bias_h"])
 
-    def prepare(self, params):
-        gates = ("reset", "update", "candidate")
-        w_x = jnp.concatenate([params[g]["w_x"] for g in gates], 1)
-        w_h = jnp.concatenate([params[g]["w_h"] for g in gates], 1)
-        b_x = jnp.concatenate([params[g]["bias"] for g in gates])
-        b_h = jnp.concatenate([jnp.zeros(2 * self.hidden, b_x.dtype), params["candidate"]["bias_h"]])
-        return w_x, w_h, b_x, b_h
-
-    def cell(self, prepared, carry, x_t):
-        w_x, w_h, b_x, b_h = prepared
-        h = carry["h"]
-        gx, gh = jnp.split(x_t @ w_x + b_x, 3), jnp.split(h @ w_h + b_h, 3)
-        reset = jax.nn.sigmoid(gx[0] + gh[0])
-        update = jax.nn.sigmoid(gx[1] + gh[1])
-        n = jnp.tanh(gx[2] + reset * gh[2])
-        h = (1 - update) * n + update * h
+    def activate(self, gx, gh, carry):
+        reset, update = jnp.split(_sigmoid(gx[..., :2 * self.hidden] + gh[..., :2 * self.hidden]), 2, -1)
+        n = jnp.tanh(gx[..., 2 * self.hidden:] + reset * gh[..., 2 * self.hidden:])
+        h = (1 - update) * n + update * carry["h"]
         return {"h": h}, {"h": h}
 
 
@@ -247,7 +310,16 @@ class Bidirectional(Layer):
     def forward(self, params, xs, *, key=None, lengths=None):
         check_sequence(self, xs)
         lengths = check_lengths(self, lengths, xs.shape[0])
+        return self._both(Layer.apply, reverse_valid_prefix, params, xs, lengths)
+
+    def forward_batch(self, params, xs, *, key=None, lengths=None):
+        check_sequence(self, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype))
+        lengths = check_lengths(self, lengths, xs.shape[1], batch=xs.shape[0])
+        reverse = jax.vmap(reverse_valid_prefix, (0, None if lengths is None else 0))
+        return self._both(Layer.apply_batch, reverse, params, xs, lengths)
+
+    def _both(self, run, reverse, params, xs, lengths):
         side = {} if lengths is None else {"lengths": lengths}
-        forward = self.layer.apply(params["forward"], xs, **side)
-        backward = self.layer.apply(params["backward"], reverse_valid_prefix(xs, lengths), **side)
-        return jnp.concatenate([forward, reverse_valid_prefix(backward, lengths)], -1)
+        forward = run(self.layer, params["forward"], xs, **side)
+        backward = run(self.layer, params["backward"], reverse(xs, lengths), **side)
+        return jnp.concatenate([forward, reverse(backward, lengths)], -1)

@@ -16,18 +16,22 @@ def check_sequence(layer: Layer, x, features=None, dtype="float") -> int:
     return x.shape[0]
 
 
-def check_lengths(layer: Layer, lengths, steps: int):
-    """Validate a `lengths=` side input (a scalar: the number of valid steps of one example).
+def check_lengths(layer: Layer, lengths, steps: int, batch: int | None = None):
+    """Validate a `lengths=` side input: the number of valid steps of one example (a scalar),
+    or of each of `batch` examples (shape (batch,)).
 
     Concrete values must lie in [1, T]; traced ones (under jit) are clipped into that range.
     """
     if lengths is None:
         return None
-    if np.ndim(lengths) != 0 or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-        raise LayerError(f"{layer!r}: expected lengths= to be one int per example, "
+    shape = () if batch is None else (batch,)
+    if np.shape(lengths) != shape or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise LayerError(f"{layer!r}: expected lengths= to be one int per example (shape {shape}), "
                          f"got shape {np.shape(lengths)} {jnp.result_type(lengths)}")
-    if not isinstance(lengths, jax.core.Tracer) and not 1 <= int(lengths) <= steps:
-        raise LayerError(f"{layer!r}: expected lengths in [1, {steps}], got {int(lengths)}")
+    if not isinstance(lengths, jax.core.Tracer):
+        bad = [int(n) for n in np.ravel(lengths) if not 1 <= n <= steps]
+        if bad:
+            raise LayerError(f"{layer!r}: expected lengths in [1, {steps}], got {bad[0]}")
     return jnp.clip(lengths, 1, steps)
 
 

@@ -138,6 +138,10 @@ class TransformerBlock(Pipeline):
         check_sequence(self, x, self.d)
         return super().forward(params, x, **side)
 
+    def forward_batch(self, params, xs, **side):
+        check_sequence(self, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype), self.d)
+        return super().forward_batch(params, xs, **side)
+
 
 def bert(vocab: int, d: int = 1024, heads: int = 16, ff: int = 4096, depth: int = 24,
          max_len: int = 512, **block) -> Layer:

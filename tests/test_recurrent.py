@@ -80,6 +80,69 @@ def test_jit_vmap_and_gradients(layer, key):
     check_grads(lambda p, x: layer(p, x), (p, xs[0]), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
 
 
+BATCH_LAYERS = [dp.SimpleRNN(5, return_state=True), dp.LSTM(5, return_state=True, return_gates=True),
+                dp.GRU(5, return_state=True), dp.Bidirectional(dp.LSTM(4))]
+
+
+@pytest.mark.parametrize("layer", BATCH_LAYERS, ids=repr)
+def test_batch_path_matches_vmap_in_values_and_gradients(layer, key):
+    """apply_batch runs the time-major loop with its written-out backward pass; it must agree
+    with vmap of the per-example layer (plain autodiff of lax.scan), outputs and gradients
+    (params, inputs, initial state), with and without lengths."""
+    kx, kc, kp = jax.random.split(key, 3)
+    xs = jax.random.normal(kx, (4, 6, 3))
+    p = layer.init(kp, xs[0])
+    recurrent = isinstance(layer, dp.Recurrent)
+    initial = None
+    if recurrent:
+        initial = jax.tree.map(lambda a: jax.random.normal(kc, a.shape), layer.initial_carry(jnp.float32, (4,)))
+
+    def by_vmap(p, xs, initial, side):
+        return jax.vmap(lambda x, s: layer.apply(p, x, **s))(xs, side)
+
+    def by_batch(p, xs, initial, side):
+        return layer.apply_batch(p, xs, **side)
+
+    def loss(run, side):
+        def f(p, xs, initial):
+            s = dict(side, **({"initial_state": initial} if initial is not None else {}))
+            return sum(jnp.sum(jnp.sin(a) * (i + 1)) for i, a in enumerate(jax.tree.leaves(run(p, xs, initial, s))))
+        return f
+
+    for side in [{}, {"lengths": jnp.array([6, 2, 4, 1])}]:
+        s = dict(side, **({"initial_state": initial} if recurrent else {}))
+        chex.assert_trees_all_close(jax.jit(by_batch)(p, xs, initial, s), by_vmap(p, xs, initial, s), atol=1e-5)
+        args = (p, xs, initial) if recurrent else (p, xs)
+        wrt = (0, 1, 2) if recurrent else (0, 1)
+        grad_vmap = jax.grad(loss(by_vmap, side), wrt)(*args, *([] if recurrent else [None]))
+        grad_batch = jax.jit(jax.grad(loss(by_batch, side), wrt))(*args, *([] if recurrent else [None]))
+        chex.assert_trees_all_close(grad_batch, grad_vmap, atol=1e-4)
+    first = lambda out: out[0] if isinstance(out, tuple) else out
+    check_grads(lambda p, xs: first(layer.apply_batch(p, xs)), (p, xs[:2]), order=1, modes=["rev"],
+                atol=2e-2, rtol=2e-2)
+
+
+def test_batched_stacks_use_the_batch_path_and_check_their_input(key):
+    model = dp.Dense(2) @ dp.LSTM(6) ** 2 @ dp.EmbedToken(9, 4)
+    ids = jax.random.randint(key, (3, 5), 0, 9)
+    p = model.init(key, ids[0])
+    net = dp.batched(model)
+    chex.assert_trees_all_close(net(p, ids), jax.vmap(model.apply, (None, 0))(p, ids), atol=1e-5)
+    g_net = jax.grad(lambda p: net(p, ids).sum())(p)
+    g_vmap = jax.grad(lambda p: jax.vmap(model.apply, (None, 0))(p, ids).sum())(p)
+    chex.assert_trees_all_close(g_net, g_vmap, atol=1e-5)
+    lstm = dp.LSTM(6)
+    q = lstm.init(key, jnp.ones((5, 4)))
+    with pytest.raises(dp.LayerError, match=r"LSTM\(6\): expected input \(T, 4\) float, got \(5, 3\)"):
+        lstm.apply_batch(q, jnp.ones((2, 5, 3)))
+    with pytest.raises(dp.LayerError, match=r"lengths= to be one int per example \(shape \(2,\)\)"):
+        lstm.apply_batch(q, jnp.ones((2, 5, 4)), lengths=jnp.array(3))
+    with pytest.raises(dp.LayerError, match=r"lengths in \[1, 5\], got 0"):
+        lstm.apply_batch(q, jnp.ones((2, 5, 4)), lengths=jnp.array([3, 0]))
+    with pytest.raises(dp.LayerError, match=r"expected a batch"):
+        lstm.apply_batch(q, jnp.float32(1.0))
+
+
 @pytest.mark.parametrize("layer", LAYERS + [dp.Bidirectional(dp.LSTM(4))], ids=repr)
 def test_lengths_match_the_truncated_sequence(layer, key):
     xs = xs_(key, T=8)
