@@ -23,7 +23,7 @@ from .common import block, machine, markdown_table, median_time, write
 
 def measure(model, x, reps):
     params = model.init(jax.random.key(0), x[0])
-    net = jax.vmap(model.apply, (None, 0))
+    net = dp.batched(model).apply
     opt = optax.adam(1e-3)
 
     def step(state, x):

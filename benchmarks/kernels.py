@@ -60,7 +60,7 @@ def main(argv=None):
     for unroll in (1, 2, 4, 8):
         lstm = dp.LSTM(W, unroll=unroll)
         params = lstm.init(jax.random.key(0), xs[0])
-        net = jax.vmap(lstm.apply, (None, 0))
+        net = dp.batched(lstm).apply
         fwd = jax.jit(net)
         bwd = jax.jit(jax.grad(lambda p: net(p, xs).sum()))
         results[f"lstm/unroll={unroll}"] = {"forward_s": median_time(lambda: block(fwd(params, xs)), reps),

@@ -85,7 +85,7 @@ def prepare_jax(apply, params, batch, steps, reps):
 def diffprog_runner(kind, width, max_len):
     model = diffprog_model(kind, width, max_len)
     params = model.init(jax.random.key(0), jnp.zeros(8, jnp.int32))
-    return jax.vmap(model.apply, (None, 0)), params
+    return dp.batched(model).apply, params
 
 
 # -- Flax linen -----------------------------------------------------------------------------
@@ -189,6 +189,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--models", nargs="+", choices=KINDS, default=list(KINDS))
     args = p.parse_args(argv)
     if args.quick:
         width, batch, steps, sweep, sweep_batch, args.reps, args.rounds = 32, 4, 32, (16, 32), 4, 3, 1
@@ -204,7 +205,7 @@ def main(argv=None):
     results = {"machine": machine(), "gemm_flops_per_s": gemm, "shape": {"batch": batch, "T": steps, "width": width},
                "models": {}}
     runners = {"diffprog": diffprog_runner, "flax": flax_runner}
-    for kind in KINDS:
+    for kind in args.models:
         entry = results["models"].setdefault(kind, {})
         prepared = {}
         for kit in ("diffprog", *peers):
@@ -244,7 +245,7 @@ def main(argv=None):
     header = ["model", "params", "diffprog ms", *(f"{k} ms" for k in peers), "speed ratio (best peer / diffprog)",
               "train tok/s", "forward tok/s", "MFU", "peak MiB", "compile s"]
     sweep_rows = [[kind, *(f"{results['models'][kind]['diffprog']['sweep'][t]['step_s'] * 1e3:.1f}" for t in sweep)]
-                  for kind in KINDS]
+                  for kind in args.models]
     table = (f"Train step, batch {batch}, T {steps}, width {width} "
              f"(float32 GEMM: {gemm / 1e9:.0f} GFLOP/s; MFU = (6N + 12LTd) FLOPs per token / step time / GEMM rate)\n\n"
              + markdown_table(header, rows)
@@ -255,7 +256,7 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for kind in KINDS:
+    for kind in args.models:
         ax.plot(sweep, [results["models"][kind]["diffprog"]["sweep"][t]["step_s"] * 1e3 for t in sweep], "o-", label=kind)
     ax.set(xscale="log", yscale="log", xlabel="T", ylabel="train step (ms)", title=f"diffprog, batch {sweep_batch}")
     ax.legend()
