@@ -5,6 +5,13 @@
     params = model.init(jax.random.key(0), x)
     y = model(params, x)
 """
+import os as _os
+
+from .memory import keep_freed_memory
+
+if _os.environ.get("DIFFPROG_KEEP_MEMORY", "1") != "0":
+    keep_freed_memory()  # before jax allocates anything; see diffprog/memory.py
+
 from .attention import Attention
 from .basic import (ACTIVATIONS, Activation, Dense, Dropout, FeedForward, Flatten, Gelu,
                     LayerNorm, Relu, Sigmoid, Softmax, Step, Tanh, step)

@@ -1,4 +1,8 @@
 """The layer protocol and the composition algebra."""
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -151,3 +155,11 @@ def test_summary_lists_each_stage(key):
     assert f"{n_params:,}" in lines[-1]
     flops = float(lines[3].split()[-1].replace(",", ""))
     assert 2 * 5 * 3 <= flops <= 4 * 5 * 3 + 10  # a (5,)·(5, 3) product plus the bias
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_keep_freed_memory_is_accepted_by_glibc():
+    assert dp.keep_freed_memory() is True
+    code = "import diffprog, sys; sys.exit(0)"
+    env = dict(os.environ, DIFFPROG_KEEP_MEMORY="0")
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
