@@ -5,8 +5,8 @@ SequenceModel : (T, d) → (T, hidden). A layer defines its weights and its acti
     gx_t = x_t W_x + b_x,   gh_t = h_{t-1} W_h + b_h      (all gates at once: G = gates · hidden)
     activate(gx_t, gh_t, carry) -> (carry, out_t)         carry: {"h"} (LSTM: {"h", "c"})
 
-and `cell(params, carry, x_t)` is one step. The loop computes x W_x + b_x for every step in one
-matrix product, then scans h_{t-1} W_h over time. On a batch (`apply_batch`, `dp.batched`) the
+and `cell(params, carry, x_t)` is one step. The loop computes x W_x for every step in one matrix
+product, then scans over time (h_{t-1} W_h, the biases and `activate` per step). On a batch (`apply_batch`, `dp.batched`) the
 loop runs on (B, hidden) states, and its backward pass is written out (`_recurrence`): the
 reverse scan only carries the state gradients, and the weight gradient Σ_t h_{t-1}ᵀ ∂gh_t is one
 matrix product over all examples and steps after it, instead of T small ones inside the loop.
@@ -46,7 +46,9 @@ def _sigmoid(z):
 
 
 class Recurrent(Layer):
-    """The loop shared by SimpleRNN, LSTM and GRU.
+    """The loop shared by SimpleRNN, LSTM and GRU. A subclass defines `cell_params(key, d)`,
+    `weights(params) -> (w_x (d, G), w_h (hidden, G), b_x (G,), b_h (G,))` and
+    `activate(gx, gh, carry) -> (carry, out)` (elementwise over leading axes; out["h"] is y_t).
 
     Side inputs: `lengths=` (valid steps of this example: outputs past it are 0 and the final
     state is the state after step `lengths`), `initial_state=` (a carry dict; default zeros).

@@ -125,6 +125,11 @@ class _Checkpoints:
         return restored
 
 
+LOSS_KEYS = frozenset({"inputs", "targets", "mask"})
+"""Batch keys that belong to the loss, never passed to the model: "mask" is the loss mask of
+`dp.metrics` (which positions count), not an attention mask."""
+
+
 def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
           data: Callable[[int], Batch], *, steps: int, seed: int = 0,
           eval_data: Optional[Iterable[Batch]] = None, eval_every: int = 0,
@@ -135,6 +140,9 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
           description: str = "train") -> TrainResult:
     """Train `model` (one-example layer; batched here with `dp.batched`) for `steps` steps.
 
+    data(step) -> batch: a dict with "inputs" (B, ...), the loss's entries ("targets", an optional
+    loss "mask"), and any side inputs of the model by name (e.g. "lengths", "source_lengths"),
+    which are passed to it; "mask" is always the loss mask (LOSS_KEYS), never the model's.
     loss(outputs, batch) -> scalar, outputs being the model's (B, ...) outputs. The optimiser is
     any optax transformation (LR schedules live inside it); `clip_norm` prepends
     `optax.clip_by_global_norm`. Each step's dropout key is fold_in(key(seed), step).
@@ -163,7 +171,7 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
         if compute_dtype is not None:
             params = _cast(params, compute_dtype)
             batch = {**batch, "inputs": _cast(batch["inputs"], compute_dtype)}
-        side = {k: v for k, v in batch.items() if k in net.side_inputs}
+        side = {k: v for k, v in batch.items() if k in net.side_inputs and k not in LOSS_KEYS}
         return _cast(net.apply(params, batch["inputs"], key=key, **side), jnp.float32)
 
     def train_step(state, batch):
