@@ -46,7 +46,7 @@ PRESETS = {
     "quick": {"lengths": {"adding": [10], "copy": [4], "parens": [8], "recall": [2]},
               "steps": {"adding": 20, "copy": 20, "parens": 20, "recall": 20}, "seeds": [0], "width": 16},
     "default": {"lengths": {"adding": [20, 100], "copy": [5, 20], "parens": [16, 64], "recall": [4, 8]},
-                "steps": {"adding": 800, "copy": 500, "parens": 300, "recall": 600}, "seeds": [0], "width": 48},
+                "steps": {"adding": 800, "copy": 500, "parens": 600, "recall": 600}, "seeds": [0], "width": 48},
     "full": {"lengths": {"adding": [25, 50, 100, 200], "copy": [5, 10, 20, 40], "parens": [16, 32, 64, 128],
                          "recall": [4, 8, 12]},
              "steps": {"adding": 2000, "copy": 1500, "parens": 800, "recall": 1500}, "seeds": [0, 1], "width": 48},
