@@ -73,8 +73,9 @@ class Layer:
         return self.forward(params, x, **side)
 
     def apply_batch(self, params: Params, xs, **side):
-        """Run the layer on a batch (B, ...) → (B, ...): the result of `jax.vmap(apply)` over
-        axis 0 of `xs` and of every side input, with `key=` split into one key per example.
+        """Run the layer on a batch (B, ...) → (B, ...): `jax.vmap(apply)` over axis 0 of `xs`
+        and of every side input. With `key=` every example gets its own randomness (dropout
+        masks differ across examples; the numbers are not those of vmap with split keys).
         Faster than `jax.vmap(apply)` where a layer has a batch-level implementation: the
         recurrent layers run their loop over (B, hidden) states and compute their weight
         gradients as one matrix product over all examples and steps."""
@@ -400,7 +401,7 @@ class Batched(Layer):
     Built by `dp.batched(layer)`. `init` takes a batch and initialises `layer` from one
     example of it; params are `layer`'s own. `key=` is split into B keys, one per example
     (so dropout masks differ across examples); every other side input is batched along axis 0.
-    The result equals `jax.vmap(layer.apply)`; recurrent layers run faster this way.
+    Without `key=` the result equals `jax.vmap(layer.apply)`; recurrent layers run faster this way.
     """
 
     layer: Layer
