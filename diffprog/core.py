@@ -38,6 +38,11 @@ def spec_of(x) -> Any:
     return jax.tree.map(one, x)
 
 
+def example_spec(batch) -> Any:
+    """`spec_of` one example of a batch: every leaf's leading (batch) axis dropped."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), spec_of(batch))
+
+
 def _describe(x) -> str:
     s = spec_of(x)
     if isinstance(s, jax.ShapeDtypeStruct):
@@ -413,7 +418,7 @@ class Batched(Layer):
     def init_params(self, key, spec, **side):
         if len(spec.shape) < 1:
             raise LayerError(f"{self!r}: expected a batch (B, ...), got {_describe(spec)}")
-        return self.layer.init(key, jax.ShapeDtypeStruct(spec.shape[1:], spec.dtype))
+        return self.layer.init(key, example_spec(spec))
 
     def forward(self, params, x, **side):
         return self.layer.apply_batch(params, x, **side)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .basic import glorot
-from .core import Layer, LayerError, layerclass
+from .core import Layer, LayerError, example_spec, layerclass
 from .sequence import check_lengths, check_sequence, valid_steps
 
 orthogonal = jax.nn.initializers.orthogonal()
@@ -78,26 +78,23 @@ class Recurrent(Layer):
         return out["h"], carry
 
     def forward(self, params, xs, *, key=None, lengths=None, initial_state=None):
-        steps = self._check(params, xs)
+        w_x, w_h, b_x, b_h = self.weights(params)
+        steps = check_sequence(self, xs, w_x.shape[0])
         lengths = check_lengths(self, lengths, steps)
         carry = self._initial(initial_state, xs.dtype, ())
-        w_x, w_h, b_x, b_h = self.weights(params)
         valid = None if lengths is None else valid_steps(steps, lengths)
         carry, outs = self._loop(b_x, w_h, b_h, xs @ w_x, carry, valid)
         return self._result(outs, carry)
 
     def forward_batch(self, params, xs, *, key=None, lengths=None, initial_state=None):
         """(B, T, d) → (B, T, hidden): the time-major loop of `_recurrence` over (B, hidden)."""
-        steps = self._check(params, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype))
+        w_x, w_h, b_x, b_h = self.weights(params)
+        steps = check_sequence(self, example_spec(xs), w_x.shape[0])
         lengths = check_lengths(self, lengths, steps, batch=xs.shape[0])
         carry = self._initial(initial_state, xs.dtype, xs.shape[:1])
-        w_x, w_h, b_x, b_h = self.weights(params)
         valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths
         carry, outs = _recurrence(self, b_x, w_h, b_h, jnp.swapaxes(xs, 0, 1) @ w_x, carry, valid)
         return self._result(jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outs), carry)
-
-    def _check(self, params, xs) -> int:
-        return check_sequence(self, xs, self.weights(params)[0].shape[0])
 
     def _initial(self, initial_state, dtype, batch):
         expected = self.initial_carry(dtype, batch)
@@ -315,7 +312,7 @@ class Bidirectional(Layer):
         return self._both(Layer.apply, reverse_valid_prefix, params, xs, lengths)
 
     def forward_batch(self, params, xs, *, key=None, lengths=None):
-        check_sequence(self, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype))
+        check_sequence(self, example_spec(xs))
         lengths = check_lengths(self, lengths, xs.shape[1], batch=xs.shape[0])
         reverse = jax.vmap(reverse_valid_prefix, (0, None if lengths is None else 0))
         return self._both(Layer.apply_batch, reverse, params, xs, lengths)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from .core import Layer, batched
+from .core import Layer, batched, example_spec
 
 Batch = dict
 
@@ -162,8 +162,7 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
     first = data(0)
     root = jax.random.key(seed)
     if params is None:
-        example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.asarray(a).dtype), first["inputs"])
-        params = model.init(jax.random.fold_in(root, 0), example)
+        params = model.init(jax.random.fold_in(root, 0), example_spec(first["inputs"]))
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
              "rng": jax.random.key_data(jax.random.fold_in(root, 1))}
 

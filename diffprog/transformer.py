@@ -10,7 +10,7 @@ import numpy as np
 
 from .attention import Attention
 from .basic import Dense, Dropout, FeedForward, LayerNorm
-from .core import Layer, LayerError, Pipeline, layerclass
+from .core import Layer, LayerError, Pipeline, example_spec, layerclass
 from .embed import EmbedToken
 from .sequence import check_sequence
 
@@ -139,7 +139,7 @@ class TransformerBlock(Pipeline):
         return super().forward(params, x, **side)
 
     def forward_batch(self, params, xs, **side):
-        check_sequence(self, jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype), self.d)
+        check_sequence(self, example_spec(xs), self.d)
         return super().forward_batch(params, xs, **side)
 
 
