@@ -62,9 +62,15 @@ def gemm_rate(n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / min(seconds)
 
 
-def write(name: str, results: dict, table: str, out: str = "benchmarks/results") -> Path:
-    path = Path(out)
+def write(name: str, results: dict, table: str, out: str = "benchmarks/results", quick: bool = False,
+          figures: dict = None) -> None:
+    """Write out/name.json, out/name.md and each figure as out/<stem>.png (a `_quick` suffix on
+    every name with `quick`), then print the table."""
+    path, suffix = Path(out), "_quick" if quick else ""
     path.mkdir(parents=True, exist_ok=True)
-    (path / f"{name}.json").write_text(json.dumps(results, indent=2, default=float))
-    (path / f"{name}.md").write_text(table + "\n")
-    return path
+    (path / f"{name}{suffix}.json").write_text(json.dumps(results, indent=2, default=float))
+    (path / f"{name}{suffix}.md").write_text(table + "\n")
+    for stem, fig in (figures or {}).items():
+        fig.tight_layout()
+        fig.savefig(path / f"{stem}{suffix}.png", dpi=110)
+    print("\n" + table)

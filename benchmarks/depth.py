@@ -58,9 +58,6 @@ def main(argv=None):
             for n, r in results["depths"].items()]
     table = (f"TransformerBlock({d}, 4, {4 * d})^n train step, batch {B}, T {T}\n\n"
              + markdown_table(["n", "compile s (scan)", "compile s (unrolled)", "step ms (scan)", "step ms (unrolled)"], rows))
-    path = write("depth" + ("_quick" if args.quick else ""), results, table, args.out)
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for kind in ("scanned", "unrolled"):
@@ -69,9 +66,7 @@ def main(argv=None):
     axes[0].set(xlabel="depth n", ylabel="compile time (s)")
     axes[1].set(xlabel="depth n", ylabel="train step (ms)")
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path / ("depth" + ("_quick" if args.quick else "") + ".png"), dpi=110)
-    print("\n" + table)
+    write("depth", results, table, args.out, args.quick, {"depth": fig})
     return results
 
 

@@ -68,8 +68,7 @@ def main(argv=None):
         r = results[f"lstm/unroll={unroll}"]
         rows.append([f"LSTM({W}) B{B} T{T}", f"unroll={unroll}", f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
     table = markdown_table(["kernel", "variant", "forward ms", "forward+backward ms"], rows)
-    write("kernels" + ("_quick" if args.quick else ""), results, table, args.out)
-    print(table)
+    write("kernels", results, table, args.out, args.quick)
     return results
 
 

@@ -251,18 +251,13 @@ def main(argv=None):
              + markdown_table(header, rows)
              + f"\n\ndiffprog train-step ms vs T (batch {sweep_batch})\n\n"
              + markdown_table(["model", *(f"T={t}" for t in sweep)], sweep_rows))
-    path = write("sequence_models" + ("_quick" if args.quick else ""), results, table, args.out)
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for kind in args.models:
         ax.plot(sweep, [results["models"][kind]["diffprog"]["sweep"][t]["step_s"] * 1e3 for t in sweep], "o-", label=kind)
     ax.set(xscale="log", yscale="log", xlabel="T", ylabel="train step (ms)", title=f"diffprog, batch {sweep_batch}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path / ("step_time_vs_T" + ("_quick" if args.quick else "") + ".png"), dpi=110)
-    print("\n" + table)
+    write("sequence_models", results, table, args.out, args.quick, {"step_time_vs_T": fig})
     return results
 
 

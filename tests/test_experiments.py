@@ -72,4 +72,6 @@ def test_benchmarks_quick(name, tmp_path):
     module = __import__(f"benchmarks.{name}", fromlist=["main"])
     results = module.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / f"{name}_quick.json").exists() and (tmp_path / f"{name}_quick.md").exists()
+    figure = {"sequence_models": "step_time_vs_T", "depth": "depth"}.get(name)
+    assert figure is None or (tmp_path / f"{figure}_quick.png").exists()
     assert results["machine"]["cores"] >= 1
