@@ -19,7 +19,7 @@ import optax
 
 import diffprog as dp
 
-from .common import environment, markdown_table, parser, run_dir, save_json
+from .common import markdown_table, parser, run_dir, save_config, save_json
 
 
 def default_text() -> str:
@@ -74,8 +74,7 @@ def main(argv=None):
     ids = np.array([index[c] for c in text], np.int32)
     split = int(0.9 * len(ids))
     train_ids, val_ids = jnp.asarray(ids[:split]), jnp.asarray(ids[split:])
-    config = {**vars(args), "characters": len(text), "vocab": len(chars), "environment": environment()}
-    save_json(out / "config.json", config)
+    save_config(out, {**vars(args), "characters": len(text), "vocab": len(chars)})
 
     def windows(source, key, batch):
         starts = jax.random.randint(key, (batch,), 0, source.shape[0] - args.block_size - 1)

@@ -26,6 +26,13 @@ def environment() -> dict:
             "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
 
 
+def save_config(out: Path, config: dict) -> dict:
+    """Write out/config.json: the run's settings and the environment it ran in; return it."""
+    config = {**config, "environment": environment()}
+    save_json(out / "config.json", config)
+    return config
+
+
 def save_json(path: Path, data) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import diffprog as dp
 from diffprog import tasks
 
-from .common import environment, markdown_table, parser, run_dir, save_json
+from .common import markdown_table, parser, run_dir, save_config, save_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +164,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     out = run_dir("compare", args.out)
-    config = {"preset": args.preset, **preset, "tasks": args.tasks, "models": args.models,
-              "optimizer": "adam(3e-3), clip 1.0, batch 32", "environment": environment()}
-    save_json(out / "config.json", config)
+    config = save_config(out, {"preset": args.preset, **preset, "tasks": args.tasks, "models": args.models,
+                               "optimizer": "adam(3e-3), clip 1.0, batch 32"})
     jobs = [(t, n, m, s) for t in args.tasks for n in preset["lengths"][t] for m in args.models for s in preset["seeds"]]
     runs = []
     for name, length, model, seed in tqdm(jobs, desc="compare", dynamic_ncols=True):

@@ -17,7 +17,7 @@ import optax
 import diffprog as dp
 from diffprog import tasks
 
-from .common import environment, markdown_table, parser, run_dir, save_json
+from .common import markdown_table, parser, run_dir, save_config, save_json
 
 
 def main(argv=None):
@@ -28,7 +28,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = run_dir("lstm_counter", args.out)
-    save_json(out / "config.json", {**vars(args), "environment": environment()})
+    save_config(out, vars(args))
     model = dp.Dense(9) @ dp.LSTM(args.hidden) @ dp.EmbedToken(2, 8)
     data = jax.jit(lambda s: tasks.parens(jax.random.fold_in(jax.random.key(args.seed), s), 32, args.length))
     loss = lambda o, b: dp.metrics.cross_entropy(o, b["targets"], b["mask"])

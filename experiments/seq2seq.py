@@ -18,7 +18,7 @@ import optax
 import diffprog as dp
 from diffprog.recurrent import reverse_valid_prefix
 
-from .common import environment, markdown_table, parser, run_dir, save_json
+from .common import markdown_table, parser, run_dir, save_config, save_json
 
 START, VOCAB = 1, 12  # 0 pad, 1 start, 2..11 digits
 
@@ -42,7 +42,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = run_dir("seq2seq", args.out)
-    save_json(out / "config.json", {**vars(args), "environment": environment()})
+    save_config(out, vars(args))
     models = {"lstm+attention": dp.rnn_seq2seq(VOCAB, VOCAB, args.dim),
               "transformer": dp.transformer_seq2seq(VOCAB, VOCAB, args.dim, 4, 2 * args.dim, 2, args.max_len)}
     data = jax.jit(lambda s: batch(jax.random.fold_in(jax.random.key(args.seed), s), 32, args.max_len))

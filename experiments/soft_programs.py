@@ -19,7 +19,7 @@ import optax
 import diffprog as dp
 from diffprog import soft
 
-from .common import environment, markdown_table, parser, run_dir, save_json
+from .common import markdown_table, parser, run_dir, save_config, save_json
 
 DIRECTION = jnp.array([1.0, -2.0, 0.5, 1.5])
 SWITCH = jnp.array([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
@@ -117,7 +117,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = run_dir("soft_programs", args.out)
-    save_json(out / "config.json", {**vars(args), "environment": environment()})
+    save_config(out, vars(args))
     from tqdm.auto import tqdm
     runs = [train(n, m, args.steps, args.seed)
             for n, m in tqdm([(n, m) for n in PROGRAMS for m in ("soft", "annealed", "hard")], desc="soft_programs")]

@@ -15,7 +15,7 @@ import optax
 
 import diffprog as dp
 
-from .common import environment, markdown_table, parser, run_dir, save_json
+from .common import markdown_table, parser, run_dir, save_config, save_json
 
 MODEL = (dp.FeedForward(10, activation="identity") @ dp.FeedForward(64) @ dp.Flatten
          @ dp.MaxPool(2) @ dp.Conv(32) ** 2 @ dp.Conv(16))
@@ -39,7 +39,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = run_dir("vision", args.out)
-    save_json(out / "config.json", {**vars(args), "model": repr(MODEL), "environment": environment()})
+    save_config(out, {**vars(args), "model": repr(MODEL)})
     x_train, x_test, y_train, y_test = load_digits()
     x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
     per_epoch = len(x_train) // args.batch_size
