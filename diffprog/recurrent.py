@@ -93,7 +93,7 @@ class Recurrent(Layer):
         lengths = check_lengths(self, lengths, steps, batch=xs.shape[0])
         carry = self._initial(initial_state, xs.dtype, xs.shape[:1])
         valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths
-        carry, outs = _recurrence(self, b_x, w_h, b_h, jnp.swapaxes(xs, 0, 1) @ w_x, carry, valid)
+        carry, outs = _recurrence(self, w_x, b_x, w_h, b_h, jnp.swapaxes(xs, 0, 1), carry, valid)
         return self._result(jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outs), carry)
 
     def _initial(self, initial_state, dtype, batch):
@@ -132,20 +132,24 @@ class Recurrent(Layer):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recurrence(layer, b_x, w_h, b_h, xws, carry, valid):
-    """layer._loop on time-major xws (T, B, G), with the backward pass below."""
-    return layer._loop(b_x, w_h, b_h, xws, carry, valid)
+def _recurrence(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
+    """layer._loop on time-major xs (T, B, d), input projection included, with the backward
+    pass below."""
+    return layer._loop(b_x, w_h, b_h, xs @ w_x, carry, valid)
 
 
-def _recurrence_fwd(layer, b_x, w_h, b_h, xws, carry, valid):
+def _recurrence_fwd(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
+    xws = xs @ w_x
     final, (outs, ghs, carries) = layer._loop(b_x, w_h, b_h, xws, carry, valid, residuals=True)
-    return (final, outs), (b_x, w_h, xws, ghs, carries, valid)
+    return (final, outs), (w_x, b_x, w_h, xs, xws, ghs, carries, valid)
 
 
 def _recurrence_bwd(layer, residuals, cotangents):
-    """Reverse scan: ∂carry_{t-1} = ∂activate/∂carry · ∂carry_t + (∂gh_t) W_hᵀ; then
-    ∂W_h = Σ_{t,b} h_{t-1}ᵀ ∂gh_t and ∂b_h = Σ ∂gh_t, each one reduction over T·B."""
-    b_x, w_h, xws, ghs, carries, valid = residuals
+    """Reverse scan: ∂carry_{t-1} = ∂activate/∂carry · ∂carry_t + (∂gh_t) W_hᵀ; then each weight
+    gradient is one product over T·B: ∂W_h = Σ h_{t-1}ᵀ ∂gh_t, ∂W_x = Σ x_tᵀ ∂gx_t, and
+    ∂x_t = ∂gx_t W_xᵀ. (Written out here rather than left to autodiff of `xs @ w_x`, whose
+    transpose XLA:CPU ran as a slower dot on a transposed copy of ∂gx.)"""
+    w_x, b_x, w_h, xs, xws, ghs, carries, valid = residuals
     d_final, d_outs = cotangents
     w_h_t = w_h.T
 
@@ -159,10 +163,10 @@ def _recurrence_bwd(layer, residuals, cotangents):
     d_carry, d_gs = jax.lax.scan(step, d_final, (xws, ghs, carries, valid, d_outs),
                                  reverse=True, unroll=layer.unroll)
     d_gxs, d_ghs = d_gs if isinstance(d_gs, tuple) else (d_gs, d_gs)
-    h_prev = carries["h"]
-    over = tuple(range(h_prev.ndim - 1))
-    return (d_gxs.sum(over), jnp.tensordot(h_prev, d_ghs, (over, over)), d_ghs.sum(over), d_gxs,
-            d_carry, None)
+    over = ((0, 1), (0, 1))
+    return (jnp.tensordot(xs, d_gxs, over), d_gxs.sum((0, 1)),
+            jnp.tensordot(carries["h"], d_ghs, over), d_ghs.sum((0, 1)),
+            d_gxs @ w_x.T, d_carry, None)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
