@@ -63,6 +63,9 @@ class Layer:
     """
 
     side_inputs: frozenset = frozenset()
+    token_lookup = False
+    """True for EmbedToken: on a batch, a Pipeline hands its table and ids to the next stage
+    (`apply_batch_embedded`) instead of the looked-up vectors."""
 
     # -- the protocol ------------------------------------------------------------------
     def init(self, key, x, **side) -> Params:
@@ -89,6 +92,14 @@ class Layer:
         if not leaves or jnp.ndim(leaves[0]) < 1:
             raise LayerError(f"{self!r}: expected a batch (B, ...), got {_describe(xs)}")
         return self.forward_batch(params, xs, **side)
+
+    def apply_batch_embedded(self, params: Params, embed: "Layer", embed_params: Params, ids, **side):
+        """`apply_batch(params, embed.apply_batch(embed_params, ids), **side)`: this layer on a
+        batch of token ids looked up by `embed` (an EmbedToken). A Pipeline calls it for the
+        stage after a token lookup, so that a layer whose first step is linear in its input
+        can map the table (vocab rows) instead of every looked-up vector (B·T rows):
+        (x W)_t = (E W)[id_t]. The recurrent layers do; every other layer looks up and runs."""
+        return self.apply_batch(params, embed.apply_batch(embed_params, ids), **side)
 
     def _check_side(self, side):
         unknown = set(side) - set(self.side_inputs) - {"key"}
@@ -218,12 +229,23 @@ class Pipeline(Layer):
     def forward_batch(self, params, xs, *, key=None, **side):
         return self._run(Layer.apply_batch, params, xs, key, side)
 
-    def _run(self, run, params, x, key, side):
-        """Stages in order; `run` is Layer.apply (one example) or Layer.apply_batch."""
+    def apply_batch_embedded(self, params, embed, embed_params, ids, *, key=None, **side):
+        self._check_side(side)
+        return self._run(Layer.apply_batch, params, ids, key, side, lookup=(embed, embed_params))
+
+    def _run(self, run, params, x, key, side, lookup=None):
+        """Stages in order; `run` is Layer.apply (one example) or Layer.apply_batch. On a batch, a
+        token lookup stage is not run by itself: `lookup` = (embed, its params) is handed with
+        the ids to the next stage's `apply_batch_embedded`."""
         for i, (name, stage) in enumerate(self.named_stages()):
-            x = run(stage, params[name], x, key=None if key is None else jax.random.fold_in(key, i),
-                    **self._mine(stage, side))
-        return x
+            mine = {"key": None if key is None else jax.random.fold_in(key, i), **self._mine(stage, side)}
+            if lookup is not None:
+                x, lookup = stage.apply_batch_embedded(params[name], *lookup, x, **mine), None
+            elif run is Layer.apply_batch and stage.token_lookup:
+                lookup = (stage, params[name])
+            else:
+                x = run(stage, params[name], x, **mine)
+        return x if lookup is None else lookup[0].apply_batch(lookup[1], x)
 
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return {n: s.init_cache(params[n], max_len, dtype, **self._mine(s, side)) for n, s in self.named_stages()}
@@ -319,18 +341,31 @@ class Repeat(Layer):
     def forward_batch(self, params, xs, *, key=None, **side):
         return self._run(Layer.apply_batch, params, xs, key, side)
 
-    def _run(self, run, params, x, key, side):
+    def apply_batch_embedded(self, params, embed, embed_params, ids, *, key=None, **side):
+        self._check_side(side)
+
+        def first(layer, p, ids, **s):
+            return layer.apply_batch_embedded(p, embed, embed_params, ids, **s)
+        return self._run(Layer.apply_batch, params, ids, key, side, first)
+
+    def _run(self, run, params, x, key, side, first=None):
+        """`first` (default: `run`) runs the first application; it is taken out of the scan
+        when it differs from the others."""
         def sub_side(k):
             return side if key is None else {**side, "key": jax.random.fold_in(key, k)}
+        stack = params["stack"]
         if "first" in params:
-            x = run(self.layer, params["first"], x, **sub_side(0))
-        offset = 1 if "first" in params else 0
+            x = (first or run)(self.layer, params["first"], x, **sub_side(0))
+        elif first is not None:
+            x = first(self.layer, jax.tree.map(lambda a: a[0], stack), x, **sub_side(0))
+            stack = jax.tree.map(lambda a: a[1:], stack)
+        offset = 0 if first is None and "first" not in params else 1
 
         def step(h, p_k):
             p, k = p_k
             return run(self.layer, p, h, **sub_side(k)), None
 
-        x, _ = jax.lax.scan(step, x, (params["stack"], offset + jnp.arange(self.n - offset)),
+        x, _ = jax.lax.scan(step, x, (stack, offset + jnp.arange(self.n - offset)),
                             unroll=self.n <= UNROLLED_UP_TO)
         return x
 

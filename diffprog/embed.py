@@ -20,6 +20,7 @@ class EmbedToken(Layer):
 
     vocab: int
     dim: int
+    token_lookup = True
 
     def init_params(self, key, spec, **side):
         self.expect(spec, (), ("T",), dtype="int")

@@ -10,9 +10,12 @@ product, then scans over time (h_{t-1} W_h, the biases and `activate` per step).
 loop runs on (B, hidden) states, and its backward pass is written out (`_recurrence`): the
 reverse scan only carries the state gradients, and the weight gradient Σ_t h_{t-1}ᵀ ∂gh_t is one
 matrix product over all examples and steps after it, instead of T small ones inside the loop.
+Right after a token embedding (`LSTM(h) @ EmbedToken(vocab, d)` on a batch) the input projection
+is a lookup in the projected table, x_t W_x = (E W_x)[id_t] (`apply_batch_embedded`).
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -88,12 +91,33 @@ class Recurrent(Layer):
 
     def forward_batch(self, params, xs, *, key=None, lengths=None, initial_state=None):
         """(B, T, d) → (B, T, hidden): the time-major loop of `_recurrence` over (B, hidden)."""
+        return self._batch(params, example_spec(xs), jnp.swapaxes(xs, 0, 1), lengths, initial_state)
+
+    def apply_batch_embedded(self, params, embed, embed_params, ids, *, key=None, lengths=None,
+                             initial_state=None):
+        """On token ids (B, T) embedded by `embed` (table E, vocab × d): the input projection is
+        x_t W_x = (E W_x)[id_t], one (vocab × d)·(d × G) product instead of (B·T × d)·(d × G),
+        and its gradient a scatter-add over the ids. Used when vocab ≤ B·T; otherwise the
+        vectors are looked up and projected as usual."""
+        table = embed_params["table"]
+        w_x = self.weights(params)[0]
+        if jnp.ndim(ids) != 2 or table.shape[0] > np.size(ids):
+            return super().apply_batch_embedded(params, embed, embed_params, ids, lengths=lengths,
+                                                initial_state=initial_state)
+        projected = dataclasses.replace(embed, dim=w_x.shape[1]).apply_batch({"table": table @ w_x}, ids.T)
+        spec = jax.ShapeDtypeStruct(ids.shape[1:] + table.shape[1:], table.dtype)
+        return self._batch(params, spec, projected, lengths, initial_state, projected=True)
+
+    def _batch(self, params, spec, inputs, lengths, initial_state, projected=False):
+        """The batch loop on time-major `inputs` (T, B, d), or on their projections x W_x
+        (T, B, G) when `projected`; `spec` is one example's input (T, d), for the checks."""
         w_x, w_h, b_x, b_h = self.weights(params)
-        steps = check_sequence(self, example_spec(xs), w_x.shape[0])
-        lengths = check_lengths(self, lengths, steps, batch=xs.shape[0])
-        carry = self._initial(initial_state, xs.dtype, xs.shape[:1])
+        steps = check_sequence(self, spec, w_x.shape[0])
+        batch = inputs.shape[1]
+        lengths = check_lengths(self, lengths, steps, batch=batch)
+        carry = self._initial(initial_state, inputs.dtype, (batch,))
         valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths
-        carry, outs = _recurrence(self, w_x, b_x, w_h, b_h, jnp.swapaxes(xs, 0, 1), carry, valid)
+        carry, outs = _recurrence(self, None if projected else w_x, b_x, w_h, b_h, inputs, carry, valid)
         return self._result(jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outs), carry)
 
     def _initial(self, initial_state, dtype, batch):
@@ -134,12 +158,12 @@ class Recurrent(Layer):
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _recurrence(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
     """layer._loop on time-major xs (T, B, d), input projection included, with the backward
-    pass below."""
-    return layer._loop(b_x, w_h, b_h, xs @ w_x, carry, valid)
+    pass below; with w_x None, xs are the projections x W_x (T, B, G) already."""
+    return layer._loop(b_x, w_h, b_h, xs if w_x is None else xs @ w_x, carry, valid)
 
 
 def _recurrence_fwd(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
-    xws = xs @ w_x
+    xws = xs if w_x is None else xs @ w_x
     final, (outs, ghs, carries) = layer._loop(b_x, w_h, b_h, xws, carry, valid, residuals=True)
     return (final, outs), (w_x, b_x, w_h, xs, xws, ghs, carries, valid)
 
@@ -164,9 +188,9 @@ def _recurrence_bwd(layer, residuals, cotangents):
                                  reverse=True, unroll=layer.unroll)
     d_gxs, d_ghs = d_gs if isinstance(d_gs, tuple) else (d_gs, d_gs)
     over = ((0, 1), (0, 1))
-    return (jnp.tensordot(xs, d_gxs, over), d_gxs.sum((0, 1)),
-            jnp.tensordot(carries["h"], d_ghs, over), d_ghs.sum((0, 1)),
-            d_gxs @ w_x.T, d_carry, None)
+    d_w_x, d_xs = (None, d_gxs) if w_x is None else (jnp.tensordot(xs, d_gxs, over), d_gxs @ w_x.T)
+    return (d_w_x, d_gxs.sum((0, 1)), jnp.tensordot(carries["h"], d_ghs, over), d_ghs.sum((0, 1)),
+            d_xs, d_carry, None)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
