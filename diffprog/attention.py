@@ -79,7 +79,13 @@ class Attention(Layer):
             memory, memory_lengths = context, check_lengths(self, context_lengths, context.shape[0])
         else:
             memory, memory_lengths = x, check_lengths(self, lengths, steps)
-        q, k, v = (self.heads_of(params, a, n) for a, n in ((x, "query"), (memory, "key"), (memory, "value")))
+        if self.cross:
+            q, k, v = (self.heads_of(params, a, n) for a, n in ((x, "query"), (memory, "key"), (memory, "value")))
+        else:  # self-attention: the three projections as one matrix product
+            names = ("query", "key", "value")
+            fused = {k: jnp.concatenate([params[n][k] for n in names], -1) for k in ("weight", "bias")}
+            q, k, v = jnp.split(Dense(fused["weight"].shape[1]).apply(fused, x), 3, -1)
+            q, k, v = (a.reshape(steps, self.heads, -1) for a in (q, k, v))
         allowed = self.allowed(steps, memory.shape[0], mask, memory_lengths)
         explicit = (self.return_weights or self.score != "dot"
                     or (self.dropout > 0 and key is not None))
