@@ -10,14 +10,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from .basic import LayerNorm
+from .basic import LayerNorm, PositionWise, affine
 from .core import Layer, LayerError, Pipeline, layerclass
 from .embed import EmbedToken
 from .sequence import Collapse, check_lengths
 
 
 @layerclass
-class GenerateToken(Layer):
+class GenerateToken(PositionWise):
     """score(y) = x · EmbedToken(y) for every token y: logits (vocab,) from x (d,) (or (T, d) →
     (T, vocab)). Params: {"table": (vocab, d)} — inside LanguageModel, the embedding's own table
     (weight tying). Softmax of the logits is the distribution over the next token.
@@ -29,10 +29,12 @@ class GenerateToken(Layer):
         self.expect(spec, ("d",), ("T", "d"))
         return EmbedToken(self.vocab, spec.shape[-1]).init(key, jax.ShapeDtypeStruct((), jnp.int32))
 
-    def forward(self, params, x, **side):
+    def check(self, params, x):
         d = params["table"].shape[1]
         self.expect(x, (d,), ("T", d))
-        return x @ params["table"].T.astype(x.dtype)
+
+    def map(self, params, x):
+        return affine({"weight": params["table"].T.astype(x.dtype)}, x)
 
 
 @layerclass

@@ -33,10 +33,17 @@ class AddNorm(Layer):
         return {"f": self.f.init(key, spec, **side), "norm": LayerNorm().init(key, spec)}
 
     def forward(self, params, x, **side):
-        norm = lambda v: LayerNorm().apply(params["norm"], v)
+        return self._add_norm(Layer.apply, params, x, side)
+
+    def forward_batch(self, params, xs, **side):
+        return self._add_norm(Layer.apply_batch, params, xs, side)
+
+    def _add_norm(self, run, params, x, side):
+        """`run` is Layer.apply (one example) or Layer.apply_batch."""
+        norm = lambda v: run(LayerNorm(), params["norm"], v)
         if self.pre_norm:
-            return x + self.f.apply(params["f"], norm(x), **side)
-        return norm(x + self.f.apply(params["f"], x, **side))
+            return x + run(self.f, params["f"], norm(x), **side)
+        return norm(x + run(self.f, params["f"], x, **side))
 
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return self.f.init_cache(params["f"], max_len, dtype, **side)
