@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .basic import Dense
-from .core import Layer, LayerError, layerclass
+from .basic import Dense, affine
+from .core import Layer, LayerError, example_spec, layerclass, spec_of
 from .sequence import check_lengths, check_sequence, valid_steps
 from .soft import score_layer
 
@@ -62,41 +62,58 @@ class Attention(Layer):
         return params
 
     def heads_of(self, params, x, name):
-        y = Dense(params[name]["weight"].shape[1]).apply(params[name], x)
-        return y.reshape(x.shape[0], self.heads, -1)
+        """The `name` projection of x (..., T, d) split into heads: (..., T, heads, head_dim)."""
+        y = affine(params[name], x)
+        return y.reshape(y.shape[:-1] + (self.heads, -1))
 
-    def forward(self, params, x, *, key=None, mask=None, lengths=None, context=None,
-                context_lengths=None):
+    def forward(self, params, x, *, key=None, **side):
+        return self._attention(params, x, key, side, batch=False)
+
+    def forward_batch(self, params, xs, *, key=None, **side):
+        """The projections over all B·T positions at once; the attention itself per example."""
+        return self._attention(params, xs, key, side, batch=True)
+
+    def _attention(self, params, x, key, side, batch):
         d = params["query"]["weight"].shape[0]
-        steps = check_sequence(self, x, d)
+        one = example_spec if batch else spec_of
+        check_sequence(self, one(x), d)
         if params["query"]["weight"].shape[1] % self.heads:
             raise LayerError(f"{self!r}: params have {params['query']['weight'].shape[1]} "
                              f"query features, not divisible by {self.heads} heads")
         if self.cross:
-            if context is None:
+            if side.get("context") is None:
                 raise LayerError(f"{self!r}: cross-attention needs context= (S, {d})")
-            check_sequence(self, context, params["key"]["weight"].shape[0])
-            memory, memory_lengths = context, check_lengths(self, context_lengths, context.shape[0])
-        else:
-            memory, memory_lengths = x, check_lengths(self, lengths, steps)
-        if self.cross:
-            q, k, v = (self.heads_of(params, a, n) for a, n in ((x, "query"), (memory, "key"), (memory, "value")))
+            check_sequence(self, one(side["context"]), params["key"]["weight"].shape[0])
+            q, k, v = (self.heads_of(params, a, n) for a, n in
+                       ((x, "query"), (side["context"], "key"), (side["context"], "value")))
         else:  # self-attention: the three projections as one matrix product
             names = ("query", "key", "value")
             fused = {k: jnp.concatenate([params[n][k] for n in names], -1) for k in ("weight", "bias")}
-            q, k, v = jnp.split(Dense(fused["weight"].shape[1]).apply(fused, x), 3, -1)
-            q, k, v = (a.reshape(steps, self.heads, -1) for a in (q, k, v))
-        allowed = self.allowed(steps, memory.shape[0], mask, memory_lengths)
+            q, k, v = jnp.split(affine(fused, x), 3, -1)
+            q, k, v = (a.reshape(a.shape[:-1] + (self.heads, -1)) for a in (q, k, v))
+        side = {n: v for n, v in side.items() if n != "context"}
+        if batch:
+            keys = None if key is None else jax.random.split(key, x.shape[0])
+            out, weights = jax.vmap(lambda *a: self.attend(params, *a))(q, k, v, keys, side)
+        else:
+            out, weights = self.attend(params, q, k, v, key, side)
+        y = affine(params["output"], out.reshape(out.shape[:-2] + (-1,)))
+        return (y, weights) if self.return_weights else y
+
+    def attend(self, params, q, k, v, key, side):
+        """One example: q (T, heads, head_dim), k, v (S, heads, head_dim) → (out (T, heads,
+        head_dim), α (heads, T, S) or None)."""
+        steps, memory_steps = q.shape[0], k.shape[0]
+        lengths = side.get("context_lengths") if self.cross else side.get("lengths")
+        allowed = self.allowed(steps, memory_steps, side.get("mask"), check_lengths(self, lengths, memory_steps))
         explicit = (self.return_weights or self.score != "dot"
                     or (self.dropout > 0 and key is not None))
         if explicit:
-            out, weights = self.attend_explicitly(params, q, k, v, allowed, key)
-        else:
-            only_causal = allowed is None or (self.causal and mask is None and memory_lengths is None)
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=None if only_causal else allowed[None], is_causal=self.causal and only_causal)
-        y = Dense(d).apply(params["output"], out.reshape(steps, -1))
-        return (y, weights) if self.return_weights else y
+            return self.attend_explicitly(params, q, k, v, allowed, key)
+        only_causal = allowed is None or (self.causal and side.get("mask") is None and lengths is None)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=None if only_causal else allowed[None], is_causal=self.causal and only_causal)
+        return out, None
 
     def allowed(self, steps, memory_steps, mask, memory_lengths) -> Optional[jax.Array]:
         """Boolean (T, S): which key each query may attend to (None: all)."""
