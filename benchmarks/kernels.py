@@ -4,7 +4,8 @@
 
 - attention: `jax.nn.dot_product_attention` vs an explicit einsum-softmax, (B, T, H, D), causal;
 - pooling: MaxPool by reshape-fold vs `lax.reduce_window` (window == stride == 2);
-- LSTM: forward + backward time for lax.scan unroll factors 1, 2, 4, 8.
+- LSTM: forward + backward time for lax.scan unroll factors 1, 2, 4, 8, and PyTorch's nn.LSTM
+  (one layer on float inputs, oneDNN) beside them when torch is installed.
 Writes benchmarks/results/kernels.{json,md}.
 """
 from __future__ import annotations
@@ -67,6 +68,25 @@ def main(argv=None):
                                             "backward_s": median_time(lambda: block(bwd(params)), reps)}
         r = results[f"lstm/unroll={unroll}"]
         rows.append([f"LSTM({W}) B{B} T{T}", f"unroll={unroll}", f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        import os
+        torch.set_num_threads(os.cpu_count())
+        layer, txs = torch.nn.LSTM(W, W, batch_first=True), torch.tensor(np.asarray(xs))
+
+        def forward():
+            with torch.no_grad():
+                layer(txs)
+
+        def forward_backward():
+            layer.zero_grad(set_to_none=True)
+            layer(txs)[0].sum().backward()
+        results["lstm/pytorch"] = {"forward_s": median_time(forward, reps), "backward_s": median_time(forward_backward, reps)}
+        r = results["lstm/pytorch"]
+        rows.append([f"LSTM({W}) B{B} T{T}", "PyTorch nn.LSTM", f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
     table = markdown_table(["kernel", "variant", "forward ms", "forward+backward ms"], rows)
     write("kernels", results, table, args.out, args.quick)
     return results
