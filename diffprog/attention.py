@@ -63,7 +63,10 @@ class Attention(Layer):
 
     def heads_of(self, params, x, name):
         """The `name` projection of x (..., T, d) split into heads: (..., T, heads, head_dim)."""
-        y = affine(params[name], x)
+        return self.split_heads(affine(params[name], x))
+
+    def split_heads(self, y):
+        """(..., T, heads·head_dim) → (..., T, heads, head_dim)."""
         return y.reshape(y.shape[:-1] + (self.heads, -1))
 
     def forward(self, params, x, *, key=None, **side):
@@ -89,8 +92,7 @@ class Attention(Layer):
         else:  # self-attention: the three projections as one matrix product
             names = ("query", "key", "value")
             fused = {k: jnp.concatenate([params[n][k] for n in names], -1) for k in ("weight", "bias")}
-            q, k, v = jnp.split(affine(fused, x), 3, -1)
-            q, k, v = (a.reshape(a.shape[:-1] + (self.heads, -1)) for a in (q, k, v))
+            q, k, v = (self.split_heads(a) for a in jnp.split(affine(fused, x), 3, -1))
         side = {n: v for n, v in side.items() if n != "context"}
         if batch:
             keys = None if key is None else jax.random.split(key, x.shape[0])

@@ -42,12 +42,15 @@ def affine(params, x):
 
 class PositionWise(Layer):
     """A layer on (d,) or (T, d) that acts on the last axis alone: `check(params, x)` validates
-    one example and `map(params, x)` computes on any leading axes, so a batch (B, T, d) runs
+    one example (d = `width(params)`) and `map(params, x)` computes on any leading axes, so a batch (B, T, d) runs
     as one array (`forward_batch`) instead of a vmap over examples."""
 
+    def width(self, params) -> int:
+        """The size d of the last input axis these params take."""
+        return params["weight"].shape[0]
+
     def check(self, params, x):
-        d = params["weight"].shape[0]
-        self.expect(x, (d,), ("T", d))
+        self.expect(x, (self.width(params),), ("T", self.width(params)))
 
     def forward(self, params, x, **side):
         self.check(params, x)
@@ -166,8 +169,8 @@ class LayerNorm(PositionWise):
         d = spec.shape[-1]
         return {"scale": jnp.ones((d,), jnp.float32), "bias": jnp.zeros((d,), jnp.float32)}
 
-    def check(self, params, x):
-        self.expect(x, (params["scale"].shape[0],), ("T", params["scale"].shape[0]))
+    def width(self, params):
+        return params["scale"].shape[0]
 
     def map(self, params, x):
         mean = x.mean(-1, keepdims=True)

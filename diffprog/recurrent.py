@@ -91,7 +91,9 @@ class Recurrent(Layer):
 
     def forward_batch(self, params, xs, *, key=None, lengths=None, initial_state=None):
         """(B, T, d) → (B, T, hidden): the time-major loop of `_recurrence` over (B, hidden)."""
-        return self._batch(params, example_spec(xs), jnp.swapaxes(xs, 0, 1), lengths, initial_state)
+        weights = self.weights(params)
+        steps = check_sequence(self, example_spec(xs), weights[0].shape[0])
+        return self._batch(weights, steps, jnp.swapaxes(xs, 0, 1), lengths, initial_state)
 
     def apply_batch_embedded(self, params, embed, embed_params, ids, *, key=None, lengths=None,
                              initial_state=None):
@@ -100,19 +102,20 @@ class Recurrent(Layer):
         and its gradient a scatter-add over the ids. Used when vocab ≤ B·T; otherwise the
         vectors are looked up and projected as usual."""
         table = embed_params["table"]
-        w_x = self.weights(params)[0]
         if jnp.ndim(ids) != 2 or table.shape[0] > np.size(ids):
             return super().apply_batch_embedded(params, embed, embed_params, ids, lengths=lengths,
                                                 initial_state=initial_state)
+        weights = self.weights(params)
+        w_x = weights[0]
+        steps = check_sequence(self, jax.ShapeDtypeStruct(ids.shape[1:] + table.shape[1:], table.dtype),
+                               w_x.shape[0])
         projected = dataclasses.replace(embed, dim=w_x.shape[1]).apply_batch({"table": table @ w_x}, ids.T)
-        spec = jax.ShapeDtypeStruct(ids.shape[1:] + table.shape[1:], table.dtype)
-        return self._batch(params, spec, projected, lengths, initial_state, projected=True)
+        return self._batch(weights, steps, projected, lengths, initial_state, projected=True)
 
-    def _batch(self, params, spec, inputs, lengths, initial_state, projected=False):
+    def _batch(self, weights, steps, inputs, lengths, initial_state, projected=False):
         """The batch loop on time-major `inputs` (T, B, d), or on their projections x W_x
-        (T, B, G) when `projected`; `spec` is one example's input (T, d), for the checks."""
-        w_x, w_h, b_x, b_h = self.weights(params)
-        steps = check_sequence(self, spec, w_x.shape[0])
+        (T, B, G) when `projected`; the caller has checked one example's input (T, d)."""
+        w_x, w_h, b_x, b_h = weights
         batch = inputs.shape[1]
         lengths = check_lengths(self, lengths, steps, batch=batch)
         carry = self._initial(initial_state, inputs.dtype, (batch,))
@@ -159,11 +162,15 @@ class Recurrent(Layer):
 def _recurrence(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
     """layer._loop on time-major xs (T, B, d), input projection included, with the backward
     pass below; with w_x None, xs are the projections x W_x (T, B, G) already."""
-    return layer._loop(b_x, w_h, b_h, xs if w_x is None else xs @ w_x, carry, valid)
+    return layer._loop(b_x, w_h, b_h, _projected(w_x, xs), carry, valid)
+
+
+def _projected(w_x, xs):
+    return xs if w_x is None else xs @ w_x
 
 
 def _recurrence_fwd(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
-    xws = xs if w_x is None else xs @ w_x
+    xws = _projected(w_x, xs)
     final, (outs, ghs, carries) = layer._loop(b_x, w_h, b_h, xws, carry, valid, residuals=True)
     return (final, outs), (w_x, b_x, w_h, xs, xws, ghs, carries, valid)
 
