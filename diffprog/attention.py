@@ -23,7 +23,8 @@ class Attention(Layer):
         Attention(x)_t = W_o [head_1(x)_t; ...; head_H(x)_t] + b_o
 
     m = x (self-attention) or the `context=` side input (S, d_c) when `cross=True`.
-    score "dot" is q·k/√head_dim computed by `jax.nn.dot_product_attention`; "general" and
+    score "dot" is q·k/√head_dim computed by `jax.nn.dot_product_attention` (causal
+    self-attention one block of queries at a time, skipping the keys after it: `causal_attention`); "general" and
     "concat" are the notes' other soft-lookup scores (see `dp.soft`), computed explicitly.
 
     Masks (combined): `causal=True` (t attends to s ≤ t); `lengths=` (self: valid steps of x) or
@@ -112,10 +113,11 @@ class Attention(Layer):
                     or (self.dropout > 0 and key is not None))
         if explicit:
             return self.attend_explicitly(params, q, k, v, allowed, key)
-        only_causal = allowed is None or (self.causal and side.get("mask") is None and lengths is None)
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=None if only_causal else allowed[None], is_causal=self.causal and only_causal)
-        return out, None
+        if allowed is None:
+            return jax.nn.dot_product_attention(q, k, v), None
+        if self.causal and side.get("mask") is None and lengths is None:
+            return causal_attention(q, k, v), None
+        return jax.nn.dot_product_attention(q, k, v, mask=allowed[None]), None
 
     def allowed(self, steps, memory_steps, mask, memory_lengths) -> Optional[jax.Array]:
         """Boolean (T, S): which key each query may attend to (None: all)."""
@@ -178,3 +180,22 @@ class Attention(Layer):
         else:
             out, _ = self.attend_explicitly(params, q, cache["key"], cache["value"], allowed, None)
         return Dense(x_t.shape[-1]).apply(params["output"], out.reshape(1, -1))[0], cache
+
+
+CAUSAL_BLOCK = 64
+
+
+def causal_attention(q, k, v):
+    """Causal dot-product attention of q (T, heads, head_dim) over k, v (T, heads, head_dim),
+    computed for blocks of `CAUSAL_BLOCK` queries: the block of queries [i, j) attends only to the
+    keys [0, j), so the scores above the diagonal blocks — about half of them for long sequences —
+    are never computed. Each block is one `jax.nn.dot_product_attention`."""
+    steps = q.shape[0]
+    if steps <= CAUSAL_BLOCK:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    outs = []
+    for start in range(0, steps, CAUSAL_BLOCK):
+        stop = min(start + CAUSAL_BLOCK, steps)
+        allowed = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+        outs.append(jax.nn.dot_product_attention(q[start:stop], k[:stop], v[:stop], mask=allowed[None]))
+    return jnp.concatenate(outs)

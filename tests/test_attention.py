@@ -36,6 +36,21 @@ def test_self_attention_matches_the_equations(key):
     check_grads(lambda p, x: att(p, x), (p, x), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("steps", [dp.attention.CAUSAL_BLOCK + 6, 2 * dp.attention.CAUSAL_BLOCK + 1])
+def test_causal_attention_in_query_blocks_matches_the_equations(steps, key):
+    """Past one block of queries, causal attention skips the keys after each block; values and
+    gradients are those of the full masked softmax."""
+    x = jax.random.normal(key, (steps, 8))
+    att = dp.Attention(2, causal=True)
+    p = att.init(key, x)
+    causal = jnp.tril(jnp.ones((steps, steps), bool))
+    reference = lambda p, x: reference_attention(p, x, x, 2, causal)
+    chex.assert_trees_all_close(att(p, x), reference(p, x), atol=1e-5)
+    ct = jax.random.normal(jax.random.key(1), (steps, 8))
+    grads = [jax.grad(lambda p, x: jnp.sum(f(p, x) * ct), (0, 1))(p, x) for f in (att, reference)]
+    chex.assert_trees_all_close(*grads, atol=1e-4)
+
+
 def test_cross_attention_and_masks(key):
     kx, kc = jax.random.split(key)
     x, context = jax.random.normal(kx, (4, 8)), jax.random.normal(kc, (6, 8))
