@@ -31,6 +31,20 @@ def test_dense_and_feedforward_equations(key):
     chex.assert_trees_all_close(ff(p, xs), jax.vmap(lambda v: ff(p, v))(xs), atol=1e-6)
 
 
+@pytest.mark.parametrize("d,out", [(12, 5), (5, 12)], ids=["narrowing", "widening"])
+def test_dense_product_derivatives_in_both_modes(d, out, key):
+    """`dp.basic.product` writes its own tangent rule where d > out (for a faster weight
+    gradient): forward- and reverse-mode derivatives to second order match finite differences,
+    and the weight gradient of a batch is Σ_n x_n ∂y_nᵀ."""
+    x = jax.random.normal(key, (3, 7, d))
+    p = dp.Dense(out).init(key, x[0])
+    check_grads(lambda p, x: dp.Dense(out).apply_batch(p, x), (p, x), order=2, modes=["fwd", "rev"],
+                atol=2e-2, rtol=2e-2)
+    ct = jax.random.normal(jax.random.key(1), (3, 7, out))
+    grad = jax.grad(lambda p: jnp.sum(dp.Dense(out).apply_batch(p, x) * ct))(p)
+    chex.assert_trees_all_close(grad["weight"], jnp.einsum("btd,bto->do", x, ct), atol=1e-4)
+
+
 def test_dense_errors_name_layer_expected_and_got(key):
     p = dp.Dense(4).init(key, jnp.ones(7))
     with pytest.raises(dp.LayerError, match=r"Dense\(4\): expected input \(7,\) or \(T, 7\) float, got \(5, 8\) float32"):
