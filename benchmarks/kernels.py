@@ -2,7 +2,8 @@
 
     python -m benchmarks.kernels [--quick]
 
-- attention: `jax.nn.dot_product_attention` vs an explicit einsum-softmax, (B, T, H, D), causal;
+- attention: `jax.nn.dot_product_attention` vs an explicit einsum-softmax vs diffprog's
+  `causal_attention` (dot_product_attention per block of 64 queries), (B, T, H, D), causal;
 - pooling: MaxPool by reshape-fold vs `lax.reduce_window` (window == stride == 2);
 - LSTM: forward + backward time for lax.scan unroll factors 1, 2, 4, 8, and PyTorch's nn.LSTM
   (one layer on float inputs, oneDNN) beside them when torch is installed.
@@ -39,7 +40,8 @@ def main(argv=None):
     B, T, H, D = (2, 32, 2, 8) if args.quick else (16, 256, 4, 64)
     q, k, v = jax.random.normal(jax.random.key(0), (3, B, T, H, D))
     for name, f in [("dot_product_attention", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)),
-                    ("einsum-softmax", explicit_attention)]:
+                    ("einsum-softmax", explicit_attention),
+                    ("dp causal_attention (query blocks)", jax.vmap(dp.attention.causal_attention))]:
         fwd = jax.jit(f)
         bwd = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2)))
         results[f"attention/{name}"] = {"forward_s": median_time(lambda: block(fwd(q, k, v)), reps),
