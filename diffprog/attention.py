@@ -23,9 +23,10 @@ class Attention(Layer):
         Attention(x)_t = W_o [head_1(x)_t; ...; head_H(x)_t] + b_o
 
     m = x (self-attention) or the `context=` side input (S, d_c) when `cross=True`.
-    score "dot" is q·k/√head_dim computed by `jax.nn.dot_product_attention` (causal
-    self-attention one block of queries at a time, skipping the keys after it: `causal_attention`); "general" and
-    "concat" are the notes' other soft-lookup scores (see `dp.soft`), computed explicitly.
+    score "dot" is q·k/√head_dim computed by `jax.nn.dot_product_attention` (causal attention
+    one block of queries at a time, skipping the keys after the block: `causal_attention`);
+    "general" and "concat" are the notes' other soft-lookup scores (see `dp.soft`), computed
+    explicitly.
 
     Masks (combined): `causal=True` (t attends to s ≤ t); `lengths=` (self: valid steps of x) or
     `context_lengths=` (cross: valid steps of the context) hide padded keys; `mask=` a boolean
@@ -115,7 +116,7 @@ class Attention(Layer):
             return self.attend_explicitly(params, q, k, v, allowed, key)
         if allowed is None:
             return jax.nn.dot_product_attention(q, k, v), None
-        if self.causal and side.get("mask") is None and lengths is None:
+        if self.causal and side.get("mask") is None and lengths is None and steps == memory_steps:
             return causal_attention(q, k, v), None
         return jax.nn.dot_product_attention(q, k, v, mask=allowed[None]), None
 
