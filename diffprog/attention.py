@@ -109,16 +109,15 @@ class Attention(Layer):
         head_dim), α (heads, T, S) or None)."""
         steps, memory_steps = q.shape[0], k.shape[0]
         lengths = side.get("context_lengths") if self.cross else side.get("lengths")
-        allowed = self.allowed(steps, memory_steps, side.get("mask"), check_lengths(self, lengths, memory_steps))
         explicit = (self.return_weights or self.score != "dot"
                     or (self.dropout > 0 and key is not None))
+        if (not explicit and self.causal and side.get("mask") is None and lengths is None
+                and steps == memory_steps):
+            return causal_attention(q, k, v), None
+        allowed = self.allowed(steps, memory_steps, side.get("mask"), check_lengths(self, lengths, memory_steps))
         if explicit:
             return self.attend_explicitly(params, q, k, v, allowed, key)
-        if allowed is None:
-            return jax.nn.dot_product_attention(q, k, v), None
-        if self.causal and side.get("mask") is None and lengths is None and steps == memory_steps:
-            return causal_attention(q, k, v), None
-        return jax.nn.dot_product_attention(q, k, v, mask=allowed[None]), None
+        return jax.nn.dot_product_attention(q, k, v, mask=None if allowed is None else allowed[None]), None
 
     def allowed(self, steps, memory_steps, mask, memory_lengths) -> Optional[jax.Array]:
         """Boolean (T, S): which key each query may attend to (None: all)."""
@@ -192,8 +191,6 @@ def causal_attention(q, k, v):
     keys [0, j), so the scores above the diagonal blocks — about half of them for long sequences —
     are never computed. Each block is one `jax.nn.dot_product_attention`."""
     steps = q.shape[0]
-    if steps <= CAUSAL_BLOCK:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
     outs = []
     for start in range(0, steps, CAUSAL_BLOCK):
         stop = min(start + CAUSAL_BLOCK, steps)

@@ -66,8 +66,8 @@ def affine(params, x):
 
 class PositionWise(Layer):
     """A layer on (d,) or (T, d) that acts on the last axis alone: `check(params, x)` validates
-    one example (d = `width(params)`) and `map(params, x)` computes on any leading axes, so a batch (B, T, d) runs
-    as one array (`forward_batch`) instead of a vmap over examples."""
+    one example (d = `width(params)`) and `map(params, x)` computes on any leading axes, so a
+    batch (B, T, d) runs as one array (`forward_batch`) instead of a vmap over examples."""
 
     def width(self, params) -> int:
         """The size d of the last input axis these params take."""
