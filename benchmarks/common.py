@@ -33,6 +33,16 @@ def machine() -> dict:
             "devices": [str(d) for d in jax.devices()], "python": platform.python_version(), **versions}
 
 
+def optional_torch():
+    """PyTorch (the `bench` extra) set to one thread per core, or None when it is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count())
+    return torch
+
+
 def block(x):
     return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 

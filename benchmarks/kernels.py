@@ -4,6 +4,8 @@
 
 - attention: `jax.nn.dot_product_attention` vs an explicit einsum-softmax vs diffprog's
   `causal_attention` (dot_product_attention per block of 64 queries), (B, T, H, D), causal;
+- the attention's score product q·kᵀ for all B·H heads at B32 T128 H4 D64: XLA's batched
+  product vs one 2-D product of the same FLOPs, and PyTorch's torch.bmm when torch is installed;
 - pooling: MaxPool by reshape-fold vs `lax.reduce_window` (window == stride == 2);
 - LSTM: forward + backward time for lax.scan unroll factors 1, 2, 4, 8, and PyTorch's nn.LSTM
   (one layer on float inputs, oneDNN) beside them when torch is installed.
@@ -19,7 +21,7 @@ import numpy as np
 
 import diffprog as dp
 
-from .common import block, machine, markdown_table, median_time, write
+from .common import block, machine, markdown_table, median_time, optional_torch, write
 
 
 def explicit_attention(q, k, v):
@@ -27,6 +29,26 @@ def explicit_attention(q, k, v):
     t = q.shape[1]
     logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(logits.dtype).min)
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, -1), v)
+
+
+def score_products(results, quick, reps):
+    """q·kᵀ for every (example, head): (B·H) products of (T × D)·(D × T), forward only."""
+    heads, steps, dim = (4, 16, 8) if quick else (128, 128, 64)
+    q, k = jax.random.normal(jax.random.key(3), (2, heads, steps, dim))
+    flat_q, keys = q.reshape(-1, dim), k[0]  # the same FLOPs as one 2-D product
+    variants = [("XLA batched (einsum)", jax.jit(lambda q, k: jnp.einsum("ntd,nsd->nts", q, k)), (q, k)),
+                ("XLA one 2-D product, same FLOPs", jax.jit(lambda q, k: q @ k.T), (flat_q, keys))]
+    torch = optional_torch()
+    if torch is not None:
+        variants.append(("PyTorch torch.bmm", lambda q, k: q @ k.transpose(1, 2),
+                         (torch.tensor(np.asarray(q)), torch.tensor(np.asarray(k)))))
+    rows, flops = [], 2 * heads * steps * steps * dim
+    for name, f, args in variants:
+        seconds = median_time(lambda: block(f(*args)), reps)
+        results[f"score_product/{name}"] = {"forward_s": seconds, "gflop_per_s": flops / seconds / 1e9}
+        rows.append([f"score product, {heads} × ({steps}×{dim})·({dim}×{steps})", name,
+                     f"{seconds * 1e3:.2f} ({flops / seconds / 1e9:.0f} GFLOP/s)", ""])
+    return rows
 
 
 def main(argv=None):
@@ -48,6 +70,7 @@ def main(argv=None):
                                         "backward_s": median_time(lambda: block(bwd(q, k, v)), reps)}
         r = results[f"attention/{name}"]
         rows.append([f"attention (B{B} T{T} H{H} D{D}, causal)", name, f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
+    rows += score_products(results, args.quick, reps)
     x = jax.random.normal(jax.random.key(1), (16, 32, 32, 16) if not args.quick else (2, 8, 8, 4))
     pool = dp.MaxPool(2)
     for name, f in [("reshape-fold", lambda x: pool.fold(x, (2, 2))), ("reduce_window", lambda x: pool.sliding(x, (2, 2), (2, 2)))]:
@@ -70,13 +93,8 @@ def main(argv=None):
                                             "backward_s": median_time(lambda: block(bwd(params)), reps)}
         r = results[f"lstm/unroll={unroll}"]
         rows.append([f"LSTM({W}) B{B} T{T}", f"unroll={unroll}", f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
-    try:
-        import torch
-    except ImportError:
-        torch = None
+    torch = optional_torch()
     if torch is not None:
-        import os
-        torch.set_num_threads(os.cpu_count())
         layer, txs = torch.nn.LSTM(W, W, batch_first=True), torch.tensor(np.asarray(xs))
 
         def forward():

@@ -29,7 +29,7 @@ import optax
 
 import diffprog as dp
 
-from .common import block, gemm_rate, machine, markdown_table, median_time, write
+from .common import block, gemm_rate, machine, markdown_table, median_time, optional_torch, write
 
 VOCAB, KINDS = 65, ("rnn", "lstm", "transformer")
 
@@ -149,9 +149,7 @@ def torch_runner(kind, width, max_len):
 
 
 def prepare_torch(kind, width, max_len, batch, steps, reps):
-    import os
-    import torch
-    torch.set_num_threads(os.cpu_count())
+    torch = optional_torch()
     torch.manual_seed(0)
     model = torch_runner(kind, width, max_len)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -196,11 +194,7 @@ def main(argv=None):
     else:
         width, batch, steps, sweep, sweep_batch = 256, 32, 128, (64, 128, 256, 512, 1024), 16
     max_len = max(max(sweep), steps)
-    try:
-        import torch  # noqa: F401
-        peers = ("flax", "pytorch")
-    except ImportError:
-        peers = ("flax",)
+    peers = ("flax", "pytorch") if optional_torch() is not None else ("flax",)
     gemm = gemm_rate(256 if args.quick else 2048)
     results = {"machine": machine(), "gemm_flops_per_s": gemm, "shape": {"batch": batch, "T": steps, "width": width},
                "models": {}}
