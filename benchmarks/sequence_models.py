@@ -240,7 +240,7 @@ def main(argv=None):
         rows.append([kind, f"{ours['params']:,}", f"{ours['step_s'] * 1e3:.1f}",
                      *(f"{entry[k]['step_s'] * 1e3:.1f}" for k in peers),
                      f"{best_peer / ours['step_s']:.2f}", f"{ours['tokens_per_s']:,.0f}",
-                     f"{ours['forward_tokens_per_s']:,.0f}", f"{ours.get('mfu', float('nan')):.1%}",
+                     f"{ours['forward_tokens_per_s']:,.0f}", f"{ours['mfu']:.1%}",
                      f"{(ours['peak_bytes'] or 0) / 2**20:.1f}", f"{ours['compile_s']:.1f}"])
     header = ["model", "params", "diffprog ms", *(f"{k} ms" for k in peers), "speed ratio (best peer / diffprog)",
               "train tok/s", "forward tok/s", "MFU", "peak MiB", "compile s"]
