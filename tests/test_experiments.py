@@ -67,7 +67,7 @@ def test_lstm_counter_soft_programs_seq2seq_quick(tmp_path):
         assert any(p.suffix == ".png" for p in out.iterdir()) and (out / "results.json").exists()
 
 
-@pytest.mark.parametrize("name", ["sequence_models", "depth", "kernels"])
+@pytest.mark.parametrize("name", ["sequence_models", "depth", "kernels", "layers"])
 def test_benchmarks_quick(name, tmp_path):
     module = __import__(f"benchmarks.{name}", fromlist=["main"])
     results = module.main(["--quick", "--out", str(tmp_path)])
