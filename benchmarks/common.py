@@ -1,6 +1,7 @@
 """Shared by the benchmarks: timing, the machine description, JSON + markdown output."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -12,6 +13,16 @@ import jax
 import jax.numpy as jnp
 
 from experiments.common import markdown_table  # noqa: F401  (re-exported for the benchmarks)
+
+
+def timing_arguments(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark that times interleaved rounds: --quick, --reps, --rounds, --out."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/results")
+    return p
 
 
 def machine() -> dict:

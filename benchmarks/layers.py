@@ -15,15 +15,13 @@ median of --reps calls. Writes benchmarks/results/layers.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import diffprog as dp
 
-from .common import block, machine, markdown_table, median_time, optional_torch, write
+from .common import block, machine, markdown_table, median_time, optional_torch, timing_arguments, write
 
 
 def diffprog_parts(d, heads):
@@ -75,12 +73,7 @@ def torch_timers(torch, module, f, x, c, reps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small shapes, one round (< 1 minute)")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args(argv)
+    args = timing_arguments(__doc__, "small shapes, one round (< 1 minute)").parse_args(argv)
     batch, steps, d, heads = (4, 16, 16, 2) if args.quick else (32, 128, 256, 4)
     reps, rounds = (3, 1) if args.quick else (args.reps, args.rounds)
     x, c = jax.random.normal(jax.random.key(1), (2, batch, steps, d))

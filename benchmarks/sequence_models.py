@@ -19,7 +19,6 @@ sequence_models.{json,md} and step_time_vs_T.png.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -29,7 +28,8 @@ import optax
 
 import diffprog as dp
 
-from .common import block, gemm_rate, machine, markdown_table, median_time, optional_torch, write
+from .common import (block, gemm_rate, machine, markdown_table, median_time, optional_torch,
+                     timing_arguments, write)
 
 VOCAB, KINDS = 65, ("rnn", "lstm", "transformer")
 
@@ -182,11 +182,7 @@ def model_flops(kind, width, batch, steps, layers=2):
 # -- the run --------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small shapes and few repetitions (< 1 minute)")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results")
+    p = timing_arguments(__doc__, "small shapes and few repetitions (< 1 minute)")
     p.add_argument("--models", nargs="+", choices=KINDS, default=list(KINDS))
     args = p.parse_args(argv)
     if args.quick:
