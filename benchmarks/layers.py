@@ -78,16 +78,18 @@ def main(argv=None):
     reps, rounds = (3, 1) if args.quick else (args.reps, args.rounds)
     x, c = jax.random.normal(jax.random.key(1), (2, batch, steps, d))
     parts = diffprog_parts(d, heads)
-    timers = {(name, "diffprog"): diffprog_timers(layer, x, c, reps) for name, layer in parts.items()}
     torch = optional_torch()
     if torch is not None:
         torch.manual_seed(0)
-        for name, (module, f) in torch_parts(torch, d, heads, steps).items():
-            timers[name, "pytorch"] = torch_timers(torch, module, f, x, c, reps)
-    rounds_ms = {key: [] for key in sorted(timers, key=lambda key: list(parts).index(key[0]))}
-    for _ in range(rounds):  # each part in both kits back to back, so drift hits both alike
-        for key in rounds_ms:
-            forward, forward_backward = timers[key]
+    peers = {} if torch is None else torch_parts(torch, d, heads, steps)
+    timers = {}  # each part in both kits back to back, so drift hits both alike
+    for name, layer in parts.items():
+        timers[name, "diffprog"] = diffprog_timers(layer, x, c, reps)
+        if name in peers:
+            timers[name, "pytorch"] = torch_timers(torch, *peers[name], x, c, reps)
+    rounds_ms = {key: [] for key in timers}
+    for _ in range(rounds):
+        for key, (forward, forward_backward) in timers.items():
             rounds_ms[key].append((forward() * 1e3, forward_backward() * 1e3))
     best = {key: tuple(min(r[i] for r in runs) for i in (0, 1)) for key, runs in rounds_ms.items()}
     results = {"machine": machine(), "shape": {"batch": batch, "steps": steps, "width": d, "heads": heads},
