@@ -8,6 +8,9 @@ of each when run with HARD choices, and plots how far the gates are from 0/1 ove
   if:     y = x if w·x > 0 else −x           (gate = σ(w·x + b))
   switch: y = case_c(x), c = argmax(W x)      (3 cases: x, 2x, −x; mask = softmax(W x + b))
   lookup: y = value of the key nearest q      (soft_lookup with a "general" score)
+The lookup's keys have unit length, so the nearest key is the one with the largest q·k and the
+"general" score qᵀ W k can express the rule (W = a large multiple of I); with keys of different
+lengths it could not, for nearness also depends on ‖k‖².
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ def switch_program(params, x, temperature, hard):
 
 
 KEYS = jax.random.normal(jax.random.key(7), (6, 4))
+KEYS = KEYS / jnp.linalg.norm(KEYS, axis=-1, keepdims=True)  # unit keys: the nearest is the most similar
 VALUES = jnp.arange(6.0)[:, None]
 
 

@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).parent.parent
@@ -65,6 +68,15 @@ def test_lstm_counter_soft_programs_seq2seq_quick(tmp_path):
     for name in ("lstm_counter", "soft_programs", "seq2seq"):
         out = next((tmp_path / name).iterdir())
         assert any(p.suffix == ".png" for p in out.iterdir()) and (out / "results.json").exists()
+
+
+def test_soft_lookup_task_is_solvable_by_its_score():
+    """The lookup's target (the value of the nearest key) is what a hard general-score lookup
+    with W = 50 I returns, so the experiment asks for a rule the program can express."""
+    from experiments import soft_programs as sp
+    queries = sp.inputs("lookup", jax.random.key(3), 500)
+    found, _ = jax.vmap(lambda q: sp.lookup_program({"W": 50 * jnp.eye(4)}, q, 1.0, True))(queries)
+    np.testing.assert_array_equal(found, sp.targets("lookup", queries))
 
 
 @pytest.mark.parametrize("name", ["sequence_models", "depth", "kernels", "layers"])
