@@ -55,8 +55,10 @@ class Attention(Layer):
             raise LayerError(f"{self!r}: model width {d} is not divisible by {self.heads} heads")
         head_dim = d // self.heads
         kq, kk, kv, ko, ks = jax.random.split(key, 5)
-        params = {name: Dense(d).init(k, spec) for name, k in
-                  (("query", kq), ("key", kk), ("value", kv), ("output", ko))}
+        memory = side.get("context", spec) if self.cross else spec  # (S, d_c): keys and values read it
+        check_sequence(self, memory)
+        params = {name: Dense(d).init(k, source) for name, k, source in
+                  (("query", kq, spec), ("key", kk, memory), ("value", kv, memory), ("output", ko, spec))}
         if self.score != "dot":
             one = jax.ShapeDtypeStruct((head_dim,), spec.dtype)
             params["score"] = score_layer(self.score).init(

@@ -10,7 +10,7 @@ from .attention import Attention
 from .basic import Dense
 from .core import Layer, LayerError, layerclass
 from .embed import EmbedToken
-from .recurrent import LSTM
+from .recurrent import LSTM, Bidirectional
 from .transformer import AddNorm, LearnedPositions, TransformerBlock
 
 
@@ -61,10 +61,11 @@ class SequenceToSequence(Layer):
 
 def rnn_seq2seq(source_vocab: int, target_vocab: int, dim: int = 64, layers: int = 1,
                 score: str = "concat") -> SequenceToSequence:
-    """LSTM encoder; LSTM decoder followed by additive ("concat") attention over the encoder
-    states, as a residual AddNorm: h_t + Σ_s α_{t,s} W v_s, α = softmax_s vᵀ tanh(W[h_t; k_s])."""
+    """Bidirectional LSTM encoder (states (S, 2·dim): each knows its distance from both ends,
+    as in Bahdanau et al.); LSTM decoder followed by additive ("concat") attention over them,
+    as a residual AddNorm: h_t + Σ_s α_{t,s} W v_s, α = softmax_s vᵀ tanh(W[h_t; k_s])."""
     return SequenceToSequence(
-        LSTM(dim) ** layers @ EmbedToken(source_vocab, dim),
+        Bidirectional(LSTM(dim)) ** layers @ EmbedToken(source_vocab, dim),
         AddNorm(Attention(1, cross=True, score=score)) @ LSTM(dim) ** layers @ EmbedToken(target_vocab, dim),
         target_vocab)
 

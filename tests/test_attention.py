@@ -67,6 +67,11 @@ def test_cross_attention_and_masks(key):
     chex.assert_shape(w, (4, 4, 6))
     np.testing.assert_array_equal(np.asarray(w)[:, ~np.asarray(mask)], 0.0)
     chex.assert_trees_all_close(w.sum(-1), jnp.ones((4, 4)), atol=1e-5)
+    # A context of another width d_c: init(..., context=) sizes the key and value projections.
+    wide = jax.random.normal(kc, (6, 5))
+    p = att.init(key, x, context=wide)
+    chex.assert_shape([p["key"]["weight"], p["value"]["weight"], p["query"]["weight"]], [(5, 8), (5, 8), (8, 8)])
+    chex.assert_trees_all_close(att(p, x, context=wide), reference_attention(p, x, wide, 4), atol=1e-5)
 
 
 def test_self_attention_lengths_match_truncation(key):
