@@ -15,13 +15,14 @@ def product_flops(jaxpr: jex.Jaxpr) -> int:
     branch, a while loop's body once (its trip count is not known before it runs)."""
     total = 0
     for eqn in jaxpr.eqns:
-        out = math.prod(eqn.outvars[0].aval.shape) if eqn.outvars else 0
         if eqn.primitive.name == "dot_general":
             (contracted, _), _ = eqn.params["dimension_numbers"]
-            total += 2 * out * math.prod(eqn.invars[0].aval.shape[d] for d in contracted)
+            per_output = math.prod(eqn.invars[0].aval.shape[d] for d in contracted)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * per_output
         elif eqn.primitive.name == "conv_general_dilated":
             kernel = eqn.invars[1].aval.shape  # per output feature: the kernel's other entries
-            total += 2 * out * math.prod(kernel) // kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            per_output = math.prod(kernel) // kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * per_output
         subs = [product_flops(sub) for sub in jex.jaxprs_in_params(eqn.params)]
         if eqn.primitive.name == "scan":
             total += eqn.params["length"] * sum(subs)
@@ -45,9 +46,9 @@ def summary(model: Layer, x, *, print_fn=print) -> str:
     rows, total_params, total_flops = [], 0, 0
     for stage in stages:
         params = jax.eval_shape(lambda s: stage.init(jax.random.key(0), s), spec)
-        out = jax.eval_shape(stage.apply, params, spec)
+        traced, out = jax.make_jaxpr(stage.apply, return_shape=True)(params, spec)
         n = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-        flops = product_flops(jax.make_jaxpr(stage.apply)(params, spec).jaxpr)
+        flops = product_flops(traced.jaxpr)
         rows.append((repr(stage), f"{_describe(spec)} → {_describe(out)}", f"{n:,}", f"{flops:,}"))
         total_params, total_flops, spec = total_params + n, total_flops + flops, out
     rows.append(("total", "", f"{total_params:,}", f"{total_flops:,}"))
