@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import kernels
 from .basic import Dense, affine
 from .core import Layer, LayerError, example_spec, layerclass, spec_of
 from .sequence import check_lengths, check_sequence, valid_steps
@@ -188,10 +189,21 @@ CAUSAL_BLOCK = 64
 
 
 def causal_attention(q, k, v):
-    """Causal dot-product attention of q (T, heads, head_dim) over k, v (T, heads, head_dim),
-    computed for blocks of `CAUSAL_BLOCK` queries: the block of queries [i, j) attends only to the
-    keys [0, j), so the scores above the diagonal blocks — about half of them for long sequences —
-    are never computed. Each block is one `jax.nn.dot_product_attention`."""
+    """Causal dot-product attention of q (T, heads, head_dim) over k, v (T, heads, head_dim).
+
+    On the CPU, for float32, the fused C++ kernel of `dp.kernels` (one pass per head, the
+    probabilities recomputed in the backward pass); elsewhere, and where the kernel cannot be
+    built, `causal_attention_blocks`."""
+    if q.dtype == jnp.float32 and k.dtype == v.dtype == q.dtype and kernels.available():
+        return jax.lax.platform_dependent(q, k, v, cpu=kernels.causal_attention, default=causal_attention_blocks)
+    return causal_attention_blocks(q, k, v)
+
+
+def causal_attention_blocks(q, k, v):
+    """Causal attention computed for blocks of `CAUSAL_BLOCK` queries: the block of queries
+    [i, j) attends only to the keys [0, j), so the scores above the diagonal blocks — about half
+    of them for long sequences — are never computed. Each block is one
+    `jax.nn.dot_product_attention`."""
     steps = q.shape[0]
     outs = []
     for start in range(0, steps, CAUSAL_BLOCK):
