@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <thread>
@@ -54,12 +55,22 @@ void pack_transposed(const float* x, long ldx, int rows, int cols, float* out) {
       for (int r = 0; r < cols; ++r) out[r * kCols + c] = j + c < rows ? x[(j + c) * ldx + r] : 0.0f;
 }
 
+// An A operand: element (r, p) at a[r * lda + p * step] (step 1: row-major; lda 1: A is the
+// transpose of a row-major matrix, read in place).
+struct Operand {
+  const float* a;
+  long lda, step;
+  Operand at(long r, long p) const { return {a + r * lda + p * step, lda, step}; }
+};
+
 // C[6 × 16] = A[6 × kc] B[kc × 16], B a packed panel. Twelve named accumulators: GCC keeps an
 // array of them in memory, storing it every iteration.
-void micro_kernel(int kc, const float* a, long lda, const float* b, float* c, long ldc) {
+void micro_kernel(int kc, Operand op, const float* b, float* c, long ldc) {
+  const float* a = op.a;
+  const long lda = op.lda;
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int p = 0; p < kc; ++p, b += kCols, ++a) {
+  for (int p = 0; p < kc; ++p, b += kCols, a += op.step) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     __m256 x = _mm256_broadcast_ss(a);
     c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
@@ -82,12 +93,11 @@ void micro_kernel(int kc, const float* a, long lda, const float* b, float* c, lo
 }
 
 // C[mr × nr] = A[mr × kc] B for a tile at the edge (mr < 6 or nr < 16): through zero-padded copies.
-void edge_tile(int kc, const float* a, long lda, const float* b, float* c, long ldc, int mr, int nr,
-               float* padded_a) {
+void edge_tile(int kc, Operand op, const float* b, float* c, long ldc, int mr, int nr, float* padded_a) {
   float tile[kRows * kCols];
   for (int r = 0; r < kRows; ++r)
-    for (int p = 0; p < kc; ++p) padded_a[r * kc + p] = r < mr ? a[r * lda + p] : 0.0f;
-  micro_kernel(kc, padded_a, kc, b, tile, kCols);
+    for (int p = 0; p < kc; ++p) padded_a[r * kc + p] = r < mr ? *op.at(r, p).a : 0.0f;
+  micro_kernel(kc, {padded_a, kc, 1}, b, tile, kCols);
   for (int r = 0; r < mr; ++r) std::copy(tile + r * kCols, tile + r * kCols + nr, c + r * ldc);
 }
 
@@ -95,16 +105,16 @@ void edge_tile(int kc, const float* a, long lda, const float* b, float* c, long 
 // A's columns (B's rows) [k_begin(i), k_end(i)) and writes C's columns [0, n_end(i, i_end)).
 // `padded_a` is scratch for 6 × b_rows floats.
 template <class KBegin, class KEnd, class NEnd>
-void product(int m, const float* a, long lda, const float* b, int b_rows, float* c, long ldc,
+void product(int m, Operand a, const float* b, int b_rows, float* c, long ldc,
              KBegin k_begin, KEnd k_end, NEnd n_end, float* padded_a) {
   for (int i = 0; i < m; i += kRows) {
     const int i_end = std::min(i + kRows, m), k0 = k_begin(i), kc = k_end(i) - k0;
     const int n = n_end(i, i_end);
     for (int j = 0; j < n; j += kCols) {
-      const float* a_ij = a + i * lda + k0;
+      const Operand a_ij = a.at(i, k0);
       const float* b_j = b + static_cast<size_t>(j) * b_rows + k0 * kCols;
-      if (i_end - i == kRows && n - j >= kCols) micro_kernel(kc, a_ij, lda, b_j, c + i * ldc + j, ldc);
-      else edge_tile(kc, a_ij, lda, b_j, c + i * ldc + j, ldc, i_end - i, std::min(kCols, n - j), padded_a);
+      if (i_end - i == kRows && n - j >= kCols) micro_kernel(kc, a_ij, b_j, c + i * ldc + j, ldc);
+      else edge_tile(kc, a_ij, b_j, c + i * ldc + j, ldc, i_end - i, std::min(kCols, n - j), padded_a);
     }
   }
 }
@@ -167,29 +177,20 @@ Shape shape_of(ffi::Buffer<ffi::F32>& x) {
   return {examples * heads, dims[dims.size() - 3], heads, dims[dims.size() - 1]};
 }
 
-// yᵀ of a lower-triangular x (T × T): y[j][i] = x[i][j] for i ≥ j, 0 for i < j within y's
-// row blocks (the products below read y[j][i] from the block start of j on).
-void transpose_lower(const float* x, long ld, int steps, float* y) {
-  for (int j = 0; j < steps; ++j) {
-    float* out = y + j * ld;
-    for (int i = j / kRows * kRows; i < j; ++i) out[i] = 0.0f;
-    for (int i = j; i < steps; ++i) out[i] = x[i * ld + j];
-  }
-}
-
-// work(item, scratch) for every item, each core taking a contiguous range of items (so that no
-// two threads write the same cache line) and its own `scratch_floats` of scratch memory.
+// work(item, scratch) for every item, shared among XLA's CPU threads: each thread takes a
+// contiguous range of items (so that no two threads write the same cache line) and has its own
+// `scratch_floats` of scratch memory. The calling thread runs the first range and waits for the rest.
 template <class Work>
-void for_each_item(long items, size_t scratch_floats, Work work) {
-  const long threads = std::min<long>(items, std::max(1u, std::thread::hardware_concurrency()));
+void for_each_item(ffi::ThreadPool pool, long items, size_t scratch_floats, Work work) {
+  const long parts = std::clamp<long>(pool.num_threads(), 1, items);
   auto run = [&](long part) {
     std::vector<float> scratch(scratch_floats);
-    for (long i = items * part / threads; i < items * (part + 1) / threads; ++i) work(i, scratch.data());
+    for (long i = items * part / parts; i < items * (part + 1) / parts; ++i) work(i, scratch.data());
   };
-  std::vector<std::thread> pool;
-  for (long t = 1; t < threads; ++t) pool.emplace_back(run, t);
+  std::atomic<long> done{1};
+  for (long part = 1; part < parts; ++part) pool.Schedule([&, part] { run(part); done.fetch_add(1); });
   run(0);
-  for (auto& thread : pool) thread.join();
+  while (done.load() < parts) std::this_thread::yield();
 }
 
 int row_block_end(int i, int steps) { return std::min(i / kRows * kRows + kRows, steps); }
@@ -210,18 +211,20 @@ float row_max(const float* s, int last) {  // max of s[0..last]
 struct Products {
   int steps, dim;
   float* padded_a;  // scratch: 6 × max(T, D)
-  // C (T × D) = A (T × T) B, B packed T × D; `lower`: A lower-triangular (row i ends at i),
-  // else upper-triangular (row j starts at j), zero inside the row blocks.
-  void by_values(const float* a, int ld, const float* b, float* c, long ldc, bool lower) const {
+  // C (T × D) = L B or Lᵀ B (`transposed`, Lᵀ read in place), L (T × T) lower-triangular and
+  // zero past the diagonal up to its row blocks' end, B packed T × D. Row i of L ends at i,
+  // row j of Lᵀ starts at j.
+  void by_values(const float* l, int ld, bool transposed, const float* b, float* c, long ldc) const {
     const int t = steps, d = dim;
-    if (lower) product(t, a, ld, b, t, c, ldc, [](int) { return 0; }, [t](int i) { return std::min(i + kRows, t); }, [d](int, int) { return d; }, padded_a);
-    else product(t, a, ld, b, t, c, ldc, [](int j) { return j; }, [t](int) { return t; }, [d](int, int) { return d; }, padded_a);
+    auto width = [d](int, int) { return d; };
+    if (transposed) product(t, {l, 1, ld}, b, t, c, ldc, [](int j) { return j; }, [t](int) { return t; }, width, padded_a);
+    else product(t, {l, ld, 1}, b, t, c, ldc, [](int) { return 0; }, [t](int i) { return std::min(i + kRows, t); }, width, padded_a);
   }
   // C (T × T, lower part up to the row blocks' end rounded up to 16 columns) = A (T × D) B,
   // B packed D × T.
   void scores(const float* a, long lda, const float* b, float* c, int ldc) const {
     const int d = dim;
-    product(steps, a, lda, b, d, c, ldc, [](int) { return 0; }, [d](int) { return d; },
+    product(steps, {a, lda, 1}, b, d, c, ldc, [](int) { return 0; }, [d](int) { return d; },
             [](int, int i_end) { return (i_end + kCols - 1) / kCols * kCols; }, padded_a);
   }
 };
@@ -245,14 +248,14 @@ void exponentials(const Products& on, const float* q, const float* k, long row, 
   }
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    float scale, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
   const Shape sh = shape_of(q);
   const int steps = sh.steps, dim = sh.dim, ld = sh.padded();
   const long row = sh.row();
   const size_t b_size = std::max(packed_size(steps, dim), packed_size(dim, steps)), p_size = packed_size(steps, steps);
   const size_t a_size = kRows * std::max(steps, dim);
-  for_each_item(sh.items, a_size + b_size + p_size + steps, [&](long item, float* scratch) {
+  for_each_item(pool, sh.items, a_size + b_size + p_size + steps, [&](long item, float* scratch) {
     const Products on{steps, dim, scratch};
     float *packed = scratch + a_size, *p = packed + b_size, *totals = p + p_size;
     const long at = sh.offset(item);
@@ -260,7 +263,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
     exponentials(on, q.typed_data() + at, k.typed_data() + at, row, scale, packed, p, ld,
                  const_cast<float*>(sh.lse(lse->typed_data(), item)), sh.heads, totals);
     pack(v.typed_data() + at, row, steps, dim, packed);
-    on.by_values(p, ld, packed, out, row, true);
+    on.by_values(p, ld, false, packed, out, row);
     for (int i = 0; i < steps; ++i) {
       const __m256 inverse = _mm256_set1_ps(1.0f / totals[i]);
       for (int d = 0; d < dim; d += 8) {
@@ -273,7 +276,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_o,
                     float scale, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
@@ -282,18 +285,17 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   const long row = sh.row();
   const size_t b_size = std::max(packed_size(steps, dim), packed_size(dim, steps)), p_size = packed_size(steps, steps);
   const size_t a_size = kRows * std::max(steps, dim);
-  for_each_item(sh.items, a_size + b_size + 3 * p_size, [&](long item, float* scratch) {
+  for_each_item(pool, sh.items, a_size + b_size + 2 * p_size, [&](long item, float* scratch) {
     const Products on{steps, dim, scratch};
-    float *packed = scratch + a_size, *p = packed + b_size, *ds = p + p_size, *transposed = ds + p_size;
+    float *packed = scratch + a_size, *p = packed + b_size, *ds = p + p_size;
     const long at = sh.offset(item);
     const float *q_i = q.typed_data() + at, *k_i = k.typed_data() + at, *v_i = v.typed_data() + at;
     const float *o_i = o.typed_data() + at, *do_i = d_o.typed_data() + at;
     exponentials(on, q_i, k_i, row, scale, packed, p, ld,
                  const_cast<float*>(sh.lse(lse.typed_data(), item)), sh.heads, nullptr);
     // dV = Pᵀ dO
-    transpose_lower(p, ld, steps, transposed);
     pack(do_i, row, steps, dim, packed);
-    on.by_values(transposed, ld, packed, dv->typed_data() + at, row, false);
+    on.by_values(p, ld, true, packed, dv->typed_data() + at, row);
     // dP = dO Vᵀ, then dS = scale P ⊙ (dP − rowsum(dO ⊙ O))
     pack_transposed(v_i, row, steps, dim, packed);
     on.scores(do_i, row, packed, ds, ld);
@@ -316,10 +318,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
     }
     // dQ = dS K, dK = dSᵀ Q
     pack(k_i, row, steps, dim, packed);
-    on.by_values(ds, ld, packed, dq->typed_data() + at, row, true);
-    transpose_lower(ds, ld, steps, transposed);
+    on.by_values(ds, ld, false, packed, dq->typed_data() + at, row);
     pack(q_i, row, steps, dim, packed);
-    on.by_values(transposed, ld, packed, dk->typed_data() + at, row, false);
+    on.by_values(ds, ld, true, packed, dk->typed_data() + at, row);
   });
   return ffi::Error::Success();
 }
@@ -330,6 +331,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_causal_attention_forward, Forward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -339,6 +341,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_causal_attention_forward, Forward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_causal_attention_backward, Backward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
