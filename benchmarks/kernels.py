@@ -3,7 +3,9 @@
     python -m benchmarks.kernels [--quick]
 
 - attention: `jax.nn.dot_product_attention` vs an explicit einsum-softmax vs diffprog's
-  `causal_attention` (dot_product_attention per block of 64 queries), (B, T, H, D), causal;
+  `causal_attention_blocks` (dot_product_attention per block of 64 queries) vs its
+  `causal_attention` (the C++ kernel of `dp.kernels` on the CPU), and PyTorch's
+  scaled_dot_product_attention when torch is installed, (B, T, H, D), causal;
 - the attention's score product q·kᵀ for all B·H heads at B32 T128 H4 D64: XLA's batched
   product vs one 2-D product of the same FLOPs, and PyTorch's torch.bmm when torch is installed;
 - pooling: MaxPool by reshape-fold vs `lax.reduce_window` (window == stride == 2);
@@ -63,13 +65,24 @@ def main(argv=None):
     q, k, v = jax.random.normal(jax.random.key(0), (3, B, T, H, D))
     for name, f in [("dot_product_attention", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)),
                     ("einsum-softmax", explicit_attention),
-                    ("dp causal_attention (query blocks)", jax.vmap(dp.attention.causal_attention))]:
+                    ("dp causal_attention_blocks (query blocks)", jax.vmap(dp.attention.causal_attention_blocks)),
+                    ("dp causal_attention (C++ kernel)", jax.vmap(dp.attention.causal_attention))]:
         fwd = jax.jit(f)
         bwd = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2)))
         results[f"attention/{name}"] = {"forward_s": median_time(lambda: block(fwd(q, k, v)), reps),
                                         "backward_s": median_time(lambda: block(bwd(q, k, v)), reps)}
-        r = results[f"attention/{name}"]
-        rows.append([f"attention (B{B} T{T} H{H} D{D}, causal)", name, f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
+    torch = optional_torch()
+    if torch is not None:  # (B, H, T, D) for torch
+        tq, tk, tv = (torch.tensor(np.asarray(a).transpose(0, 2, 1, 3), requires_grad=True) for a in (q, k, v))
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+        with torch.no_grad():
+            forward_s = median_time(sdpa, reps)
+        results["attention/PyTorch scaled_dot_product_attention"] = {
+            "forward_s": forward_s, "backward_s": median_time(lambda: torch.autograd.grad(sdpa().sum(), (tq, tk, tv)), reps)}
+    for name, r in results.items():
+        if name.startswith("attention/"):
+            rows.append([f"attention (B{B} T{T} H{H} D{D}, causal)", name.split("/", 1)[1],
+                         f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
     rows += score_products(results, args.quick, reps)
     x = jax.random.normal(jax.random.key(1), (16, 32, 32, 16) if not args.quick else (2, 8, 8, 4))
     pool = dp.MaxPool(2)

@@ -24,8 +24,8 @@ class Attention(Layer):
         Attention(x)_t = W_o [head_1(x)_t; ...; head_H(x)_t] + b_o
 
     m = x (self-attention) or the `context=` side input (S, d_c) when `cross=True`.
-    score "dot" is q·k/√head_dim computed by `jax.nn.dot_product_attention` (causal attention
-    one block of queries at a time, skipping the keys after the block: `causal_attention`);
+    score "dot" is q·k/√head_dim computed by `jax.nn.dot_product_attention` (causal
+    self-attention: `causal_attention`, on the CPU a fused C++ kernel);
     "general" and "concat" are the notes' other soft-lookup scores (see `dp.soft`), computed
     explicitly.
 
