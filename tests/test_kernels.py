@@ -47,3 +47,13 @@ def test_kernel_rejects_mismatched_shapes(key):
     q = jax.random.normal(key, (5, 2, 4))
     with pytest.raises(ValueError, match=r"causal_attention.*\(5, 2, 4\).*\(6, 2, 4\)"):
         kernels.causal_attention(q, jnp.zeros((6, 2, 4)), q)
+
+
+def test_the_kernel_is_lowered_for_the_cpu_only():
+    """On accelerators causal attention keeps `jax.nn.dot_product_attention` (the query blocks)."""
+    q = jnp.ones((8, 2, 4))
+    step = jax.jit(jax.grad(lambda q: dp.attention.causal_attention(q, q, q).sum()))
+    lowered = {platform: step.trace(q).lower(lowering_platforms=(platform,)).as_text()
+               for platform in ("cpu", "cuda")}
+    assert "diffprog_causal_attention_backward" in lowered["cpu"]
+    assert "diffprog_causal_attention" not in lowered["cuda"]
