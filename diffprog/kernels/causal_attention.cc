@@ -3,8 +3,9 @@
 // head) pair is one item; the items are shared among the cores. Per item, with s = scale:
 //   S = s Q Kᵀ (only the columns j ≤ i are used),  P = softmax_rows(S),  O = P V
 //   backward: dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = s dS K, dK = s dSᵀ Q
-// P is recomputed in the backward pass from the saved logsumexp. Row blocks of 6 never compute
-// the scores past the block's last row, so the work above the diagonal is skipped.
+// P is recomputed in the backward pass from the saved logsumexp. A block of 6 rows computes the
+// scores only up to its last row (rounded up to 16 columns), so most of the work above the
+// diagonal is skipped.
 // Layout: q, k, v, o, do and the gradients are (..., T, H, D) row-major; logsumexp (..., T, H).
 #include <immintrin.h>
 
