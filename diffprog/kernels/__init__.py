@@ -66,6 +66,9 @@ def _forward(q, k, v):
     if q.ndim < 3 or not q.shape == k.shape == v.shape:
         raise ValueError(f"causal_attention: expected q, k, v of one shape (..., T, heads, head_dim), "
                          f"got {q.shape}, {k.shape}, {v.shape}")
+    if not available():
+        raise RuntimeError("causal_attention: the C++ kernel could not be built here (see the warning); "
+                           "use diffprog.attention.causal_attention, which falls back to jnp")
     scale = np.float32(1 / np.sqrt(q.shape[-1]))
     lse_shape = jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32)
     out, lse = jax.ffi.ffi_call("diffprog_causal_attention_forward", (jax.ShapeDtypeStruct(q.shape, q.dtype), lse_shape),
