@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import kernels
 from .basic import glorot
 from .core import Layer, LayerError, example_spec, layerclass
 from .sequence import check_lengths, check_sequence, valid_steps
@@ -120,8 +121,12 @@ class Recurrent(Layer):
         lengths = check_lengths(self, lengths, steps, batch=batch)
         carry = self._initial(initial_state, inputs.dtype, (batch,))
         valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths
-        carry, outs = _recurrence(self, None if projected else w_x, b_x, w_h, b_h, inputs, carry, valid)
+        carry, outs = self._recurrence(None if projected else w_x, b_x, w_h, b_h, inputs, carry, valid)
         return self._result(jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outs), carry)
+
+    def _recurrence(self, *args):
+        """The batch loop with its written-out backward pass (`_recurrence`)."""
+        return _recurrence(self, *args)
 
     def _initial(self, initial_state, dtype, batch):
         expected = self.initial_carry(dtype, batch)
@@ -176,10 +181,8 @@ def _recurrence_fwd(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
 
 
 def _recurrence_bwd(layer, residuals, cotangents):
-    """Reverse scan: ∂carry_{t-1} = ∂activate/∂carry · ∂carry_t + (∂gh_t) W_hᵀ; then each weight
-    gradient is one product over T·B: ∂W_h = Σ h_{t-1}ᵀ ∂gh_t, ∂W_x = Σ x_tᵀ ∂gx_t, and
-    ∂x_t = ∂gx_t W_xᵀ. (Written out here rather than left to autodiff of `xs @ w_x`, whose
-    transpose XLA:CPU ran as a slower dot on a transposed copy of ∂gx.)"""
+    """Reverse scan: ∂carry_{t-1} = ∂activate/∂carry · ∂carry_t + (∂gh_t) W_hᵀ; then the products
+    of `_projection_gradients`."""
     w_x, b_x, w_h, xs, xws, ghs, carries, valid = residuals
     d_final, d_outs = cotangents
     w_h_t = w_h.T
@@ -194,13 +197,46 @@ def _recurrence_bwd(layer, residuals, cotangents):
     d_carry, d_gs = jax.lax.scan(step, d_final, (xws, ghs, carries, valid, d_outs),
                                  reverse=True, unroll=layer.unroll)
     d_gxs, d_ghs = d_gs if isinstance(d_gs, tuple) else (d_gs, d_gs)
+    return _projection_gradients(w_x, xs, carries["h"], d_gxs, d_ghs) + (d_carry, None)
+
+
+def _projection_gradients(w_x, xs, h_prev, d_gxs, d_ghs):
+    """The gradients of gx_t = x_t W_x + b_x and gh_t = h_{t-1} W_h + b_h given ∂gx, ∂gh (T, B, G),
+    each one product over all T·B rows: ∂W_x = Σ x_tᵀ ∂gx_t, ∂b_x, ∂W_h = Σ h_{t-1}ᵀ ∂gh_t, ∂b_h,
+    and ∂x_t = ∂gx_t W_xᵀ. (Written out rather than left to autodiff of `xs @ w_x`, whose
+    transpose XLA:CPU ran as a slower dot on a transposed copy of ∂gx.)"""
     over = ((0, 1), (0, 1))
     d_w_x, d_xs = (None, d_gxs) if w_x is None else (jnp.tensordot(xs, d_gxs, over), d_gxs @ w_x.T)
-    return (d_w_x, d_gxs.sum((0, 1)), jnp.tensordot(carries["h"], d_ghs, over), d_ghs.sum((0, 1)),
-            d_xs, d_carry, None)
+    return d_w_x, d_gxs.sum((0, 1)), jnp.tensordot(h_prev, d_ghs, over), d_ghs.sum((0, 1)), d_xs
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lstm_kernel(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
+    """`_recurrence` for the LSTM on the CPU: its steps forward and backward are the C++ kernels
+    `dp.kernels.lstm_forward` / `lstm_backward`; the products over all steps stay XLA's."""
+    return _lstm_kernel_fwd(layer, w_x, b_x, w_h, b_h, xs, carry, valid)[0]
+
+
+def _lstm_kernel_fwd(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
+    steps, batch = xs.shape[:2]
+    lengths = jnp.full((batch,), steps, jnp.int32) if valid is None else valid.sum(0, dtype=jnp.int32)
+    hs, h, c, gates, cs = kernels.lstm_forward(_projected(w_x, xs), b_x + b_h, w_h, carry["h"], carry["c"], lengths)
+    return ({"h": h, "c": c}, {"h": hs}), (w_x, w_h, xs, carry, lengths, hs, gates, cs)
+
+
+def _lstm_kernel_bwd(layer, residuals, cotangents):
+    w_x, w_h, xs, carry, lengths, hs, gates, cs = residuals
+    d_final, d_outs = cotangents
+    d_z, d_h0, d_c0 = kernels.lstm_backward(w_h, gates, cs, carry["c"], lengths, d_outs["h"], d_final["h"],
+                                            d_final["c"])
+    h_prev = jnp.concatenate([carry["h"][None], hs[:-1]])  # past a length h_prev is 0, but so is ∂z there
+    return _projection_gradients(w_x, xs, h_prev, d_z, d_z) + ({"h": d_h0, "c": d_c0}, None)
+
+
+_lstm_kernel.defvjp(_lstm_kernel_fwd, _lstm_kernel_bwd)
 
 
 @layerclass
@@ -263,6 +299,14 @@ class LSTM(Recurrent):
 
     def weights(self, params):
         return _fused(params, LSTM_GATES)
+
+    def _recurrence(self, w_x, b_x, w_h, b_h, xs, carry, valid):
+        """On the CPU, for float32, the C++ kernels (`_lstm_kernel`) unless the gates are asked for."""
+        args = (w_x, b_x, w_h, b_h, xs, carry, valid)
+        floats = {a.dtype for a in jax.tree.leaves((w_x, b_x, w_h, b_h, xs, carry))}
+        if self.return_gates or floats != {jnp.dtype(jnp.float32)} or not kernels.available():
+            return _recurrence(self, *args)
+        return jax.lax.platform_dependent(*args, cpu=partial(_lstm_kernel, self), default=partial(_recurrence, self))
 
     def activate(self, gx, gh, carry):
         # one tanh pass over all four gates, σ(z) = (1 + tanh(z/2)) / 2: ~2× faster on XLA:CPU

@@ -7,18 +7,11 @@
 // scores only up to its last row (rounded up to 16 columns), so most of the work above the
 // diagonal is skipped.
 // Layout: q, k, v, o, do and the gradients are (..., T, H, D) row-major; logsumexp (..., T, H).
-#include <immintrin.h>
-
-#include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu.h"
 
 extern "C" int diffprog_cpu_supported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -29,119 +22,18 @@ extern "C" int diffprog_cpu_supported() {
 
 namespace {
 
-constexpr int kRows = 6;     // rows of C per micro-kernel call
-constexpr int kCols = 16;    // columns of C per micro-kernel call (two 8-float vectors)
-
-__m256i column_mask(int n) {  // lanes < n set
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// B operands are packed: panels of 16 columns, each panel its `rows` × 16 values contiguous
-// (zero past the last column), so the micro-kernel reads B sequentially whatever its source.
-size_t packed_size(int rows, int cols) { return static_cast<size_t>(rows) * ((cols + kCols - 1) / kCols * kCols); }
-
-void pack(const float* x, long ldx, int rows, int cols, float* out) {  // B = x (rows × cols)
-  for (int j = 0; j < cols; j += kCols, out += static_cast<size_t>(rows) * kCols) {
-    const __m256i m0 = column_mask(cols - j), m1 = column_mask(cols - j - 8);
-    for (int r = 0; r < rows; ++r) {
-      _mm256_storeu_ps(out + r * kCols, _mm256_maskload_ps(x + r * ldx + j, m0));
-      _mm256_storeu_ps(out + r * kCols + 8, _mm256_maskload_ps(x + r * ldx + j + 8, m1));
-    }
-  }
-}
-
-void pack_transposed(const float* x, long ldx, int rows, int cols, float* out) {  // B = xᵀ (cols × rows)
-  for (int j = 0; j < rows; j += kCols, out += static_cast<size_t>(cols) * kCols)
-    for (int c = 0; c < kCols; ++c)
-      for (int r = 0; r < cols; ++r) out[r * kCols + c] = j + c < rows ? x[(j + c) * ldx + r] : 0.0f;
-}
-
-// An A operand: element (r, p) at a[r * lda + p * step] (step 1: row-major; lda 1: A is the
-// transpose of a row-major matrix, read in place).
-struct Operand {
-  const float* a;
-  long lda, step;
-  Operand at(long r, long p) const { return {a + r * lda + p * step, lda, step}; }
-};
-
-// C[6 × 16] = A[6 × kc] B[kc × 16], B a packed panel. Twelve named accumulators: GCC keeps an
-// array of them in memory, storing it every iteration.
-void micro_kernel(int kc, Operand op, const float* b, float* c, long ldc) {
-  const float* a = op.a;
-  const long lda = op.lda;
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int p = 0; p < kc; ++p, b += kCols, a += op.step) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 x = _mm256_broadcast_ss(a);
-    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(a + lda);
-    c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(a + 2 * lda);
-    c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(a + 3 * lda);
-    c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
-    x = _mm256_broadcast_ss(a + 4 * lda);
-    c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
-    x = _mm256_broadcast_ss(a + 5 * lda);
-    c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
-  }
-  const __m256 rows[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int r = 0; r < kRows; ++r) {
-    _mm256_storeu_ps(c + r * ldc, rows[r][0]);
-    _mm256_storeu_ps(c + r * ldc + 8, rows[r][1]);
-  }
-}
-
-// C[mr × nr] = A[mr × kc] B for a tile at the edge (mr < 6 or nr < 16): through zero-padded copies.
-void edge_tile(int kc, Operand op, const float* b, float* c, long ldc, int mr, int nr, float* padded_a) {
-  float tile[kRows * kCols];
-  for (int r = 0; r < kRows; ++r)
-    for (int p = 0; p < kc; ++p) padded_a[r * kc + p] = r < mr ? *op.at(r, p).a : 0.0f;
-  micro_kernel(kc, {padded_a, kc, 1}, b, tile, kCols);
-  for (int r = 0; r < mr; ++r) std::copy(tile + r * kCols, tile + r * kCols + nr, c + r * ldc);
-}
-
 // C = A B for the rows [0, m), B packed with `b_rows` rows: a block of rows [i, i + 6) reads
 // A's columns (B's rows) [k_begin(i), k_end(i)) and writes C's columns [0, n_end(i, i_end)).
-// `padded_a` is scratch for 6 × b_rows floats.
 template <class KBegin, class KEnd, class NEnd>
 void product(int m, Operand a, const float* b, int b_rows, float* c, long ldc,
-             KBegin k_begin, KEnd k_end, NEnd n_end, float* padded_a) {
+             KBegin k_begin, KEnd k_end, NEnd n_end) {
   for (int i = 0; i < m; i += kRows) {
     const int i_end = std::min(i + kRows, m), k0 = k_begin(i), kc = k_end(i) - k0;
     const int n = n_end(i, i_end);
-    for (int j = 0; j < n; j += kCols) {
-      const Operand a_ij = a.at(i, k0);
-      const float* b_j = b + static_cast<size_t>(j) * b_rows + k0 * kCols;
-      if (i_end - i == kRows && n - j >= kCols) micro_kernel(kc, a_ij, b_j, c + i * ldc + j, ldc);
-      else edge_tile(kc, a_ij, b_j, c + i * ldc + j, ldc, i_end - i, std::min(kCols, n - j), padded_a);
-    }
+    for (int j = 0; j < n; j += kCols)
+      tile(i_end - i, kc, a.at(i, k0), b + static_cast<size_t>(j) * b_rows + k0 * kCols, c + i * ldc + j, ldc,
+           std::min(kCols, n - j));
   }
-}
-
-// exp(x) for x ≤ 0 (softmax arguments); exp(−inf) and underflow give 0. Relative error ~2e-7.
-__m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-float sum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 // p[0, n) = exp(scale s[j] − shift) for j ≤ last, 0 after; returns Σ over j ≤ last.
@@ -178,20 +70,14 @@ Shape shape_of(ffi::Buffer<ffi::F32>& x) {
   return {examples * heads, dims[dims.size() - 3], heads, dims[dims.size() - 1]};
 }
 
-// work(item, scratch) for every item, shared among XLA's CPU threads: each thread takes a
-// contiguous range of items (so that no two threads write the same cache line) and has its own
-// `scratch_floats` of scratch memory. The calling thread runs the first range and waits for the rest.
+// work(item, scratch) for every item, shared among XLA's CPU threads (`in_parallel`), each
+// thread with its own `scratch_floats` of scratch memory.
 template <class Work>
 void for_each_item(ffi::ThreadPool pool, long items, size_t scratch_floats, Work work) {
-  const long parts = std::clamp<long>(pool.num_threads(), 1, items);
-  auto run = [&](long part) {
+  in_parallel(pool, items, [&](long begin, long end) {
     std::vector<float> scratch(scratch_floats);
-    for (long i = items * part / parts; i < items * (part + 1) / parts; ++i) work(i, scratch.data());
-  };
-  std::atomic<long> done{1};
-  for (long part = 1; part < parts; ++part) pool.Schedule([&, part] { run(part); done.fetch_add(1); });
-  run(0);
-  while (done.load() < parts) std::this_thread::yield();
+    for (long i = begin; i < end; ++i) work(i, scratch.data());
+  });
 }
 
 int row_block_end(int i, int steps) { return std::min(i / kRows * kRows + kRows, steps); }
@@ -211,22 +97,21 @@ float row_max(const float* s, int last) {  // max of s[0..last]
 // The products of one item (T steps, D features): A is T × T (ld) or T × D (row), B packed.
 struct Products {
   int steps, dim;
-  float* padded_a;  // scratch: 6 × max(T, D)
   // C (T × D) = L B or Lᵀ B (`transposed`, Lᵀ read in place), L (T × T) lower-triangular and
   // zero past the diagonal up to its row blocks' end, B packed T × D. Row i of L ends at i,
   // row j of Lᵀ starts at j.
   void by_values(const float* l, int ld, bool transposed, const float* b, float* c, long ldc) const {
     const int t = steps, d = dim;
     auto width = [d](int, int) { return d; };
-    if (transposed) product(t, {l, 1, ld}, b, t, c, ldc, [](int j) { return j; }, [t](int) { return t; }, width, padded_a);
-    else product(t, {l, ld, 1}, b, t, c, ldc, [](int) { return 0; }, [t](int i) { return std::min(i + kRows, t); }, width, padded_a);
+    if (transposed) product(t, {l, 1, ld}, b, t, c, ldc, [](int j) { return j; }, [t](int) { return t; }, width);
+    else product(t, {l, ld, 1}, b, t, c, ldc, [](int) { return 0; }, [t](int i) { return std::min(i + kRows, t); }, width);
   }
   // C (T × T, lower part up to the row blocks' end rounded up to 16 columns) = A (T × D) B,
   // B packed D × T.
   void scores(const float* a, long lda, const float* b, float* c, int ldc) const {
     const int d = dim;
     product(steps, {a, lda, 1}, b, d, c, ldc, [](int) { return 0; }, [d](int) { return d; },
-            [](int, int i_end) { return (i_end + kCols - 1) / kCols * kCols; }, padded_a);
+            [](int, int i_end) { return (i_end + kCols - 1) / kCols * kCols; });
   }
 };
 
@@ -255,10 +140,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const int steps = sh.steps, dim = sh.dim, ld = sh.padded();
   const long row = sh.row();
   const size_t b_size = std::max(packed_size(steps, dim), packed_size(dim, steps)), p_size = packed_size(steps, steps);
-  const size_t a_size = kRows * std::max(steps, dim);
-  for_each_item(pool, sh.items, a_size + b_size + p_size + steps, [&](long item, float* scratch) {
-    const Products on{steps, dim, scratch};
-    float *packed = scratch + a_size, *p = packed + b_size, *totals = p + p_size;
+  for_each_item(pool, sh.items, b_size + p_size + steps, [&](long item, float* scratch) {
+    const Products on{steps, dim};
+    float *packed = scratch, *p = packed + b_size, *totals = p + p_size;
     const long at = sh.offset(item);
     float* out = o->typed_data() + at;
     exponentials(on, q.typed_data() + at, k.typed_data() + at, row, scale, packed, p, ld,
@@ -285,10 +169,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const int steps = sh.steps, dim = sh.dim, ld = sh.padded();
   const long row = sh.row();
   const size_t b_size = std::max(packed_size(steps, dim), packed_size(dim, steps)), p_size = packed_size(steps, steps);
-  const size_t a_size = kRows * std::max(steps, dim);
-  for_each_item(pool, sh.items, a_size + b_size + 2 * p_size, [&](long item, float* scratch) {
-    const Products on{steps, dim, scratch};
-    float *packed = scratch + a_size, *p = packed + b_size, *ds = p + p_size;
+  for_each_item(pool, sh.items, b_size + 2 * p_size, [&](long item, float* scratch) {
+    const Products on{steps, dim};
+    float *packed = scratch, *p = packed + b_size, *ds = p + p_size;
     const long at = sh.offset(item);
     const float *q_i = q.typed_data() + at, *k_i = k.typed_data() + at, *v_i = v.typed_data() + at;
     const float *o_i = o.typed_data() + at, *do_i = d_o.typed_data() + at;

@@ -1,0 +1,211 @@
+// The LSTM recurrence for float32 on x86-64 CPUs with AVX2 and FMA, as two XLA FFI handlers.
+// The input projection x_t W_x (all steps at once) and the weight gradients are XLA's matrix
+// products; these handlers run what is left, the T steps one after the other. Per step t:
+//   z_t = xw_t + bias + h_{t-1} W_h                      (G = 4H columns: remember|save|focus|candidate)
+//   f, i, o = σ(z_f), σ(z_i), σ(z_o),  g = tanh(z_g)
+//   c_t = f ⊙ c_{t-1} + i ⊙ g,  h_t = o ⊙ tanh(c_t)
+//   backward, from ∂h_t (output + carry) and ∂c_t:  ∂o = ∂h_t ⊙ tanh(c_t),
+//   ∂c = ∂c_t + ∂h_t ⊙ o ⊙ (1 − tanh²(c_t)),  ∂f = ∂c ⊙ c_{t-1},  ∂i = ∂c ⊙ g,  ∂g = ∂c ⊙ i,
+//   ∂z = [∂f f(1−f), ∂i i(1−i), ∂o o(1−o), ∂g (1−g²)],  ∂c_{t-1} = ∂c ⊙ f,  ∂h_{t-1} = ∂z W_hᵀ
+// Rows of the batch are independent, so each thread runs all T steps for its own rows. A row
+// past its length keeps its state, outputs 0 and passes its gradients through.
+// Layout: xw, gates, ∂z (T, B, G); hs, cs, ∂hs (T, B, H); states (B, H); lengths (B,) int32.
+#include <cstdint>
+#include <vector>
+
+#include "cpu.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace {
+
+// tanh(x) as a rational function of x on [−7.9053, 7.9053] (outside it ±1 to float precision),
+// absolute error ~2e-7; the approximation XLA and Eigen use for float32.
+__m256 tanh(__m256 x) {
+  const __m256 limit = _mm256_set1_ps(7.90531110763549805f);
+  x = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), limit), _mm256_min_ps(limit, x));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-2.76076847742355e-16f);
+  for (float a : {2.00018790482477e-13f, -8.60467152213735e-11f, 5.12229709037114e-08f, 1.48572235717979e-05f,
+                  6.37261928875436e-04f, 4.89352455891786e-03f})
+    p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(a));
+  __m256 q = _mm256_set1_ps(1.19825839466702e-06f);
+  for (float b : {1.18534705686654e-04f, 2.26843463243900e-03f, 4.89352518554385e-03f})
+    q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(b));
+  return _mm256_div_ps(_mm256_mul_ps(p, x), q);
+}
+
+__m256 sigmoid(__m256 x) {  // σ(x) = (1 + tanh(x/2)) / 2
+  const __m256 half = _mm256_set1_ps(0.5f);
+  return _mm256_fmadd_ps(half, tanh(_mm256_mul_ps(half, x)), half);
+}
+
+// The lanes [j, min(j + 8, n)) of a row: whole vectors where they fit, masked at the row's end
+// (a masked store is many times slower than a plain one on AMD's cores).
+struct Lanes {
+  bool whole;
+  __m256i mask;
+  explicit Lanes(int left) : whole(left >= 8), mask(column_mask(left)) {}
+  __m256 load(const float* p) const { return whole ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask); }
+  void store(float* p, __m256 v) const { whole ? _mm256_storeu_ps(p, v) : _mm256_maskstore_ps(p, mask, v); }
+};
+
+struct Sizes {
+  int steps, batch, hidden;
+  int gates() const { return 4 * hidden; }
+  size_t at(int t, int b, int width) const { return (static_cast<size_t>(t) * batch + b) * width; }
+};
+
+// One row's step forward: the gates from z (= pre + xw + bias), the new state (c, h) in place.
+void cell_forward(int hidden, const float* pre, const float* xw, const float* bias, float* c, float* h,
+                  float* gates, float* h_out, float* c_out) {
+  for (int j = 0; j < hidden; j += 8) {
+    const Lanes m(hidden - j);
+    __m256 z[4];
+    for (int k = 0; k < 4; ++k) {
+      const int at = k * hidden + j;
+      z[k] = _mm256_add_ps(m.load(pre + at), _mm256_add_ps(m.load(xw + at), m.load(bias + at)));
+    }
+    const __m256 remember = sigmoid(z[0]), save = sigmoid(z[1]), focus = sigmoid(z[2]), candidate = tanh(z[3]);
+    const __m256 cell = _mm256_fmadd_ps(remember, m.load(c + j), _mm256_mul_ps(save, candidate));
+    const __m256 out = _mm256_mul_ps(focus, tanh(cell));
+    const __m256 values[4] = {remember, save, focus, candidate};
+    for (int k = 0; k < 4; ++k) m.store(gates + k * hidden + j, values[k]);
+    m.store(c + j, cell), m.store(c_out + j, cell);
+    m.store(h + j, out), m.store(h_out + j, out);
+  }
+}
+
+// One row's step backward: ∂z from ∂h_t = d_out + d_h and ∂c_t = d_c; d_c becomes ∂c_{t-1}.
+void cell_backward(int hidden, const float* gates, const float* c, const float* c_prev, const float* d_out,
+                   const float* d_h, float* d_c, float* d_z) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int j = 0; j < hidden; j += 8) {
+    const Lanes m(hidden - j);
+    const __m256 remember = m.load(gates + j), save = m.load(gates + hidden + j);
+    const __m256 focus = m.load(gates + 2 * hidden + j);
+    const __m256 candidate = m.load(gates + 3 * hidden + j);
+    const __m256 squashed = tanh(m.load(c + j));
+    const __m256 dh = _mm256_add_ps(m.load(d_out + j), m.load(d_h + j));
+    const __m256 d_focus = _mm256_mul_ps(dh, squashed);
+    const __m256 dc = _mm256_fmadd_ps(_mm256_mul_ps(dh, focus), _mm256_fnmadd_ps(squashed, squashed, one),
+                                      m.load(d_c + j));
+    const __m256 d_remember = _mm256_mul_ps(dc, m.load(c_prev + j));
+    const __m256 d_save = _mm256_mul_ps(dc, candidate), d_candidate = _mm256_mul_ps(dc, save);
+    auto through_sigmoid = [&](__m256 d, __m256 s) { return _mm256_mul_ps(d, _mm256_mul_ps(s, _mm256_sub_ps(one, s))); };
+    m.store(d_z + j, through_sigmoid(d_remember, remember));
+    m.store(d_z + hidden + j, through_sigmoid(d_save, save));
+    m.store(d_z + 2 * hidden + j, through_sigmoid(d_focus, focus));
+    m.store(d_z + 3 * hidden + j, _mm256_mul_ps(d_candidate, _mm256_fnmadd_ps(candidate, candidate, one)));
+    m.store(d_c + j, _mm256_mul_ps(dc, remember));
+  }
+}
+
+Sizes sizes_of(ffi::Buffer<ffi::F32>& xw) {
+  auto dims = xw.dimensions();
+  return {static_cast<int>(dims[0]), static_cast<int>(dims[1]), static_cast<int>(dims[2] / 4)};
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
+                   ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                   ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> h,
+                   ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> cs) {
+  const Sizes n = sizes_of(xw);
+  const int H = n.hidden, G = n.gates();
+  std::vector<float> packed(packed_size(H, G));
+  pack(w_h.typed_data(), G, H, G, packed.data());
+  std::copy_n(h0.typed_data(), static_cast<size_t>(n.batch) * H, h->typed_data());
+  std::copy_n(c0.typed_data(), static_cast<size_t>(n.batch) * H, c->typed_data());
+  in_parallel(pool, n.batch, [&](long begin, long end) {
+    const int rows = static_cast<int>(end - begin);
+    std::vector<float> pre(static_cast<size_t>(rows) * G);
+    float *h_rows = h->typed_data() + begin * H, *c_rows = c->typed_data() + begin * H;
+    for (int t = 0; t < n.steps; ++t) {
+      multiply(rows, G, H, {h_rows, H, 1}, packed.data(), pre.data(), G);
+      for (int r = 0; r < rows; ++r) {
+        const int b = static_cast<int>(begin) + r;
+        float *h_out = hs->typed_data() + n.at(t, b, H), *c_out = cs->typed_data() + n.at(t, b, H);
+        float* gates_out = gates->typed_data() + n.at(t, b, G);
+        if (t < lengths.typed_data()[b]) {
+          cell_forward(H, pre.data() + static_cast<size_t>(r) * G, xw.typed_data() + n.at(t, b, G),
+                       bias.typed_data(), c_rows + r * H, h_rows + r * H, gates_out, h_out, c_out);
+        } else {
+          std::fill_n(h_out, H, 0.0f), std::fill_n(gates_out, G, 0.0f);
+          std::copy_n(c_rows + r * H, H, c_out);
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> gates,
+                    ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::S32> lengths,
+                    ffi::Buffer<ffi::F32> d_hs, ffi::Buffer<ffi::F32> d_h, ffi::Buffer<ffi::F32> d_c,
+                    ffi::ResultBuffer<ffi::F32> d_z, ffi::ResultBuffer<ffi::F32> d_h0,
+                    ffi::ResultBuffer<ffi::F32> d_c0) {
+  const Sizes n = sizes_of(gates);
+  const int H = n.hidden, G = n.gates();
+  std::vector<float> packed(packed_size(G, H));
+  pack_transposed(w_h.typed_data(), G, H, G, packed.data());
+  std::copy_n(d_h.typed_data(), static_cast<size_t>(n.batch) * H, d_h0->typed_data());
+  std::copy_n(d_c.typed_data(), static_cast<size_t>(n.batch) * H, d_c0->typed_data());
+  in_parallel(pool, n.batch, [&](long begin, long end) {
+    const int rows = static_cast<int>(end - begin);
+    std::vector<float> back(static_cast<size_t>(rows) * H);
+    float *dh_rows = d_h0->typed_data() + begin * H, *dc_rows = d_c0->typed_data() + begin * H;
+    for (int t = n.steps - 1; t >= 0; --t) {
+      float* d_z_rows = d_z->typed_data() + n.at(t, static_cast<int>(begin), G);
+      for (int r = 0; r < rows; ++r) {
+        const int b = static_cast<int>(begin) + r;
+        if (t < lengths.typed_data()[b]) {
+          const float* c_prev = t ? cs.typed_data() + n.at(t - 1, b, H) : c0.typed_data() + static_cast<size_t>(b) * H;
+          cell_backward(H, gates.typed_data() + n.at(t, b, G), cs.typed_data() + n.at(t, b, H), c_prev,
+                        d_hs.typed_data() + n.at(t, b, H), dh_rows + r * H, dc_rows + r * H,
+                        d_z_rows + static_cast<size_t>(r) * G);
+        } else {
+          std::fill_n(d_z_rows + static_cast<size_t>(r) * G, G, 0.0f);
+        }
+      }
+      multiply(rows, H, G, {d_z_rows, G, 1}, packed.data(), back.data(), H);
+      for (int r = 0; r < rows; ++r)
+        if (t < lengths.typed_data()[begin + r]) std::copy_n(back.data() + r * H, H, dh_rows + r * H);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#pragma GCC pop_options
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_lstm_forward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xw
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // gates
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // cs
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_lstm_backward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gates
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_hs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_c
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_z
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_h0
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // d_c0
