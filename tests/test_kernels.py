@@ -1,4 +1,5 @@
-"""The C++ causal attention kernel (`dp.kernels`) against the jnp path it replaces on the CPU."""
+"""The C++ kernels (`dp.kernels`: causal attention, the LSTM recurrence) against the jnp paths
+they replace on the CPU."""
 import platform
 import shutil
 
@@ -9,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 import diffprog as dp
-from diffprog import kernels
+from diffprog import kernels, recurrent
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("c++") is None,
                                 reason="the kernel needs an x86-64 CPU and a C++ compiler")
@@ -57,3 +58,76 @@ def test_the_kernel_is_lowered_for_the_cpu_only():
                for platform in ("cpu", "cuda")}
     assert "diffprog_causal_attention_backward" in lowered["cpu"]
     assert "diffprog_causal_attention" not in lowered["cuda"]
+
+
+def lstm_arguments(key, steps, batch, d, hidden, lengths):
+    """The arguments of the LSTM's batch loop (`_recurrence`) for random weights and states."""
+    layer = dp.LSTM(hidden)
+    kx, kp, kh, kc = jax.random.split(key, 4)
+    xs = jax.random.normal(kx, (steps, batch, d))
+    w_x, w_h, b_x, b_h = layer.weights(layer.init(kp, xs[:, 0]))
+    carry = {"h": jax.random.normal(kh, (batch, hidden)), "c": jax.random.normal(kc, (batch, hidden))}
+    valid = None if lengths is None else jnp.arange(steps)[:, None] < jnp.array(lengths)
+    return layer, (w_x, b_x + 0.1, w_h, b_h, xs, carry, valid)
+
+
+@pytest.mark.parametrize("steps, batch, d, hidden, lengths", [
+    (1, 1, 1, 1, None), (9, 5, 3, 10, [9, 3, 1, 2, 7]), (13, 7, 9, 21, None), (6, 33, 4, 16, None)])
+def test_lstm_kernel_matches_the_scan_values_and_gradients(steps, batch, d, hidden, lengths, key):
+    """Hidden sizes not a multiple of 8 and batches not a multiple of 6 exercise the masked lanes
+    and the narrow tiles; `lengths` the rows that stop early."""
+    layer, args = lstm_arguments(key, steps, batch, d, hidden, lengths)
+    kernel = jax.jit(lambda *a: recurrent._lstm_kernel(layer, *a))
+    scan = jax.jit(lambda *a: recurrent._recurrence(layer, *a))
+    chex.assert_trees_all_close(kernel(*args), scan(*args), atol=1e-6)
+    kc, kh, ky = jax.random.split(jax.random.key(1), 3)
+
+    def loss(f):
+        def value(*a):
+            final, outs = f(*a)
+            return (jnp.sum(jnp.tanh(outs["h"]) * jax.random.normal(ky, outs["h"].shape))
+                    + jnp.sum(final["h"] * jax.random.normal(kh, final["h"].shape))
+                    + jnp.sum(final["c"] * jax.random.normal(kc, final["c"].shape)))
+        return jax.jit(jax.grad(value, range(6)))
+    chex.assert_trees_all_close(loss(kernel)(*args), loss(scan)(*args), atol=2e-5)
+
+
+def test_lstm_kernel_gradients_against_finite_differences(key):
+    layer, (w_x, b_x, w_h, b_h, xs, carry, valid) = lstm_arguments(key, 5, 3, 2, 4, [5, 2, 4])
+
+    def f(w_x, w_h, xs, carry):
+        final, outs = recurrent._lstm_kernel(layer, w_x, b_x, w_h, b_h, xs, carry, valid)
+        return outs["h"], final
+    check_grads(f, (w_x, w_h, xs, carry), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def test_lstm_layer_uses_the_kernel_on_the_cpu_only(key):
+    layer = dp.batched(dp.LSTM(4))
+    xs = jnp.ones((2, 3, 5))
+    params = layer.init(key, xs)
+    step = jax.jit(jax.grad(lambda p: layer.apply(p, xs).sum()))
+    lowered = {platform: step.trace(params).lower(lowering_platforms=(platform,)).as_text()
+               for platform in ("cpu", "cuda")}
+    assert "diffprog_lstm_forward" in lowered["cpu"] and "diffprog_lstm_backward" in lowered["cpu"]
+    assert "diffprog_lstm" not in lowered["cuda"]
+    gates = dp.batched(dp.LSTM(4, return_gates=True))
+    assert "diffprog_lstm" not in jax.jit(gates.apply).trace(params, xs).lower().as_text()
+
+
+def test_lstm_kernel_under_vmap_is_a_loop_over_the_calls(key):
+    steps, batch, hidden = 4, 3, 8
+    ks = jax.random.split(key, 4)
+    xw = jax.random.normal(ks[0], (2, steps, batch, 4 * hidden))
+    w_h = jax.random.normal(ks[1], (2, hidden, 4 * hidden))
+    h0, c0 = jax.random.normal(ks[2], (2, 2, batch, hidden))
+    bias, lengths = jnp.zeros(4 * hidden), jnp.array([4, 1, 3])
+    mapped = jax.vmap(kernels.lstm_forward, (0, None, 0, 0, 0, None))(xw, bias, w_h, h0, c0, lengths)
+    for i in range(2):
+        chex.assert_trees_all_close(tuple(m[i] for m in mapped),
+                                    tuple(kernels.lstm_forward(xw[i], bias, w_h[i], h0[i], c0[i], lengths)))
+
+
+def test_lstm_kernel_rejects_mismatched_shapes():
+    xw, state = jnp.zeros((3, 2, 8)), jnp.zeros((2, 2))
+    with pytest.raises(ValueError, match=r"lstm_forward: for xw \(3, 2, 8\).*'w_h': \(2, 8\).*'w_h': \(3, 8\)"):
+        kernels.lstm_forward(xw, jnp.zeros(8), jnp.zeros((3, 8)), state, state, jnp.array([3, 3]))
