@@ -1,4 +1,4 @@
-"""Kernel choices inside diffprog, measured: attention, pooling, and the LSTM scan's unroll.
+"""Kernel choices inside diffprog, measured: attention, pooling, and the LSTM's loop.
 
     python -m benchmarks.kernels [--quick]
 
@@ -9,19 +9,22 @@
 - the attention's score product q·kᵀ for all B·H heads at B32 T128 H4 D64: XLA's batched
   product vs one 2-D product of the same FLOPs, and PyTorch's torch.bmm when torch is installed;
 - pooling: MaxPool by reshape-fold vs `lax.reduce_window` (window == stride == 2);
-- LSTM: forward + backward time for lax.scan unroll factors 1, 2, 4, 8, and PyTorch's nn.LSTM
-  (one layer on float inputs, oneDNN) beside them when torch is installed.
+- LSTM: one layer's batch loop (input projection included; gradients for the weights) as
+  the C++ kernel of `dp.kernels` and as `lax.scan` with unroll 1, 2, 4, 8, and PyTorch's
+  nn.LSTM (one layer on float inputs, oneDNN) beside them when torch is installed.
 Writes benchmarks/results/kernels.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import diffprog as dp
+from diffprog import recurrent
 
 from .common import block, machine, markdown_table, median_time, optional_torch, write
 
@@ -96,16 +99,21 @@ def main(argv=None):
         rows.append([f"max pool 2×2 on {tuple(x.shape)}", name, f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
     B, T, W = (2, 16, 16) if args.quick else (32, 128, 256)
     xs = jax.random.normal(jax.random.key(2), (B, T, W))
-    for unroll in (1, 2, 4, 8):
-        lstm = dp.LSTM(W, unroll=unroll)
-        params = lstm.init(jax.random.key(0), xs[0])
-        net = dp.batched(lstm).apply
+    lstm = dp.LSTM(W)
+    w_x, w_h, b_x, b_h = lstm.weights(lstm.init(jax.random.key(0), xs[0]))
+    weights = (w_x, b_x, w_h, b_h)  # in the loops' argument order
+    time_major, carry = jnp.swapaxes(xs, 0, 1), lstm.initial_carry(xs.dtype, (B,))
+    loops = {"C++ kernel (dp.LSTM on the CPU)": partial(recurrent._lstm_kernel, lstm)}
+    loops |= {f"lax.scan, unroll={unroll}": partial(recurrent._recurrence, dp.LSTM(W, unroll=unroll))
+              for unroll in (1, 2, 4, 8)}
+    for name, loop in loops.items():
+        net = partial(lambda loop, weights: loop(*weights, time_major, carry, None)[1]["h"], loop)
         fwd = jax.jit(net)
-        bwd = jax.jit(jax.grad(lambda p: net(p, xs).sum()))
-        results[f"lstm/unroll={unroll}"] = {"forward_s": median_time(lambda: block(fwd(params, xs)), reps),
-                                            "backward_s": median_time(lambda: block(bwd(params)), reps)}
-        r = results[f"lstm/unroll={unroll}"]
-        rows.append([f"LSTM({W}) B{B} T{T}", f"unroll={unroll}", f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
+        bwd = jax.jit(jax.grad(lambda weights: net(weights).sum()))
+        results[f"lstm/{name}"] = {"forward_s": median_time(lambda: block(fwd(weights)), reps),
+                                   "backward_s": median_time(lambda: block(bwd(weights)), reps)}
+        r = results[f"lstm/{name}"]
+        rows.append([f"LSTM({W}) B{B} T{T}", name, f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
     torch = optional_torch()
     if torch is not None:
         layer, txs = torch.nn.LSTM(W, W, batch_first=True), torch.tensor(np.asarray(xs))

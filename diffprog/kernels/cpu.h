@@ -148,13 +148,13 @@ float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// work(begin, end) over [0, items) shared among XLA's CPU threads: each thread takes one
-// contiguous range (so that no two threads write the same cache line). The calling thread runs
-// the first range and waits for the rest.
+// work(begin, end) over [0, items) shared among XLA's CPU threads, at most `max_parts` of them:
+// each thread takes one contiguous range (so that no two threads write the same cache line).
+// The calling thread runs the first range and waits for the rest.
 template <class Work>
-void in_parallel(ffi::ThreadPool pool, long items, Work work) {
+void in_parallel(ffi::ThreadPool pool, long items, Work work, long max_parts = 1L << 30) {
   if (items <= 0) return;
-  const long parts = std::clamp<long>(pool.num_threads(), 1, items);
+  const long parts = std::clamp<long>(std::min<long>(pool.num_threads(), max_parts), 1, items);
   std::atomic<long> done{1};
   for (long part = 1; part < parts; ++part)
     pool.Schedule([&, part] { work(items * part / parts, items * (part + 1) / parts); done.fetch_add(1); });

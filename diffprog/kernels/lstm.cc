@@ -54,6 +54,8 @@ struct Lanes {
 struct Sizes {
   int steps, batch, hidden;
   int gates() const { return 4 * hidden; }
+  // Threads worth starting: handing work to another thread costs ~50 µs, the time of ~4 MFLOP.
+  long parts() const { return 1 + 2L * steps * batch * hidden * gates() / 4'000'000; }
   size_t at(int t, int b, int width) const { return (static_cast<size_t>(t) * batch + b) * width; }
 };
 
@@ -136,7 +138,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<f
         }
       }
     }
-  });
+  }, n.parts());
   return ffi::Error::Success();
 }
 
@@ -172,7 +174,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer
       for (int r = 0; r < rows; ++r)
         if (t < lengths.typed_data()[begin + r]) std::copy_n(back.data() + r * H, H, dh_rows + r * H);
     }
-  });
+  }, n.parts());
   return ffi::Error::Success();
 }
 
