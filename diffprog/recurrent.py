@@ -12,6 +12,8 @@ reverse scan only carries the state gradients, and the weight gradient Σ_t h_{t
 matrix product over all examples and steps after it, instead of T small ones inside the loop.
 Right after a token embedding (`LSTM(h) @ EmbedToken(vocab, d)` on a batch) the input projection
 is a lookup in the projected table, x_t W_x = (E W_x)[id_t] (`apply_batch_embedded`).
+On the CPU the LSTM's batch loop, forward and backward, is a C++ kernel (`dp.kernels`), the
+products over all steps around it staying XLA's (`_lstm_kernel`).
 """
 from __future__ import annotations
 
@@ -278,7 +280,9 @@ class LSTM(Recurrent):
     Params: {"remember", "save", "focus", "candidate"}, each {w_x (d, hidden), w_h (hidden,
     hidden), bias (hidden,)}; the remember bias starts at `remember_bias` (default 1.0: "do not
     forget" at first). The four gates' projections are fused: x·W_x for all steps is one matrix
-    product, and each step computes h_{t-1}·W_h for all four gates as one product.
+    product, and each step computes h_{t-1}·W_h for all four gates as one product. On the CPU,
+    a float32 batch runs its steps in the C++ kernels `dp.kernels.lstm_forward`/`lstm_backward`
+    (`unroll` then does not apply: it is the `lax.scan` loop's, used elsewhere).
     Carry: {"h", "c"}. With `return_gates=True` the output is (ys, trace) where trace holds every
     step's remember/save/focus/candidate activations and cell state c, each (T, hidden).
     """
