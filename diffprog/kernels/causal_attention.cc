@@ -41,13 +41,13 @@ float exp_row(const float* s, float* p, int n, int last, float scale, float shif
   const __m256 vs = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(shift);
   __m256 total = _mm256_setzero_ps();
   for (int j = 0; j < n; j += 8) {
-    const __m256i in_row = column_mask(n - j);
-    const __m256i allowed = _mm256_and_si256(in_row, column_mask(last + 1 - j));
-    __m256 x = _mm256_fmsub_ps(_mm256_maskload_ps(s + j, in_row), vs, vshift);
+    const Lanes in_row(n - j);
+    const __m256i allowed = _mm256_and_si256(in_row.mask, column_mask(last + 1 - j));
+    __m256 x = _mm256_fmsub_ps(in_row.load(s + j), vs, vshift);
     __m256 e = _mm256_and_ps(exp_nonpositive(_mm256_min_ps(x, _mm256_setzero_ps())),
                              _mm256_castsi256_ps(allowed));
     total = _mm256_add_ps(total, e);
-    _mm256_maskstore_ps(p + j, in_row, e);
+    in_row.store(p + j, e);
   }
   return sum8(total);
 }
@@ -152,9 +152,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     for (int i = 0; i < steps; ++i) {
       const __m256 inverse = _mm256_set1_ps(1.0f / totals[i]);
       for (int d = 0; d < dim; d += 8) {
-        const __m256i in_row = column_mask(dim - d);
+        const Lanes in_row(dim - d);
         float* x = out + i * row + d;
-        _mm256_maskstore_ps(x, in_row, _mm256_mul_ps(_mm256_maskload_ps(x, in_row), inverse));
+        in_row.store(x, _mm256_mul_ps(in_row.load(x), inverse));
       }
     }
   });
@@ -186,18 +186,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     for (int i = 0; i < steps; ++i) {
       __m256 dot = _mm256_setzero_ps();
       for (int d = 0; d < dim; d += 8) {
-        const __m256i in_row = column_mask(dim - d);
-        dot = _mm256_fmadd_ps(_mm256_maskload_ps(do_i + i * row + d, in_row),
-                              _mm256_maskload_ps(o_i + i * row + d, in_row), dot);
+        const Lanes in_row(dim - d);
+        dot = _mm256_fmadd_ps(in_row.load(do_i + i * row + d), in_row.load(o_i + i * row + d), dot);
       }
       const __m256 delta = _mm256_set1_ps(sum8(dot)), vscale = _mm256_set1_ps(scale);
       float *s = ds + i * ld, *prob = p + i * ld;
       const int n = row_block_end(i, steps);
       for (int j = 0; j < n; j += 8) {  // P is 0 past the diagonal, so dS is too
-        const __m256i in_row = column_mask(n - j);
-        const __m256 d_s = _mm256_mul_ps(_mm256_mul_ps(vscale, _mm256_maskload_ps(prob + j, in_row)),
-                                         _mm256_sub_ps(_mm256_maskload_ps(s + j, in_row), delta));
-        _mm256_maskstore_ps(s + j, in_row, d_s);
+        const Lanes in_row(n - j);
+        const __m256 d_s = _mm256_mul_ps(_mm256_mul_ps(vscale, in_row.load(prob + j)),
+                                         _mm256_sub_ps(in_row.load(s + j), delta));
+        in_row.store(s + j, d_s);
       }
     }
     // dQ = dS K, dK = dSᵀ Q

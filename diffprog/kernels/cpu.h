@@ -25,6 +25,16 @@ __m256i column_mask(int n) {  // lanes < n set
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// The lanes [j, min(j + 8, n)) of a row: whole vectors where they fit, masked at the row's end
+// (a masked store is many times slower than a plain one on AMD's cores).
+struct Lanes {
+  bool whole;
+  __m256i mask;
+  explicit Lanes(int left) : whole(left >= 8), mask(column_mask(left)) {}
+  __m256 load(const float* p) const { return whole ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask); }
+  void store(float* p, __m256 v) const { whole ? _mm256_storeu_ps(p, v) : _mm256_maskstore_ps(p, mask, v); }
+};
+
 // B operands are packed: panels of 16 columns, each panel its `rows` × 16 values contiguous
 // (zero past the last column), so the micro-kernel reads B sequentially whatever its source.
 size_t packed_size(int rows, int cols) { return static_cast<size_t>(rows) * ((cols + kCols - 1) / kCols * kCols); }

@@ -41,16 +41,6 @@ __m256 sigmoid(__m256 x) {  // σ(x) = (1 + tanh(x/2)) / 2
   return _mm256_fmadd_ps(half, tanh(_mm256_mul_ps(half, x)), half);
 }
 
-// The lanes [j, min(j + 8, n)) of a row: whole vectors where they fit, masked at the row's end
-// (a masked store is many times slower than a plain one on AMD's cores).
-struct Lanes {
-  bool whole;
-  __m256i mask;
-  explicit Lanes(int left) : whole(left >= 8), mask(column_mask(left)) {}
-  __m256 load(const float* p) const { return whole ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask); }
-  void store(float* p, __m256 v) const { whole ? _mm256_storeu_ps(p, v) : _mm256_maskstore_ps(p, mask, v); }
-};
-
 struct Sizes {
   int steps, batch, hidden;
   int gates() const { return 4 * hidden; }
