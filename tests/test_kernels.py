@@ -1,7 +1,10 @@
 """The C++ kernels (`dp.kernels`: causal attention, the LSTM recurrence) against the jnp paths
 they replace on the CPU."""
+import os
 import platform
 import shutil
+import subprocess
+import sys
 
 import chex
 import jax
@@ -131,3 +134,27 @@ def test_lstm_kernel_rejects_mismatched_shapes():
     xw, state = jnp.zeros((3, 2, 8)), jnp.zeros((2, 2))
     with pytest.raises(ValueError, match=r"lstm_forward: for xw \(3, 2, 8\).*'w_h': \(2, 8\).*'w_h': \(3, 8\)"):
         kernels.lstm_forward(xw, jnp.zeros(8), jnp.zeros((3, 8)), state, state, jnp.array([3, 3]))
+
+
+SHARDED_LSTM = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import diffprog as dp
+layer = dp.batched(dp.Dense(1) @ dp.Collapse("mean") @ dp.LSTM(16) ** 2)
+xs = jax.random.normal(jax.random.key(1), (8, 10, 5))
+params = layer.init(jax.random.key(0), xs)
+grad = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) ** 2)))
+mesh = Mesh(np.array(jax.devices()), ("data",))
+sharded = grad(jax.device_put(params, NamedSharding(mesh, P())), jax.device_put(xs, NamedSharding(mesh, P("data"))))
+print(len(jax.devices()), max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grad(params, xs)), jax.tree.leaves(sharded))))
+"""
+
+
+def test_lstm_kernel_with_the_batch_sharded_over_two_devices():
+    """XLA does not split a custom call: it gathers the batch and runs the kernel whole on each
+    device. The gradients must still be those of one device."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run([sys.executable, "-c", SHARDED_LSTM], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    devices, difference = out.stdout.split()
+    assert devices == "2" and float(difference) < 1e-6
