@@ -194,9 +194,7 @@ def causal_attention(q, k, v):
     On the CPU, for float32, the fused C++ kernel of `dp.kernels` (one pass per head, the
     probabilities recomputed in the backward pass); elsewhere, and where the kernel cannot be
     built, `causal_attention_blocks`."""
-    if q.dtype == jnp.float32 and k.dtype == v.dtype == q.dtype and kernels.available():
-        return jax.lax.platform_dependent(q, k, v, cpu=kernels.causal_attention, default=causal_attention_blocks)
-    return causal_attention_blocks(q, k, v)
+    return kernels.on_cpu(kernels.causal_attention, causal_attention_blocks, q, k, v)
 
 
 def causal_attention_blocks(q, k, v):

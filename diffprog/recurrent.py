@@ -307,10 +307,9 @@ class LSTM(Recurrent):
     def _recurrence(self, w_x, b_x, w_h, b_h, xs, carry, valid):
         """On the CPU, for float32, the C++ kernels (`_lstm_kernel`) unless the gates are asked for."""
         args = (w_x, b_x, w_h, b_h, xs, carry, valid)
-        floats = {a.dtype for a in jax.tree.leaves((w_x, b_x, w_h, b_h, xs, carry))}
-        if self.return_gates or floats != {jnp.dtype(jnp.float32)} or not kernels.available():
+        if self.return_gates:
             return _recurrence(self, *args)
-        return jax.lax.platform_dependent(*args, cpu=partial(_lstm_kernel, self), default=partial(_recurrence, self))
+        return kernels.on_cpu(partial(_lstm_kernel, self), partial(_recurrence, self), *args)
 
     def activate(self, gx, gh, carry):
         # one tanh pass over all four gates, σ(z) = (1 + tanh(z/2)) / 2: ~2× faster on XLA:CPU

@@ -68,6 +68,16 @@ def available() -> bool:
     return True
 
 
+def on_cpu(kernel, fallback, *args):
+    """kernel(*args) when this runs on the CPU, all floating-point args are float32 and the
+    kernels are built (`lax.platform_dependent`, so an accelerator lowering never sees the kernel);
+    fallback(*args) otherwise. Both must compute the same function."""
+    floats = {a.dtype for a in jax.tree.leaves(args) if jnp.issubdtype(a.dtype, jnp.floating)}
+    if floats == {jnp.dtype(jnp.float32)} and available():
+        return jax.lax.platform_dependent(*args, cpu=kernel, default=fallback)
+    return fallback(*args)
+
+
 def _require(name):
     if not available():
         raise RuntimeError(f"{name}: the C++ kernels could not be built here (see the warning); "
