@@ -8,7 +8,6 @@
 // diagonal is skipped.
 // Layout: q, k, v, o, do and the gradients are (..., T, H, D) row-major; logsumexp (..., T, H).
 #include <cmath>
-#include <cstdint>
 #include <vector>
 
 #include "cpu.h"

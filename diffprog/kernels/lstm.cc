@@ -10,7 +10,6 @@
 // Rows of the batch are independent, so each thread runs all T steps for its own rows. A row
 // past its length keeps its state, outputs 0 and passes its gradients through.
 // Layout: xw, gates, ∂z (T, B, G); hs, cs, ∂hs (T, B, H); states (B, H); lengths (B,) int32.
-#include <cstdint>
 #include <vector>
 
 #include "cpu.h"
