@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import diffprog as dp
-from diffprog import recurrent
 
 from .common import block, machine, markdown_table, median_time, optional_torch, write
 
@@ -57,6 +56,7 @@ def score_products(results, quick, reps):
 
 
 def main(argv=None):
+    dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results")
@@ -68,8 +68,8 @@ def main(argv=None):
     q, k, v = jax.random.normal(jax.random.key(0), (3, B, T, H, D))
     for name, f in [("dot_product_attention", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)),
                     ("einsum-softmax", explicit_attention),
-                    ("dp causal_attention_blocks (query blocks)", jax.vmap(dp.attention.causal_attention_blocks)),
-                    ("dp causal_attention (C++ kernel)", jax.vmap(dp.attention.causal_attention))]:
+                    ("dp causal_attention_blocks (query blocks)", jax.vmap(dp.kernels.causal_attention_blocks)),
+                    ("dp causal_attention (C++ kernel)", jax.vmap(dp.kernels.causal_attention))]:
         fwd = jax.jit(f)
         bwd = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2)))
         results[f"attention/{name}"] = {"forward_s": median_time(lambda: block(fwd(q, k, v)), reps),
@@ -100,14 +100,13 @@ def main(argv=None):
     B, T, W = (2, 16, 16) if args.quick else (32, 128, 256)
     xs = jax.random.normal(jax.random.key(2), (B, T, W))
     lstm = dp.LSTM(W)
-    w_x, w_h, b_x, b_h = lstm.weights(lstm.init(jax.random.key(0), xs[0]))
-    weights = (w_x, b_x, w_h, b_h)  # in the loops' argument order
+    weights = lstm.weights(lstm.init(jax.random.key(0), xs[0]))
     time_major, carry = jnp.swapaxes(xs, 0, 1), lstm.initial_carry(xs.dtype, (B,))
-    loops = {"C++ kernel (dp.LSTM on the CPU)": partial(recurrent._lstm_kernel, lstm)}
-    loops |= {f"lax.scan, unroll={unroll}": partial(recurrent._recurrence, dp.LSTM(W, unroll=unroll))
+    loops = {"C++ kernel (dp.LSTM on the CPU)": partial(dp.kernels.lstm_recurrence, lstm)}
+    loops |= {f"lax.scan, unroll={unroll}": partial(dp.kernels.scan_recurrence, dp.LSTM(W, unroll=unroll))
               for unroll in (1, 2, 4, 8)}
     for name, loop in loops.items():
-        net = partial(lambda loop, weights: loop(*weights, time_major, carry, None)[1]["h"], loop)
+        net = partial(lambda loop, weights: loop(weights, time_major, carry, None)[1]["h"], loop)
         fwd = jax.jit(net)
         bwd = jax.jit(jax.grad(lambda weights: net(weights).sum()))
         results[f"lstm/{name}"] = {"forward_s": median_time(lambda: block(fwd(weights)), reps),

@@ -5,13 +5,6 @@
     params = model.init(jax.random.key(0), x)
     y = model(params, x)
 """
-import os as _os
-
-from .memory import keep_freed_memory
-
-if _os.environ.get("DIFFPROG_KEEP_MEMORY", "1") != "0":
-    keep_freed_memory()  # before jax allocates anything; see diffprog/memory.py
-
 from .attention import Attention
 from .basic import (ACTIVATIONS, Activation, Dense, Dropout, FeedForward, Flatten, Gelu,
                     LayerNorm, Relu, Sigmoid, Softmax, Step, Tanh, step)
@@ -21,6 +14,7 @@ from .core import (Batched, Compose, Layer, LayerError, Pipeline, Remat, Repeat,
 from .embed import EmbedToken
 from .generate import GenerateToken, LanguageModel, generate, sample
 from .interop import from_flax, to_flax
+from .memory import keep_freed_memory
 from .recurrent import GRU, LSTM, LSTM_GATES, Bidirectional, Recurrent, SimpleRNN
 from .seq2seq import SequenceToSequence, rnn_seq2seq, transformer_seq2seq, translate
 from .sequence import Collapse
@@ -31,6 +25,6 @@ from .torch_weights import load_torch
 from .transformer import AddNorm, LearnedPositions, SinusoidalPositions, TransformerBlock, bert
 
 from . import metrics
-from .train import CheckpointError, TrainingError, TrainResult, train
+from .train import CheckpointError, TrainingError, TrainResult, TrainStep, train
 
 __version__ = "0.1.0"

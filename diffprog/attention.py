@@ -9,13 +9,13 @@ import numpy as np
 
 from . import kernels
 from .basic import Dense, affine
-from .core import Layer, LayerError, example_spec, layerclass, spec_of
+from .core import Combinator, LayerError, layerclass
 from .sequence import check_lengths, check_sequence, valid_steps
 from .soft import score_layer
 
 
 @layerclass
-class Attention(Layer):
+class Attention(Combinator):
     """Attention : SequenceModel, (T, d) → (T, d) — the notes' attention, `heads` times.
 
     For each head h, with q_t = W_q^h x_t, k_s = W_k^h m_s, v_s = W_v^h m_s:
@@ -74,24 +74,18 @@ class Attention(Layer):
         """(..., T, heads·head_dim) → (..., T, heads, head_dim)."""
         return y.reshape(y.shape[:-1] + (self.heads, -1))
 
-    def forward(self, params, x, *, key=None, **side):
-        return self._attention(params, x, key, side, batch=False)
-
-    def forward_batch(self, params, xs, *, key=None, **side):
-        """The projections over all B·T positions at once; the attention itself per example."""
-        return self._attention(params, xs, key, side, batch=True)
-
-    def _attention(self, params, x, key, side, batch):
+    def route(self, run, params, x, *, key=None, **side):
+        """The projections over all positions at once (B·T on a batch); the attention itself
+        per example, except causal attention without masks, which takes the whole batch."""
         d = params["query"]["weight"].shape[0]
-        one = example_spec if batch else spec_of
-        check_sequence(self, one(x), d)
+        check_sequence(self, run.example(x), d)
         if params["query"]["weight"].shape[1] % self.heads:
             raise LayerError(f"{self!r}: params have {params['query']['weight'].shape[1]} "
                              f"query features, not divisible by {self.heads} heads")
         if self.cross:
             if side.get("context") is None:
                 raise LayerError(f"{self!r}: cross-attention needs context= (S, {d})")
-            check_sequence(self, one(side["context"]), params["key"]["weight"].shape[0])
+            check_sequence(self, run.example(side["context"]), params["key"]["weight"].shape[0])
             q, k, v = (self.heads_of(params, a, n) for a, n in
                        ((x, "query"), (side["context"], "key"), (side["context"], "value")))
         else:  # self-attention: the three projections as one matrix product
@@ -99,24 +93,28 @@ class Attention(Layer):
             fused = {k: jnp.concatenate([params[n][k] for n in names], -1) for k in ("weight", "bias")}
             q, k, v = (self.split_heads(a) for a in jnp.split(affine(fused, x), 3, -1))
         side = {n: v for n, v in side.items() if n != "context"}
-        if batch:
-            keys = None if key is None else jax.random.split(key, x.shape[0])
-            out, weights = jax.vmap(lambda *a: self.attend(params, *a))(q, k, v, keys, side)
+        if self.fused_causal(key, side):
+            out, weights = kernels.causal_attention(q, k, v), None
         else:
-            out, weights = self.attend(params, q, k, v, key, side)
+            out, weights = run.each(lambda *a: self.attend(params, *a))(q, k, v, run.keys(key, x), side)
         y = affine(params["output"], out.reshape(out.shape[:-2] + (-1,)))
         return (y, weights) if self.return_weights else y
+
+    def explicit(self, key):
+        """Whether α is computed as an array (weights returned, a non-dot score, or dropout)."""
+        return self.return_weights or self.score != "dot" or (self.dropout > 0 and key is not None)
+
+    def fused_causal(self, key, side):
+        """Causal self-attention with nothing else masked: `dp.kernels.causal_attention`."""
+        return (self.causal and not self.cross and not self.explicit(key)
+                and side.get("mask") is None and side.get("lengths") is None)
 
     def attend(self, params, q, k, v, key, side):
         """One example: q (T, heads, head_dim), k, v (S, heads, head_dim) → (out (T, heads,
         head_dim), α (heads, T, S) or None)."""
         steps, memory_steps = q.shape[0], k.shape[0]
         lengths = side.get("context_lengths") if self.cross else side.get("lengths")
-        explicit = (self.return_weights or self.score != "dot"
-                    or (self.dropout > 0 and key is not None))
-        if (not explicit and self.causal and side.get("mask") is None and lengths is None
-                and steps == memory_steps):
-            return causal_attention(q, k, v), None
+        explicit = self.explicit(key)
         allowed = self.allowed(steps, memory_steps, side.get("mask"), check_lengths(self, lengths, memory_steps))
         if explicit:
             return self.attend_explicitly(params, q, k, v, allowed, key)
@@ -183,29 +181,3 @@ class Attention(Layer):
         else:
             out, _ = self.attend_explicitly(params, q, cache["key"], cache["value"], allowed, None)
         return Dense(x_t.shape[-1]).apply(params["output"], out.reshape(1, -1))[0], cache
-
-
-CAUSAL_BLOCK = 64
-
-
-def causal_attention(q, k, v):
-    """Causal dot-product attention of q (T, heads, head_dim) over k, v (T, heads, head_dim).
-
-    On the CPU, for float32, the fused C++ kernel of `dp.kernels` (one pass per head, the
-    probabilities recomputed in the backward pass); elsewhere, and where the kernel cannot be
-    built, `causal_attention_blocks`."""
-    return kernels.on_cpu(kernels.causal_attention, causal_attention_blocks, q, k, v)
-
-
-def causal_attention_blocks(q, k, v):
-    """Causal attention computed for blocks of `CAUSAL_BLOCK` queries: the block of queries
-    [i, j) attends only to the keys [0, j), so the scores above the diagonal blocks — about half
-    of them for long sequences — are never computed. Each block is one
-    `jax.nn.dot_product_attention`."""
-    steps = q.shape[0]
-    outs = []
-    for start in range(0, steps, CAUSAL_BLOCK):
-        stop = min(start + CAUSAL_BLOCK, steps)
-        allowed = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
-        outs.append(jax.nn.dot_product_attention(q[start:stop], k[:stop], v[:stop], mask=allowed[None]))
-    return jnp.concatenate(outs)

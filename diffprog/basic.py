@@ -4,9 +4,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import kernels
 from .core import Layer, LayerError, example_spec, layerclass
 
-glorot = jax.nn.initializers.lecun_normal()
+lecun_normal = jax.nn.initializers.lecun_normal()
+"""The weight initialiser of Dense, Conv and the recurrent input weights: N(0, 1/fan_in), truncated."""
 
 
 def step(x):
@@ -31,36 +33,12 @@ def activation_fn(name: str):
     return ACTIVATIONS[name]
 
 
-def product(x, w):
-    """x w for x (N, d), w (d, out). Where d > out, the weight gradient xᵀ ∂y is computed as
-    ((∂y)ᵀ x)ᵀ from a transposed copy of the narrower ∂y: XLA:CPU runs a product whose left
-    operand is contracted over its rows (xᵀ ∂y) as a slower Eigen dot, ~18.5 vs ~13 ms for
-    (4096 × 1024)ᵀ·(4096 × 256) (benchmarks/README.md)."""
-    return _narrowing_product(x, w) if w.shape[0] > w.shape[1] else x @ w
-
-
-@jax.custom_jvp
-def _narrowing_product(x, w):
-    return x @ w
-
-
-@_narrowing_product.defjvp
-def _narrowing_product_jvp(primals, tangents):
-    x, w = primals
-    dx, dw = tangents
-    # x dw written so that its transpose (reverse mode) is ((∂y)ᵀ x)ᵀ with both transposes
-    # materialised: the barriers keep XLA from folding them back into the product.
-    barrier = jax.lax.optimization_barrier
-    x_dw = barrier(jax.lax.dot_general(barrier(dw.T), x, (((1,), (1,)), ((), ())))).T
-    return x @ w, dx @ w + x_dw
-
-
 def affine(params, x):
     """x W (+ b) over the last axis of x (..., d), as one (N, d)·(d, out) product over all N
     leading positions. (Autodiff of the product on (B, T, d) gave a weight-gradient contraction
     over two axes that XLA:CPU ran ~20% slower than this one 2-D product.)"""
     w = params["weight"]
-    y = product(x.reshape(-1, w.shape[0]), w).reshape(x.shape[:-1] + w.shape[1:])
+    y = kernels.product(x.reshape(-1, w.shape[0]), w).reshape(x.shape[:-1] + w.shape[1:])
     return y + params["bias"] if "bias" in params else y
 
 
@@ -94,7 +72,7 @@ class Dense(PositionWise):
 
     def init_params(self, key, spec, **side):
         self.expect(spec, ("d",), ("T", "d"))
-        params = {"weight": glorot(key, (spec.shape[-1], self.out), jnp.float32)}
+        params = {"weight": lecun_normal(key, (spec.shape[-1], self.out), jnp.float32)}
         if self.use_bias:
             params["bias"] = jnp.zeros((self.out,), jnp.float32)
         return params

@@ -6,7 +6,7 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
-from .basic import glorot
+from .basic import lecun_normal
 from .core import Layer, LayerError, layerclass
 
 Padding = Union[str, tuple]
@@ -39,7 +39,7 @@ class Conv(Layer):
         self.expect(spec, *_spatial_patterns())
         n = len(spec.shape) - 1
         shape = _tuple(self.kernel, n) + (spec.shape[-1], self.features)
-        return {"kernel": glorot(key, shape, jnp.float32),
+        return {"kernel": lecun_normal(key, shape, jnp.float32),
                 "bias": jnp.zeros((self.features,), jnp.float32)}
 
     def forward(self, params, x, **side):

@@ -63,9 +63,6 @@ class Layer:
     """
 
     side_inputs: frozenset = frozenset()
-    token_lookup = False
-    """True for EmbedToken: on a batch, a Pipeline hands its table and ids to the next stage
-    (`apply_batch_embedded`) instead of the looked-up vectors."""
 
     # -- the protocol ------------------------------------------------------------------
     def init(self, key, x, **side) -> Params:
@@ -84,22 +81,18 @@ class Layer:
         """Run the layer on a batch (B, ...) → (B, ...): `jax.vmap(apply)` over axis 0 of `xs`
         and of every side input. With `key=` every example gets its own randomness (dropout
         masks differ across examples; the numbers are not those of vmap with split keys).
-        Faster than `jax.vmap(apply)` where a layer has a batch-level implementation: the
-        recurrent layers run their loop over (B, hidden) states and compute their weight
-        gradients as one matrix product over all examples and steps."""
+        A layer with a batch-level implementation (`forward_batch`) runs it instead: the
+        position-wise layers as one array, the recurrent layers as one loop over (B, hidden)."""
         self._check_side(side)
+        if isinstance(xs, Deferred):
+            xs = xs if self.reads_deferred else xs.materialize()
         leaves = jax.tree.leaves(xs)
         if not leaves or jnp.ndim(leaves[0]) < 1:
             raise LayerError(f"{self!r}: expected a batch (B, ...), got {_describe(xs)}")
         return self.forward_batch(params, xs, **side)
 
-    def apply_batch_embedded(self, params: Params, embed: "Layer", embed_params: Params, ids, **side):
-        """`apply_batch(params, embed.apply_batch(embed_params, ids), **side)`: this layer on a
-        batch of token ids looked up by `embed` (an EmbedToken). A Pipeline calls it for the
-        stage after a token lookup, so that a layer whose first step is linear in its input
-        can map the table (vocab rows) instead of every looked-up vector (B·T rows):
-        (x W)_t = (E W)[id_t]. The recurrent layers do; every other layer looks up and runs."""
-        return self.apply_batch(params, embed.apply_batch(embed_params, ids), **side)
+    reads_deferred = False
+    """True for a layer whose `forward_batch` takes a `Deferred` batch as it is (see there)."""
 
     def _check_side(self, side):
         unknown = set(side) - set(self.side_inputs) - {"key"}
@@ -117,7 +110,8 @@ class Layer:
         raise NotImplementedError
 
     def forward_batch(self, params, xs, *, key=None, **side):
-        """`forward` over a batch; by default `jax.vmap` of `apply`, one key per example."""
+        """`forward` over a batch: the one fast path a layer may override. By default
+        `jax.vmap` of `apply`, one key per example."""
         keys = None if key is None else jax.random.split(key, jax.tree.leaves(xs)[0].shape[0])
 
         def one(x, k, s):
@@ -196,12 +190,69 @@ def _stages(layer: Layer) -> tuple:
     return layer.stages if isinstance(layer, Compose) else (layer,)
 
 
-class Pipeline(Layer):
+class Deferred:
+    """A batch that a layer hands on unevaluated, because the next layer can compute from it
+    more cheaply than from its value (`dp.fusion.TokenVectors`: looked-up token vectors kept as
+    (table, ids)). `apply_batch` materializes it for every layer that does not read it
+    (`reads_deferred`)."""
+
+    def materialize(self):
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """How a combinator runs its parts: on one example (`EXAMPLE`) or on a batch (`BATCH`).
+    A combinator writes its routing once, `route(run, params, x, **side)`, and calls each part
+    as `run(part, part_params, x, **side)`, so a batch reaches every part's own batch path."""
+
+    batched: bool
+
+    def __call__(self, layer: "Layer", params, x, **side):
+        return (layer.apply_batch if self.batched else layer.apply)(params, x, **side)
+
+    def example(self, x):
+        """The ShapeDtypeStruct of one example of `x`."""
+        return example_spec(x) if self.batched else spec_of(x)
+
+    def each(self, fn):
+        """`fn` of one example, applied to every example (vmapped over axis 0) on a batch."""
+        return jax.vmap(fn) if self.batched else fn
+
+    def keys(self, key, x):
+        """One key for the example, or one per example of the batch (None stays None)."""
+        if key is None or not self.batched:
+            return key
+        return jax.random.split(key, jax.tree.leaves(x)[0].shape[0])
+
+
+EXAMPLE, BATCH = Run(False), Run(True)
+
+
+class Combinator(Layer):
+    """A layer computed from other layers (or from its own parts on any leading axes). It
+    defines `route(run, params, x, **side)` once; `forward` is its route on one example,
+    `forward_batch` its route on a batch."""
+
+    def route(self, run: Run, params, x, **side):
+        raise NotImplementedError
+
+    def forward(self, params, x, **side):
+        return self.route(EXAMPLE, params, x, **side)
+
+    def forward_batch(self, params, xs, **side):
+        return self.route(BATCH, params, xs, **side)
+
+
+class Pipeline(Combinator):
     """A layer that runs named stages one after another: `named_stages()` gives (name, layer)
     pairs in running order; params, caches and the per-stage key are keyed by those names.
 
     Stage i gets `fold_in(key, i)` and the side inputs it lists in its `side_inputs`.
+    A `Deferred` batch passes through to the first stage as it is.
     """
+
+    reads_deferred = True
 
     def named_stages(self):
         raise NotImplementedError
@@ -223,29 +274,11 @@ class Pipeline(Layer):
                 spec = jax.eval_shape(lambda p, x, s: stage.apply(p, x, **s), params[name], spec, mine)
         return params
 
-    def forward(self, params, x, *, key=None, **side):
-        return self._run(Layer.apply, params, x, key, side)
-
-    def forward_batch(self, params, xs, *, key=None, **side):
-        return self._run(Layer.apply_batch, params, xs, key, side)
-
-    def apply_batch_embedded(self, params, embed, embed_params, ids, *, key=None, **side):
-        self._check_side(side)
-        return self._run(Layer.apply_batch, params, ids, key, side, lookup=(embed, embed_params))
-
-    def _run(self, run, params, x, key, side, lookup=None):
-        """Stages in order; `run` is Layer.apply (one example) or Layer.apply_batch. On a batch, a
-        token lookup stage is not run by itself: `lookup` = (embed, its params) is handed with
-        the ids to the next stage's `apply_batch_embedded`."""
+    def route(self, run, params, x, *, key=None, **side):
         for i, (name, stage) in enumerate(self.named_stages()):
-            mine = {"key": None if key is None else jax.random.fold_in(key, i), **self._mine(stage, side)}
-            if lookup is not None:
-                x, lookup = stage.apply_batch_embedded(params[name], *lookup, x, **mine), None
-            elif run is Layer.apply_batch and stage.token_lookup:
-                lookup = (stage, params[name])
-            else:
-                x = run(stage, params[name], x, **mine)
-        return x if lookup is None else lookup[0].apply_batch(lookup[1], x)
+            x = run(stage, params[name], x, key=None if key is None else jax.random.fold_in(key, i),
+                    **self._mine(stage, side))
+        return x.materialize() if isinstance(x, Deferred) else x
 
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return {n: s.init_cache(params[n], max_len, dtype, **self._mine(s, side)) for n, s in self.named_stages()}
@@ -299,7 +332,7 @@ each application's residuals), with a compile time that only grows with n beyond
 
 
 @layerclass
-class Repeat(Layer):
+class Repeat(Combinator):
     """f^n: n applications of `layer`, each with its own parameters.
 
     When `layer` maps its input shape to itself, the n parameter sets are stacked on a leading
@@ -316,6 +349,7 @@ class Repeat(Layer):
 
     layer: Layer
     n: int
+    reads_deferred = True
 
     @property
     def side_inputs(self):
@@ -335,38 +369,23 @@ class Repeat(Layer):
     def _stack(self, key, spec, n, side):
         return jax.vmap(lambda k: self.layer.init(k, spec, **side))(jax.random.split(key, n))
 
-    def forward(self, params, x, *, key=None, **side):
-        return self._run(Layer.apply, params, x, key, side)
-
-    def forward_batch(self, params, xs, *, key=None, **side):
-        return self._run(Layer.apply_batch, params, xs, key, side)
-
-    def apply_batch_embedded(self, params, embed, embed_params, ids, *, key=None, **side):
-        self._check_side(side)
-
-        def first(layer, p, ids, **s):
-            return layer.apply_batch_embedded(p, embed, embed_params, ids, **s)
-        return self._run(Layer.apply_batch, params, ids, key, side, first)
-
-    def _run(self, run, params, x, key, side, first=None):
-        """`first` (default: `run`) runs the first application; it is taken out of the scan
-        when it differs from the others."""
+    def route(self, run, params, x, *, key=None, **side):
+        """The first application runs outside the scan when its params are separate ("first")
+        or when x is not a value the scan can carry (a `Deferred` batch)."""
         def sub_side(k):
             return side if key is None else {**side, "key": jax.random.fold_in(key, k)}
-        stack = params["stack"]
-        if "first" in params:
-            x = (first or run)(self.layer, params["first"], x, **sub_side(0))
-        elif first is not None:
-            x = first(self.layer, jax.tree.map(lambda a: a[0], stack), x, **sub_side(0))
-            stack = jax.tree.map(lambda a: a[1:], stack)
-        offset = 0 if first is None and "first" not in params else 1
+        first, stack = params.get("first"), params["stack"]
+        if first is None and isinstance(x, Deferred):
+            first, stack = jax.tree.map(lambda a: a[0], stack), jax.tree.map(lambda a: a[1:], stack)
+        done = 0 if first is None else 1
+        if first is not None:
+            x = run(self.layer, first, x, **sub_side(0))
 
         def step(h, p_k):
             p, k = p_k
             return run(self.layer, p, h, **sub_side(k)), None
 
-        x, _ = jax.lax.scan(step, x, (stack, offset + jnp.arange(self.n - offset)),
-                            unroll=self.n <= UNROLLED_UP_TO)
+        x, _ = jax.lax.scan(step, x, (stack, done + jnp.arange(self.n - done)), unroll=self.n <= UNROLLED_UP_TO)
         return x
 
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
@@ -395,7 +414,7 @@ class Repeat(Layer):
 
 
 @layerclass
-class Remat(Layer):
+class Remat(Combinator):
     """`layer` with rematerialisation: its activations are recomputed in the backward pass
     instead of stored (`jax.checkpoint`), trading compute for memory on long sequences.
     `Remat(TransformerBlock(...)) ** 24` checkpoints each block of the scan. `policy` is a
@@ -405,6 +424,7 @@ class Remat(Layer):
 
     layer: Layer
     policy: str = None
+    reads_deferred = True
 
     @property
     def side_inputs(self):
@@ -413,15 +433,9 @@ class Remat(Layer):
     def init_params(self, key, spec, **side):
         return self.layer.init(key, spec, **side)
 
-    def forward(self, params, x, **side):
-        return self._checkpointed(Layer.apply)(params, x, side)
-
-    def forward_batch(self, params, xs, **side):
-        return self._checkpointed(Layer.apply_batch)(params, xs, side)
-
-    def _checkpointed(self, run):
+    def route(self, run, params, x, **side):
         policy = None if self.policy is None else getattr(jax.checkpoint_policies, self.policy)
-        return jax.checkpoint(lambda p, x, s: run(self.layer, p, x, **s), policy=policy)
+        return jax.checkpoint(lambda p, x, s: run(self.layer, p, x, **s), policy=policy)(params, x, side)
 
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return self.layer.init_cache(params, max_len, dtype, **side)

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .core import Layer, LayerError, layerclass
+from .core import Layer, LayerError, example_spec, layerclass
+from .fusion import TokenVectors
 
 
 @layerclass
@@ -16,28 +17,44 @@ class EmbedToken(Layer):
     Out-of-range ids raise LayerError when the ids are concrete (eager mode). Under jit the
     ids are not known while tracing, so an out-of-range id yields a row of NaN instead of a
     silently clamped vector; the NaN reaches the loss, where `dp.train` reports it.
+    With `fuse=True`, a batch is handed on unevaluated (`dp.fusion.TokenVectors`), so that a
+    recurrent layer next projects the table instead of every vector; the values are the same.
     """
 
     vocab: int
     dim: int
-    token_lookup = True
+    fuse: bool = False
 
     def init_params(self, key, spec, **side):
         self.expect(spec, (), ("T",), dtype="int")
         table = jax.random.normal(key, (self.vocab, self.dim), jnp.float32) / np.sqrt(self.dim)
         return {"table": table}
 
-    def forward(self, params, ids, **side):
+    def check(self, params, ids):
         self.expect(ids, (), ("T",), dtype="int")
-        vocab, dim = params["table"].shape
-        if (vocab, dim) != (self.vocab, self.dim):
+        if params["table"].shape != (self.vocab, self.dim):
             raise LayerError(f"{self!r}: expected table ({self.vocab}, {self.dim}), "
-                             f"got {(vocab, dim)}")
+                             f"got {params['table'].shape}")
+
+    def forward(self, params, ids, **side):
+        self.check(params, ids)
+        return self.lookup(params["table"], ids)
+
+    def forward_batch(self, params, ids, **side):
+        if not self.fuse:
+            return super().forward_batch(params, ids, **side)
+        self.check(params, example_spec(ids))
+        return TokenVectors(self, params["table"], ids)
+
+    def lookup(self, table, ids):
+        """table[ids] for a table of any width; out-of-range ids are an error (concrete ids) or
+        rows of NaN (traced ids)."""
+        vocab = table.shape[0]
         if not isinstance(ids, jax.core.Tracer):
             bad = np.asarray(ids)[(np.asarray(ids) < 0) | (np.asarray(ids) >= vocab)]
             if bad.size:
                 raise LayerError(f"{self!r}: expected token ids in [0, {vocab}), "
                                  f"got {bad.tolist()[:5]}")
         valid = (ids >= 0) & (ids < vocab)
-        vectors = params["table"][jnp.clip(ids, 0, vocab - 1)]
+        vectors = table[jnp.clip(ids, 0, vocab - 1)]
         return jnp.where(valid[..., None], vectors, jnp.nan)

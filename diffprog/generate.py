@@ -54,18 +54,19 @@ class LanguageModel(Pipeline):
     positions: Optional[Layer] = None
     final_norm: bool = False
     per_position: bool = False
+    fuse: bool = True
     side_inputs = frozenset({"lengths"})
 
     def named_stages(self):
         """(name, layer) pairs from the embedding to the last hidden state."""
-        stages = [("embed", EmbedToken(self.vocab, self.dim))]
+        stages = [("embed", EmbedToken(self.vocab, self.dim, fuse=self.fuse))]
         stages += [("positions", self.positions)] if self.positions is not None else []
         stages += [("body", self.body)]
         return stages + ([("norm", LayerNorm())] if self.final_norm else [])
 
-    def _run(self, run, params, ids, key, side):
-        """The stages, then the head (`run`: Layer.apply or Layer.apply_batch)."""
-        h = super()._run(run, params, ids, key, side)
+    def route(self, run, params, ids, *, key=None, **side):
+        """The stages, then the head."""
+        h = super().route(run, params, ids, key=key, **side)
         if not self.per_position:
             h = run(Collapse("last"), {}, h, **side)
         return run(GenerateToken(self.vocab), params["embed"], h)

@@ -9,8 +9,9 @@ arenas, whose heaps are capped at 64 MiB and given back to the system, so the th
 hold for them. Measured on the LSTM language-model benchmark step: ~36,000 page faults (140 MiB)
 per step with the thresholds alone, none with one arena; the step went from ~220 to ~185 ms.
 The process's resident memory then stays at its peak instead of shrinking between steps.
-diffprog calls it on import; set DIFFPROG_KEEP_MEMORY=0 before importing to leave malloc as it
-is. It does nothing where the C library is not glibc.
+It changes malloc for the whole process (every library in it), so diffprog never calls it by
+itself: call `dp.keep_freed_memory()` once, before the first computation, as the experiments and
+benchmarks do. It does nothing where the C library is not glibc.
 """
 from __future__ import annotations
 

@@ -1,49 +1,57 @@
 """Recurrent sequence models: a pure cell per layer, one `jax.lax.scan` loop for all of them.
 
-SequenceModel : (T, d) → (T, hidden). A layer defines its weights and its activation,
+SequenceModel : (T, d) → (T, hidden). A layer defines its weights, all gates side by side
+(G = gates · hidden), as `Weights(w_x (d, G), w_h (hidden, G), b_x (G,), b_h (G,))`, and its
+activation:
 
-    gx_t = x_t W_x + b_x,   gh_t = h_{t-1} W_h + b_h      (all gates at once: G = gates · hidden)
+    gx_t = x_t W_x + b_x,   gh_t = h_{t-1} W_h + b_h
     activate(gx_t, gh_t, carry) -> (carry, out_t)         carry: {"h"} (LSTM: {"h", "c"})
 
-and `cell(params, carry, x_t)` is one step. The loop computes x W_x for every step in one matrix
-product, then scans over time (h_{t-1} W_h, the biases and `activate` per step). On a batch (`apply_batch`, `dp.batched`) the
-loop runs on (B, hidden) states, and its backward pass is written out (`_recurrence`): the
-reverse scan only carries the state gradients, and the weight gradient Σ_t h_{t-1}ᵀ ∂gh_t is one
-matrix product over all examples and steps after it, instead of T small ones inside the loop.
-Right after a token embedding (`LSTM(h) @ EmbedToken(vocab, d)` on a batch) the input projection
-is a lookup in the projected table, x_t W_x = (E W_x)[id_t] (`apply_batch_embedded`).
-On the CPU the LSTM's batch loop, forward and backward, is a C++ kernel (`dp.kernels`), the
-products over all steps around it staying XLA's (`_lstm_kernel`).
+`cell(params, carry, x_t)` is one step; `scan` is the loop, the definition: x W_x for every step
+in one matrix product, then a scan over time of h_{t-1} W_h, the biases and `activate`. One
+example runs `scan` itself; a batch (`apply_batch`, `dp.batched`) runs the same loop over (B,
+hidden) states through `dp.kernels.recurrence`, which chooses its backend (a written-out backward
+pass; on the CPU, the LSTM's C++ kernels). Right after `EmbedToken(..., fuse=True)` the input
+projection is a lookup in the projected table (`dp.fusion.TokenVectors`).
 """
 from __future__ import annotations
 
-import dataclasses
-from functools import partial
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import kernels
-from .basic import glorot
-from .core import Layer, LayerError, example_spec, layerclass
+from .basic import lecun_normal
+from .core import Combinator, Layer, LayerError, example_spec, layerclass
+from .fusion import TokenVectors
 from .sequence import check_lengths, check_sequence, valid_steps
 
 orthogonal = jax.nn.initializers.orthogonal()
 
 
+class Weights(NamedTuple):
+    """A recurrent layer's weights, every gate side by side (G = gates · hidden). With w_x None,
+    the loop's inputs are the projections x W_x already."""
+    w_x: Optional[jax.Array]  # (d, G)
+    w_h: jax.Array            # (hidden, G)
+    b_x: jax.Array            # (G,)
+    b_h: jax.Array            # (G,)
+
+
 def _gate_params(key, d, hidden, bias=0.0):
     """Weights of one gate: w_x (d, hidden), w_h (hidden, hidden), bias (hidden,)."""
     kx, kh = jax.random.split(key)
-    return {"w_x": glorot(kx, (d, hidden), jnp.float32),
+    return {"w_x": lecun_normal(kx, (d, hidden), jnp.float32),
             "w_h": orthogonal(kh, (hidden, hidden), jnp.float32),
             "bias": jnp.full((hidden,), bias, jnp.float32)}
 
 
-def _fused(params, gates):
-    """The gates' weights side by side: w_x (d, G), w_h (hidden, G), b_x (G,), b_h = 0."""
+def _fused(params, gates) -> Weights:
+    """The gates' weights side by side, b_h = 0."""
     w_x, w_h, b_x = (jnp.concatenate([params[g][k] for g in gates], -1) for k in ("w_x", "w_h", "bias"))
-    return w_x, w_h, b_x, jnp.zeros_like(b_x)
+    return Weights(w_x, w_h, b_x, jnp.zeros_like(b_x))
 
 
 def _sigmoid(z):
@@ -53,8 +61,8 @@ def _sigmoid(z):
 
 class Recurrent(Layer):
     """The loop shared by SimpleRNN, LSTM and GRU. A subclass defines `cell_params(key, d)`,
-    `weights(params) -> (w_x (d, G), w_h (hidden, G), b_x (G,), b_h (G,))` and
-    `activate(gx, gh, carry) -> (carry, out)` (elementwise over leading axes; out["h"] is y_t).
+    `weights(params) -> Weights` and `activate(gx, gh, carry) -> (carry, out)` (elementwise over
+    leading axes; out["h"] is y_t).
 
     Side inputs: `lengths=` (valid steps of this example: outputs past it are 0 and the final
     state is the state after step `lengths`), `initial_state=` (a carry dict; default zeros).
@@ -63,6 +71,9 @@ class Recurrent(Layer):
     """
 
     side_inputs = frozenset({"lengths", "initial_state"})
+    reads_deferred = True
+    kernel = None
+    """The name of this layer's C++ kernel in `dp.kernels.recurrence`, or None."""
 
     def init_params(self, key, spec, **side):
         check_sequence(self, spec)
@@ -84,51 +95,54 @@ class Recurrent(Layer):
         return out["h"], carry
 
     def forward(self, params, xs, *, key=None, lengths=None, initial_state=None):
-        w_x, w_h, b_x, b_h = self.weights(params)
-        steps = check_sequence(self, xs, w_x.shape[0])
+        weights = self.weights(params)
+        steps = check_sequence(self, xs, weights.w_x.shape[0])
         lengths = check_lengths(self, lengths, steps)
         carry = self._initial(initial_state, xs.dtype, ())
         valid = None if lengths is None else valid_steps(steps, lengths)
-        carry, outs = self._loop(b_x, w_h, b_h, xs @ w_x, carry, valid)
+        carry, outs = self.scan(weights, xs @ weights.w_x, carry, valid)
         return self._result(outs, carry)
 
     def forward_batch(self, params, xs, *, key=None, lengths=None, initial_state=None):
-        """(B, T, d) → (B, T, hidden): the time-major loop of `_recurrence` over (B, hidden)."""
+        """(B, T, d) → (B, T, hidden): the time-major loop over (B, hidden) states
+        (`dp.kernels.recurrence`). On `TokenVectors` (B, T) with vocab ≤ B·T, the input
+        projection is x_t W_x = (E W_x)[id_t]: one (vocab × d)·(d × G) product instead of
+        (B·T × d)·(d × G), and its gradient a scatter-add over the ids."""
         weights = self.weights(params)
-        steps = check_sequence(self, example_spec(xs), weights[0].shape[0])
-        return self._batch(weights, steps, jnp.swapaxes(xs, 0, 1), lengths, initial_state)
-
-    def apply_batch_embedded(self, params, embed, embed_params, ids, *, key=None, lengths=None,
-                             initial_state=None):
-        """On token ids (B, T) embedded by `embed` (table E, vocab × d): the input projection is
-        x_t W_x = (E W_x)[id_t], one (vocab × d)·(d × G) product instead of (B·T × d)·(d × G),
-        and its gradient a scatter-add over the ids. Used when vocab ≤ B·T; otherwise the
-        vectors are looked up and projected as usual."""
-        table = embed_params["table"]
-        if jnp.ndim(ids) != 2 or table.shape[0] > np.size(ids):
-            return super().apply_batch_embedded(params, embed, embed_params, ids, lengths=lengths,
-                                                initial_state=initial_state)
-        weights = self.weights(params)
-        w_x = weights[0]
-        steps = check_sequence(self, jax.ShapeDtypeStruct(ids.shape[1:] + table.shape[1:], table.dtype),
-                               w_x.shape[0])
-        projected = dataclasses.replace(embed, dim=w_x.shape[1]).apply_batch({"table": table @ w_x}, ids.T)
-        return self._batch(weights, steps, projected, lengths, initial_state, projected=True)
-
-    def _batch(self, weights, steps, inputs, lengths, initial_state, projected=False):
-        """The batch loop on time-major `inputs` (T, B, d), or on their projections x W_x
-        (T, B, G) when `projected`; the caller has checked one example's input (T, d)."""
-        w_x, w_h, b_x, b_h = weights
-        batch = inputs.shape[1]
+        if isinstance(xs, TokenVectors) and xs.vocab > xs.ids.size:
+            xs = xs.materialize()
+        spec = xs.example_spec() if isinstance(xs, TokenVectors) else example_spec(xs)
+        steps = check_sequence(self, spec, weights.w_x.shape[0])
+        batch = xs.shape[0]
         lengths = check_lengths(self, lengths, steps, batch=batch)
-        carry = self._initial(initial_state, inputs.dtype, (batch,))
+        carry = self._initial(initial_state, spec.dtype, (batch,))
         valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths
-        carry, outs = self._recurrence(None if projected else w_x, b_x, w_h, b_h, inputs, carry, valid)
+        if isinstance(xs, TokenVectors):
+            inputs, weights = xs.project(weights.w_x, time_major=True), weights._replace(w_x=None)
+        else:
+            inputs = jnp.swapaxes(xs, 0, 1)
+        carry, outs = kernels.recurrence(self, weights, inputs, carry, valid)
         return self._result(jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outs), carry)
 
-    def _recurrence(self, *args):
-        """The batch loop with its written-out backward pass (`_recurrence`)."""
-        return _recurrence(self, *args)
+    def scan(self, weights: Weights, xws, carry, valid, residuals=False):
+        """The loop, over axis 0 of xws = x W_x (the bias b_x is added inside it, where it fuses
+        with the activation); returns (final carry, outs), and with `residuals` also every step's
+        gh_t and incoming carry (for the written-out backward pass of `dp.kernels`)."""
+        def step(carry, inputs):
+            xw, v = inputs
+            gx, gh = xw + weights.b_x, carry["h"] @ weights.w_h + weights.b_h
+            new, out = self.update(gx, gh, carry, v)
+            return new, ((out, gh, carry) if residuals else out)
+        return jax.lax.scan(step, carry, (xws, valid), unroll=self.unroll)
+
+    def update(self, gx, gh, carry, valid):
+        """`activate`; where `valid` is False (padding) the carry is kept and the output is 0."""
+        new, out = self.activate(gx, gh, carry)
+        if valid is None:
+            return new, out
+        keep = jnp.expand_dims(valid, -1)
+        return (jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, carry),
+                jax.tree.map(lambda v: jnp.where(keep, v, 0), out))
 
     def _initial(self, initial_state, dtype, batch):
         expected = self.initial_carry(dtype, batch)
@@ -143,102 +157,6 @@ class Recurrent(Layer):
         ys = outs.pop("h")
         result = (ys,) + ((outs,) if outs else ()) + ((carry,) if self.return_state else ())
         return result[0] if len(result) == 1 else result
-
-    def _update(self, gx, gh, carry, valid):
-        """`activate`; where `valid` is False (padding) the carry is kept and the output is 0."""
-        new, out = self.activate(gx, gh, carry)
-        if valid is None:
-            return new, out
-        keep = jnp.expand_dims(valid, -1)
-        return (jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, carry),
-                jax.tree.map(lambda v: jnp.where(keep, v, 0), out))
-
-    def _loop(self, b_x, w_h, b_h, xws, carry, valid, residuals=False):
-        """Scan over axis 0 of xws = x W_x (the bias b_x is added inside the loop, where it
-        fuses with the activation); returns (final carry, outs), and with `residuals` also
-        every step's gh_t and incoming carry (for `_recurrence`'s backward pass)."""
-        def step(carry, inputs):
-            xw, v = inputs
-            gx, gh = xw + b_x, carry["h"] @ w_h + b_h
-            new, out = self._update(gx, gh, carry, v)
-            return new, ((out, gh, carry) if residuals else out)
-        return jax.lax.scan(step, carry, (xws, valid), unroll=self.unroll)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recurrence(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
-    """layer._loop on time-major xs (T, B, d), input projection included, with the backward
-    pass below; with w_x None, xs are the projections x W_x (T, B, G) already."""
-    return layer._loop(b_x, w_h, b_h, _projected(w_x, xs), carry, valid)
-
-
-def _projected(w_x, xs):
-    return xs if w_x is None else xs @ w_x
-
-
-def _recurrence_fwd(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
-    xws = _projected(w_x, xs)
-    final, (outs, ghs, carries) = layer._loop(b_x, w_h, b_h, xws, carry, valid, residuals=True)
-    return (final, outs), (w_x, b_x, w_h, xs, xws, ghs, carries, valid)
-
-
-def _recurrence_bwd(layer, residuals, cotangents):
-    """Reverse scan: ∂carry_{t-1} = ∂activate/∂carry · ∂carry_t + (∂gh_t) W_hᵀ; then the products
-    of `_projection_gradients`."""
-    w_x, b_x, w_h, xs, xws, ghs, carries, valid = residuals
-    d_final, d_outs = cotangents
-    w_h_t = w_h.T
-
-    def step(d_carry, inputs):
-        xw, gh, carry, v, d_out = inputs
-        _, vjp = jax.vjp(lambda gx, gh, carry: layer._update(gx, gh, carry, v), xw + b_x, gh, carry)
-        d_gx, d_gh, d_prev = vjp((d_carry, d_out))
-        # where gx and gh only meet as gx + gh, autodiff hands back one object for both: stack it once
-        return {**d_prev, "h": d_prev["h"] + d_gh @ w_h_t}, (d_gh if d_gx is d_gh else (d_gx, d_gh))
-
-    d_carry, d_gs = jax.lax.scan(step, d_final, (xws, ghs, carries, valid, d_outs),
-                                 reverse=True, unroll=layer.unroll)
-    d_gxs, d_ghs = d_gs if isinstance(d_gs, tuple) else (d_gs, d_gs)
-    return _projection_gradients(w_x, xs, carries["h"], d_gxs, d_ghs) + (d_carry, None)
-
-
-def _projection_gradients(w_x, xs, h_prev, d_gxs, d_ghs):
-    """The gradients of gx_t = x_t W_x + b_x and gh_t = h_{t-1} W_h + b_h given ∂gx, ∂gh (T, B, G),
-    each one product over all T·B rows: ∂W_x = Σ x_tᵀ ∂gx_t, ∂b_x, ∂W_h = Σ h_{t-1}ᵀ ∂gh_t, ∂b_h,
-    and ∂x_t = ∂gx_t W_xᵀ. (Written out rather than left to autodiff of `xs @ w_x`, whose
-    transpose XLA:CPU ran as a slower dot on a transposed copy of ∂gx.)"""
-    over = ((0, 1), (0, 1))
-    d_w_x, d_xs = (None, d_gxs) if w_x is None else (jnp.tensordot(xs, d_gxs, over), d_gxs @ w_x.T)
-    return d_w_x, d_gxs.sum((0, 1)), jnp.tensordot(h_prev, d_ghs, over), d_ghs.sum((0, 1)), d_xs
-
-
-_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lstm_kernel(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
-    """`_recurrence` for the LSTM on the CPU: its steps forward and backward are the C++ kernels
-    `dp.kernels.lstm_forward` / `lstm_backward`; the products over all steps stay XLA's."""
-    return _lstm_kernel_fwd(layer, w_x, b_x, w_h, b_h, xs, carry, valid)[0]
-
-
-def _lstm_kernel_fwd(layer, w_x, b_x, w_h, b_h, xs, carry, valid):
-    steps, batch = xs.shape[:2]
-    lengths = jnp.full((batch,), steps, jnp.int32) if valid is None else valid.sum(0, dtype=jnp.int32)
-    hs, h, c, gates, cs = kernels.lstm_forward(_projected(w_x, xs), b_x + b_h, w_h, carry["h"], carry["c"], lengths)
-    return ({"h": h, "c": c}, {"h": hs}), (w_x, w_h, xs, carry, lengths, hs, gates, cs)
-
-
-def _lstm_kernel_bwd(layer, residuals, cotangents):
-    w_x, w_h, xs, carry, lengths, hs, gates, cs = residuals
-    d_final, d_outs = cotangents
-    d_z, d_h0, d_c0 = kernels.lstm_backward(w_h, gates, cs, carry["c"], lengths, d_outs["h"], d_final["h"],
-                                            d_final["c"])
-    h_prev = jnp.concatenate([carry["h"][None], hs[:-1]])  # past a length h_prev is 0, but so is ∂z there
-    return _projection_gradients(w_x, xs, h_prev, d_z, d_z) + ({"h": d_h0, "c": d_c0}, None)
-
-
-_lstm_kernel.defvjp(_lstm_kernel_fwd, _lstm_kernel_bwd)
 
 
 @layerclass
@@ -256,7 +174,7 @@ class SimpleRNN(Recurrent):
         return _gate_params(key, d, self.hidden)
 
     def weights(self, params):
-        return params["w_x"], params["w_h"], params["bias"], jnp.zeros_like(params["bias"])
+        return Weights(params["w_x"], params["w_h"], params["bias"], jnp.zeros_like(params["bias"]))
 
     def activate(self, gx, gh, carry):
         h = jnp.tanh(gx + gh)
@@ -304,12 +222,10 @@ class LSTM(Recurrent):
     def weights(self, params):
         return _fused(params, LSTM_GATES)
 
-    def _recurrence(self, w_x, b_x, w_h, b_h, xs, carry, valid):
-        """On the CPU, for float32, the C++ kernels (`_lstm_kernel`) unless the gates are asked for."""
-        args = (w_x, b_x, w_h, b_h, xs, carry, valid)
-        if self.return_gates:
-            return _recurrence(self, *args)
-        return kernels.on_cpu(partial(_lstm_kernel, self), partial(_recurrence, self), *args)
+    @property
+    def kernel(self):
+        """On the CPU, for float32, the C++ kernels run the batch loop unless the gates are asked for."""
+        return None if self.return_gates else "lstm"
 
     def activate(self, gx, gh, carry):
         # one tanh pass over all four gates, σ(z) = (1 + tanh(z/2)) / 2: ~2× faster on XLA:CPU
@@ -350,8 +266,8 @@ class GRU(Recurrent):
         return params
 
     def weights(self, params):
-        w_x, w_h, b_x, b_h = _fused(params, ("reset", "update", "candidate"))
-        return w_x, w_h, b_x, b_h.at[2 * self.hidden:].set(params["candidate"]["bias_h"])
+        weights = _fused(params, ("reset", "update", "candidate"))
+        return weights._replace(b_h=weights.b_h.at[2 * self.hidden:].set(params["candidate"]["bias_h"]))
 
     def activate(self, gx, gh, carry):
         reset, update = jnp.split(_sigmoid(gx[..., :2 * self.hidden] + gh[..., :2 * self.hidden]), 2, -1)
@@ -370,7 +286,7 @@ def reverse_valid_prefix(xs, lengths):
 
 
 @layerclass
-class Bidirectional(Layer):
+class Bidirectional(Combinator):
     """Run `layer` forwards and a copy backwards; concatenate: (T, d) → (T, 2·hidden).
 
     With `lengths=`, the backward pass reads only the valid prefix, reversed, so padding never
@@ -388,19 +304,12 @@ class Bidirectional(Layer):
         kf, kb = jax.random.split(key)
         return {"forward": self.layer.init(kf, spec), "backward": self.layer.init(kb, spec)}
 
-    def forward(self, params, xs, *, key=None, lengths=None):
-        check_sequence(self, xs)
-        lengths = check_lengths(self, lengths, xs.shape[0])
-        return self._both(Layer.apply, reverse_valid_prefix, params, xs, lengths)
-
-    def forward_batch(self, params, xs, *, key=None, lengths=None):
-        check_sequence(self, example_spec(xs))
-        lengths = check_lengths(self, lengths, xs.shape[1], batch=xs.shape[0])
-        reverse = jax.vmap(reverse_valid_prefix, (0, None if lengths is None else 0))
-        return self._both(Layer.apply_batch, reverse, params, xs, lengths)
-
-    def _both(self, run, reverse, params, xs, lengths):
+    def route(self, run, params, xs, *, key=None, lengths=None):
+        spec = run.example(xs)
+        check_sequence(self, spec)
+        lengths = check_lengths(self, lengths, spec.shape[0], batch=xs.shape[0] if run.batched else None)
+        flip = lambda x: run.each(reverse_valid_prefix)(x, lengths)
         side = {} if lengths is None else {"lengths": lengths}
         forward = run(self.layer, params["forward"], xs, **side)
-        backward = run(self.layer, params["backward"], reverse(xs, lengths), **side)
-        return jnp.concatenate([forward, reverse(backward, lengths)], -1)
+        backward = run(self.layer, params["backward"], flip(xs), **side)
+        return jnp.concatenate([forward, flip(backward)], -1)

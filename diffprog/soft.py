@@ -20,7 +20,7 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
-from .basic import glorot
+from .basic import lecun_normal
 from .core import Layer, LayerError, layerclass
 
 _EPS = 1e-7
@@ -96,7 +96,7 @@ class GeneralScore(Layer):
 
     def init_params(self, key, spec, **side):
         q, keys = _check_query_keys(self, spec)
-        return {"W": glorot(key, (q.shape[-1], keys.shape[-1]), jnp.float32)}
+        return {"W": lecun_normal(key, (q.shape[-1], keys.shape[-1]), jnp.float32)}
 
     def forward(self, params, qk, **side):
         q, keys = _check_query_keys(self, qk)
@@ -116,9 +116,9 @@ class ConcatScore(Layer):
     def init_params(self, key, spec, **side):
         q, keys = _check_query_keys(self, spec)
         kq, kk, kv = jax.random.split(key, 3)
-        return {"W_q": glorot(kq, (q.shape[-1], self.hidden), jnp.float32),
-                "W_k": glorot(kk, (keys.shape[-1], self.hidden), jnp.float32),
-                "v": glorot(kv, (self.hidden, 1), jnp.float32)[:, 0]}
+        return {"W_q": lecun_normal(kq, (q.shape[-1], self.hidden), jnp.float32),
+                "W_k": lecun_normal(kk, (keys.shape[-1], self.hidden), jnp.float32),
+                "v": lecun_normal(kv, (self.hidden, 1), jnp.float32)[:, 0]}
 
     def forward(self, params, qk, **side):
         q, keys = _check_query_keys(self, qk)

@@ -1,4 +1,4 @@
-"""train(): one small, dependable training loop — jit, donated state, orbax checkpoints, resume,
+"""TrainStep, the pure step, and train(), one small, dependable loop around it — jit, donated state, orbax checkpoints, resume,
 NaN guard, JSONL metrics, tqdm, data parallelism over a `jax.sharding.Mesh`, bf16 compute.
 
 Data is a function of the step: `data(step) -> batch`, a dict of arrays with a leading batch
@@ -130,6 +130,58 @@ LOSS_KEYS = frozenset({"inputs", "targets", "mask"})
 `dp.metrics` (which positions count), not an attention mask."""
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """One optimisation step of `model` (a one-example layer, run on the batch by `dp.batched`),
+    pure: `step(state, batch) -> (state, loss)`, the loss a device scalar.
+
+    state: {"params", "opt_state", "step", "rng"} (`init`). batch: a dict with "inputs" (B, ...),
+    the loss's entries ("targets", an optional loss "mask") and any side inputs of the model by
+    name (e.g. "lengths"); loss(outputs, batch) -> scalar. The step's dropout key is
+    fold_in(rng, step). compute_dtype (e.g. jnp.bfloat16): params and float inputs are cast for
+    the forward and backward pass; params and optimiser state stay float32.
+    mesh: a `jax.sharding.Mesh` for `compile`: the batch is sharded along its first axis, the
+    state replicated (fsdp=True: each array split along its first axis the device count divides).
+    """
+
+    model: Layer
+    loss: Callable
+    optimizer: optax.GradientTransformation
+    compute_dtype: Any = None
+    mesh: Any = None
+    fsdp: bool = False
+
+    def init(self, params, seed: int = 0) -> dict:
+        return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.int32(0),
+                "rng": jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))}
+
+    def outputs(self, params, batch, key=None):
+        """The model's (B, ...) outputs on the batch, in float32."""
+        net = batched(self.model)
+        if self.compute_dtype is not None:
+            params = _cast(params, self.compute_dtype)
+            batch = {**batch, "inputs": _cast(batch["inputs"], self.compute_dtype)}
+        side = {k: v for k, v in batch.items() if k in net.side_inputs and k not in LOSS_KEYS}
+        return _cast(net.apply(params, batch["inputs"], key=key, **side), jnp.float32)
+
+    def __call__(self, state, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        value, grads = jax.value_and_grad(lambda p: self.loss(self.outputs(p, batch, key), batch))(state["params"])
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        return {**state, "params": optax.apply_updates(state["params"], updates),
+                "opt_state": opt_state, "step": state["step"] + 1}, value
+
+    def compile(self, state, batch):
+        """(jit-compiled step with the state donated, the state placed for it, put(batch) that
+        places a batch), sharded over `mesh` when there is one."""
+        if self.mesh is None:
+            return jax.jit(self, donate_argnums=0), state, lambda b: b
+        state_sharding, batch_sharding = _shardings(self.mesh, state, batch, self.fsdp)
+        step = jax.jit(self, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, None))
+        return step, jax.device_put(state, state_sharding), lambda b: jax.device_put(b, batch_sharding)
+
+
 def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
           data: Callable[[int], Batch], *, steps: int, seed: int = 0,
           eval_data: Optional[Iterable[Batch]] = None, eval_every: int = 0,
@@ -138,58 +190,30 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
           quiet: bool = False, log_every: int = 10, mesh=None, fsdp: bool = False,
           compute_dtype=None, clip_norm: Optional[float] = None, params=None,
           description: str = "train") -> TrainResult:
-    """Train `model` (one-example layer; batched here with `dp.batched`) for `steps` steps.
+    """Train `model` for `steps` steps of `TrainStep(model, loss, optimizer, compute_dtype, mesh,
+    fsdp)` (see there for the batch, the loss and the sharding); data(step) -> batch.
 
-    data(step) -> batch: a dict with "inputs" (B, ...), the loss's entries ("targets", an optional
-    loss "mask"), and any side inputs of the model by name (e.g. "lengths", "source_lengths"),
-    which are passed to it; "mask" is always the loss mask (LOSS_KEYS), never the model's.
-    loss(outputs, batch) -> scalar, outputs being the model's (B, ...) outputs. The optimiser is
-    any optax transformation (LR schedules live inside it); `clip_norm` prepends
-    `optax.clip_by_global_norm`. Each step's dropout key is fold_in(key(seed), step).
-
+    The optimiser is any optax transformation (LR schedules live inside it); `clip_norm`
+    prepends `optax.clip_by_global_norm`. params: start from these instead of
+    `model.init(fold_in(key(seed), 0), one example)`.
     workdir: metrics.jsonl is appended there; with checkpoint_every > 0, orbax checkpoints of
-    {params, opt_state, step, rng} go to workdir/checkpoints (last `keep` kept) and
-    `resume=True` continues from the latest one. A non-finite loss raises TrainingError naming
-    the step; nothing is saved after it. eval_data: batches averaged every `eval_every` steps
-    and at the end, reporting the loss and `eval_metrics` {name: fn(outputs, batch)}.
-    mesh: a `jax.sharding.Mesh`; the batch is sharded along its first axis, params replicated
-    (fsdp=True: sharded along the same axis). compute_dtype (e.g. jnp.bfloat16): params and
-    float inputs are cast for the forward/backward pass; params and optimiser state stay float32.
+    the state go to workdir/checkpoints (last `keep` kept) and `resume=True` continues from the
+    latest one. eval_data: batches averaged every `eval_every` steps and at the end, reporting
+    the loss and `eval_metrics` {name: fn(outputs, batch)}.
+    The loop reads losses from the device only every `log_every` steps (and before a
+    checkpoint, an evaluation and the end), so the host never waits for each step; a non-finite
+    loss then raises TrainingError naming the first step that had one, and nothing is saved after it.
     """
     if clip_norm is not None:
         optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
-    net = batched(model)
+    train_step = TrainStep(model, loss, optimizer, compute_dtype, mesh, fsdp)
     first = data(0)
-    root = jax.random.key(seed)
     if params is None:
-        params = model.init(jax.random.fold_in(root, 0), example_spec(first["inputs"]))
-    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
-             "rng": jax.random.key_data(jax.random.fold_in(root, 1))}
-
-    def outputs(params, batch, key=None):
-        if compute_dtype is not None:
-            params = _cast(params, compute_dtype)
-            batch = {**batch, "inputs": _cast(batch["inputs"], compute_dtype)}
-        side = {k: v for k, v in batch.items() if k in net.side_inputs and k not in LOSS_KEYS}
-        return _cast(net.apply(params, batch["inputs"], key=key, **side), jnp.float32)
-
-    def train_step(state, batch):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        value, grads = jax.value_and_grad(lambda p: loss(outputs(p, batch, key), batch))(state["params"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {**state, "params": optax.apply_updates(state["params"], updates),
-                "opt_state": opt_state, "step": state["step"] + 1}, value
-
+        params = model.init(jax.random.fold_in(jax.random.key(seed), 0), example_spec(first["inputs"]))
+    step_fn, state, put = train_step.compile(train_step.init(params, seed), first)
     metric_fns = {"loss": loss, **(eval_metrics or {})}
-    evaluate = jax.jit(lambda params, batch: {n: f(outputs(params, batch), batch) for n, f in metric_fns.items()})
-    if mesh is not None:
-        state_sharding, batch_sharding = _shardings(mesh, state, first, fsdp)
-        state = jax.device_put(state, state_sharding)
-        step_fn = jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
-                          out_shardings=(state_sharding, None))
-        put = lambda b: jax.device_put(b, batch_sharding)
-    else:
-        step_fn, put = jax.jit(train_step, donate_argnums=0), lambda b: b
+    evaluate = jax.jit(lambda params, batch: {n: f(train_step.outputs(params, batch), batch)
+                                              for n, f in metric_fns.items()})
 
     workdir = Path(workdir) if workdir else None
     checkpoints = None
@@ -200,7 +224,7 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
             if resume and checkpoints.latest() is not None:
                 state = checkpoints.restore(checkpoints.latest(), state)
     start = int(state["step"])
-    history = []
+    history, pending = [], []  # pending: (step, device loss) not yet read
 
     def record(entry):
         history.append(entry)
@@ -208,9 +232,21 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
             with open(workdir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
+    def read_losses():
+        """The pending losses, read from the device; stops at the first non-finite one."""
+        values = jax.device_get([value for _, value in pending])
+        for (step, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                bar.close()
+                last = checkpoints.latest() if checkpoints else None
+                raise TrainingError(f"step {step}: loss is {value}; training stopped"
+                                    + (f" (last good checkpoint: step {last} in "
+                                       f"{checkpoints.directory})" if last is not None else ""))
+        pending.clear()
+        return float(values[-1])
+
     def run_eval(step):
-        batches = list(eval_data)
-        totals = [jax.device_get(evaluate(state["params"], put(b))) for b in batches]
+        totals = [jax.device_get(evaluate(state["params"], put(b))) for b in eval_data]
         record({"step": step, **{f"eval_{k}": float(np.mean([t[k] for t in totals])) for k in totals[0]}})
 
     tokens = int(np.prod(np.shape(first["targets"])))
@@ -219,24 +255,24 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
     tick, tick_step = time.perf_counter(), start
     for step in range(start, steps):
         state, value = step_fn(state, put(data(step)))
-        value = float(value)
-        if not math.isfinite(value):
-            bar.close()
-            last = checkpoints.latest() if checkpoints else None
-            raise TrainingError(f"step {step}: loss is {value}; training stopped"
-                                + (f" (last good checkpoint: step {last} in "
-                                   f"{checkpoints.directory})" if last is not None else ""))
+        pending.append((step, value))
         done = step + 1
-        if done % log_every == 0 or done == steps:
+        bar.update(1)
+        log = done % log_every == 0 or done == steps
+        evaluating = eval_data is not None and eval_every and done % eval_every == 0 and done != steps
+        saving = checkpoints and (done % checkpoint_every == 0 or done == steps)
+        if not (log or evaluating or saving):
+            continue
+        value = read_losses()
+        if log:
             now = time.perf_counter()
             rate = tokens * (done - tick_step) / max(now - tick, 1e-9)
             tick, tick_step = now, done
             record({"step": done, "loss": value, "tokens_per_s": rate})
             bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:,.0f}")
-        bar.update(1)
-        if eval_data is not None and eval_every and done % eval_every == 0 and done != steps:
+        if evaluating:
             run_eval(done)
-        if checkpoints and (done % checkpoint_every == 0 or done == steps):
+        if saving:
             if not all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(state["params"])):
                 raise TrainingError(f"step {step}: parameters are not finite; checkpoint not saved")
             checkpoints.save(done, state)

@@ -10,13 +10,13 @@ import numpy as np
 
 from .attention import Attention
 from .basic import Dense, Dropout, FeedForward, LayerNorm
-from .core import Layer, LayerError, Pipeline, example_spec, layerclass
+from .core import Combinator, Layer, LayerError, Pipeline, layerclass
 from .embed import EmbedToken
 from .sequence import check_sequence
 
 
 @layerclass
-class AddNorm(Layer):
+class AddNorm(Combinator):
     """AddNorm(f, x) = LayerNorm(x + f(x)) (post-LN, the notes); with pre_norm=True,
     x + f(LayerNorm(x)) (pre-LN). Type: (T, d) → (T, d) when f is. Params: {"f", "norm"}.
     Side inputs go to f.
@@ -32,14 +32,7 @@ class AddNorm(Layer):
     def init_params(self, key, spec, **side):
         return {"f": self.f.init(key, spec, **side), "norm": LayerNorm().init(key, spec)}
 
-    def forward(self, params, x, **side):
-        return self._add_norm(Layer.apply, params, x, side)
-
-    def forward_batch(self, params, xs, **side):
-        return self._add_norm(Layer.apply_batch, params, xs, side)
-
-    def _add_norm(self, run, params, x, side):
-        """`run` is Layer.apply (one example) or Layer.apply_batch."""
+    def route(self, run, params, x, **side):
         norm = lambda v: run(LayerNorm(), params["norm"], v)
         if self.pre_norm:
             return x + run(self.f, params["f"], norm(x), **side)
@@ -141,13 +134,9 @@ class TransformerBlock(Pipeline):
         check_sequence(self, spec, self.d)
         return super().init_params(key, spec, **side)
 
-    def forward(self, params, x, **side):
-        check_sequence(self, x, self.d)
-        return super().forward(params, x, **side)
-
-    def forward_batch(self, params, xs, **side):
-        check_sequence(self, example_spec(xs), self.d)
-        return super().forward_batch(params, xs, **side)
+    def route(self, run, params, x, **side):
+        check_sequence(self, run.example(x), self.d)
+        return super().route(run, params, x, **side)
 
 
 def bert(vocab: int, d: int = 1024, heads: int = 16, ff: int = 4096, depth: int = 24,

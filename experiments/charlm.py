@@ -37,6 +37,7 @@ def build(body: str, vocab: int, n_layer: int, n_head: int, n_embd: int, block_s
 
 
 def main(argv=None):
+    dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--text", help="UTF-8 text file (default: Python's bundled documentation)")
     p.add_argument("--body", choices=["rnn", "lstm", "transformer"], default="transformer")

@@ -20,7 +20,7 @@ import optax
 from tqdm.auto import tqdm
 
 import diffprog as dp
-from diffprog import tasks
+from experiments import tasks
 
 from .common import markdown_table, parser, run_dir, save_config, save_json
 
@@ -157,6 +157,7 @@ def plot(runs, path):
 
 
 def main(argv=None):
+    dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))

@@ -36,7 +36,7 @@ def test_self_attention_matches_the_equations(key):
     check_grads(lambda p, x: att(p, x), (p, x), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("steps", [dp.attention.CAUSAL_BLOCK + 6, 2 * dp.attention.CAUSAL_BLOCK + 1])
+@pytest.mark.parametrize("steps", [dp.kernels.attention.CAUSAL_BLOCK + 6, 2 * dp.kernels.attention.CAUSAL_BLOCK + 1])
 def test_causal_attention_in_query_blocks_matches_the_equations(steps, key):
     """Past one block of queries, causal attention skips the keys after each block; values and
     gradients are those of the full masked softmax."""

@@ -13,7 +13,8 @@ import pytest
 from jax.test_util import check_grads
 
 import diffprog as dp
-from diffprog import kernels, recurrent
+from diffprog import kernels
+from diffprog.recurrent import Weights
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("c++") is None,
                                 reason="the kernel needs an x86-64 CPU and a C++ compiler")
@@ -27,7 +28,7 @@ def test_the_kernel_builds_and_registers():
 def test_kernel_matches_query_blocks_values_and_gradients(shape, key):
     """Odd lengths and widths exercise the edge tiles (rows not a multiple of 6, columns of 16)."""
     q, k, v, ct = (jax.random.normal(kk, shape) for kk in jax.random.split(key, 4))
-    reference = jax.vmap(dp.attention.causal_attention_blocks)
+    reference = jax.vmap(kernels.causal_attention_blocks)
     for f in (kernels.causal_attention, jax.jit(kernels.causal_attention)):
         chex.assert_trees_all_close(f(q, k, v), reference(q, k, v), atol=2e-6)
     grads = [jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * ct), (0, 1, 2))(q, k, v)
@@ -56,7 +57,7 @@ def test_kernel_rejects_mismatched_shapes(key):
 def test_the_kernel_is_lowered_for_the_cpu_only():
     """On accelerators causal attention keeps `jax.nn.dot_product_attention` (the query blocks)."""
     q = jnp.ones((8, 2, 4))
-    step = jax.jit(jax.grad(lambda q: dp.attention.causal_attention(q, q, q).sum()))
+    step = jax.jit(jax.grad(lambda q: kernels.causal_attention(q, q, q).sum()))
     lowered = {platform: step.trace(q).lower(lowering_platforms=(platform,)).as_text()
                for platform in ("cpu", "cuda")}
     assert "diffprog_causal_attention_backward" in lowered["cpu"]
@@ -64,14 +65,14 @@ def test_the_kernel_is_lowered_for_the_cpu_only():
 
 
 def lstm_arguments(key, steps, batch, d, hidden, lengths):
-    """The arguments of the LSTM's batch loop (`_recurrence`) for random weights and states."""
+    """The arguments of the LSTM's batch loop (`kernels.recurrence`) for random weights and states."""
     layer = dp.LSTM(hidden)
     kx, kp, kh, kc = jax.random.split(key, 4)
     xs = jax.random.normal(kx, (steps, batch, d))
-    w_x, w_h, b_x, b_h = layer.weights(layer.init(kp, xs[:, 0]))
+    weights = layer.weights(layer.init(kp, xs[:, 0]))
     carry = {"h": jax.random.normal(kh, (batch, hidden)), "c": jax.random.normal(kc, (batch, hidden))}
     valid = None if lengths is None else jnp.arange(steps)[:, None] < jnp.array(lengths)
-    return layer, (w_x, b_x + 0.1, w_h, b_h, xs, carry, valid)
+    return layer, (weights._replace(b_x=weights.b_x + 0.1), xs, carry, valid)
 
 
 @pytest.mark.parametrize("steps, batch, d, hidden, lengths", [
@@ -80,8 +81,8 @@ def test_lstm_kernel_matches_the_scan_values_and_gradients(steps, batch, d, hidd
     """Hidden sizes not a multiple of 8 and batches not a multiple of 6 exercise the masked lanes
     and the narrow tiles; `lengths` the rows that stop early."""
     layer, args = lstm_arguments(key, steps, batch, d, hidden, lengths)
-    kernel = jax.jit(lambda *a: recurrent._lstm_kernel(layer, *a))
-    scan = jax.jit(lambda *a: recurrent._recurrence(layer, *a))
+    kernel = jax.jit(lambda *a: kernels.lstm_recurrence(layer, *a))
+    scan = jax.jit(lambda *a: kernels.scan_recurrence(layer, *a))
     chex.assert_trees_all_close(kernel(*args), scan(*args), atol=1e-6)
     kc, kh, ky = jax.random.split(jax.random.key(1), 3)
 
@@ -91,17 +92,17 @@ def test_lstm_kernel_matches_the_scan_values_and_gradients(steps, batch, d, hidd
             return (jnp.sum(jnp.tanh(outs["h"]) * jax.random.normal(ky, outs["h"].shape))
                     + jnp.sum(final["h"] * jax.random.normal(kh, final["h"].shape))
                     + jnp.sum(final["c"] * jax.random.normal(kc, final["c"].shape)))
-        return jax.jit(jax.grad(value, range(6)))
+        return jax.jit(jax.grad(value, range(3)))
     chex.assert_trees_all_close(loss(kernel)(*args), loss(scan)(*args), atol=2e-5)
 
 
 def test_lstm_kernel_gradients_against_finite_differences(key):
-    layer, (w_x, b_x, w_h, b_h, xs, carry, valid) = lstm_arguments(key, 5, 3, 2, 4, [5, 2, 4])
+    layer, (weights, xs, carry, valid) = lstm_arguments(key, 5, 3, 2, 4, [5, 2, 4])
 
     def f(w_x, w_h, xs, carry):
-        final, outs = recurrent._lstm_kernel(layer, w_x, b_x, w_h, b_h, xs, carry, valid)
+        final, outs = kernels.lstm_recurrence(layer, weights._replace(w_x=w_x, w_h=w_h), xs, carry, valid)
         return outs["h"], final
-    check_grads(f, (w_x, w_h, xs, carry), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+    check_grads(f, (weights.w_x, weights.w_h, xs, carry), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
 
 def test_lstm_layer_uses_the_kernel_on_the_cpu_only(key):
@@ -124,16 +125,19 @@ def test_lstm_kernel_under_vmap_is_a_loop_over_the_calls(key):
     w_h = jax.random.normal(ks[1], (2, hidden, 4 * hidden))
     h0, c0 = jax.random.normal(ks[2], (2, 2, batch, hidden))
     bias, lengths = jnp.zeros(4 * hidden), jnp.array([4, 1, 3])
-    mapped = jax.vmap(kernels.lstm_forward, (0, None, 0, 0, 0, None))(xw, bias, w_h, h0, c0, lengths)
+    weights = lambda w_h: Weights(None, w_h, bias, bias)
+    mapped = jax.vmap(lambda xw, w_h, h, c: kernels.lstm_forward(weights(w_h), xw, {"h": h, "c": c}, lengths))(
+        xw, w_h, h0, c0)
     for i in range(2):
         chex.assert_trees_all_close(tuple(m[i] for m in mapped),
-                                    tuple(kernels.lstm_forward(xw[i], bias, w_h[i], h0[i], c0[i], lengths)))
+                                    tuple(kernels.lstm_forward(weights(w_h[i]), xw[i], {"h": h0[i], "c": c0[i]}, lengths)))
 
 
 def test_lstm_kernel_rejects_mismatched_shapes():
     xw, state = jnp.zeros((3, 2, 8)), jnp.zeros((2, 2))
     with pytest.raises(ValueError, match=r"lstm_forward: for xw \(3, 2, 8\).*'w_h': \(2, 8\).*'w_h': \(3, 8\)"):
-        kernels.lstm_forward(xw, jnp.zeros(8), jnp.zeros((3, 8)), state, state, jnp.array([3, 3]))
+        kernels.lstm_forward(Weights(None, jnp.zeros((3, 8)), jnp.zeros(8), jnp.zeros(8)), xw,
+                             {"h": state, "c": state}, jnp.array([3, 3]))
 
 
 SHARDED_LSTM = """

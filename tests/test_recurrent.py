@@ -147,22 +147,27 @@ def test_batched_stacks_use_the_batch_path_and_check_their_input(key):
 @pytest.mark.parametrize("vocab,dim", [(6, 3), (6, 5), (40, 5)],
                          ids=["table projected", "table projected, stacked", "tokens projected"])
 def test_recurrent_after_an_embedding_projects_the_table(layer, vocab, dim, key):
-    """On a batch, `layer ** 2 @ EmbedToken` computes layer 1's input projection as (E W_x)[ids]
-    when the vocabulary is not larger than the batch's tokens: same values and gradients as
-    vmap of the per-example model; out-of-range ids still give NaN rows. (dim 5 = hidden: the
-    two layers' params are stacked and the first application leaves the scan.)"""
-    model = layer ** 2 @ dp.EmbedToken(vocab, dim)
+    """On a batch, `layer ** 2 @ EmbedToken(fuse=True)` computes layer 1's input projection as
+    (E W_x)[ids] when the vocabulary is not larger than the batch's tokens: the same values and
+    gradients as the unfused model (fuse=False) and as vmap of the per-example model;
+    out-of-range ids still give NaN rows. (dim 5 = hidden: the two layers' params are stacked
+    and the first application leaves the scan.)"""
+    fused = layer ** 2 @ dp.EmbedToken(vocab, dim, fuse=True)
+    plain = layer ** 2 @ dp.EmbedToken(vocab, dim)
     ids = jax.random.randint(key, (3, 4), 0, vocab)
-    p = model.init(key, ids[0])
-    net = dp.batched(model)
+    p = fused.init(key, ids[0])
+    net = dp.batched(fused)
     gates = {dp.SimpleRNN: 5, dp.LSTM: 20, dp.GRU: 15}[type(layer)]
-    assert (f"f32[{vocab},{gates}] = dot_general" in str(jax.make_jaxpr(net)(p, ids))) == (vocab <= ids.size)
+    projects_table = lambda model: f"f32[{vocab},{gates}] = dot_general" in str(jax.make_jaxpr(dp.batched(model))(p, ids))
+    assert projects_table(fused) == (vocab <= ids.size) and not projects_table(plain)
     for side in [{}, {"lengths": jnp.array([4, 1, 3])}]:
-        by_vmap = lambda p: jax.vmap(lambda i, s: model.apply(p, i, **s))(ids, side)
+        by_vmap = lambda p: jax.vmap(lambda i, s: fused.apply(p, i, **s))(ids, side)
         by_batch = lambda p: net(p, ids, **side)
-        chex.assert_trees_all_close(jax.jit(by_batch)(p), by_vmap(p), atol=1e-5)
+        unfused = lambda p: dp.batched(plain)(p, ids, **side)
+        chex.assert_trees_all_close(jax.jit(by_batch)(p), by_vmap(p), jax.jit(unfused)(p), atol=1e-5)
         loss = lambda run: lambda p: jnp.sum(jnp.sin(run(p)))
-        chex.assert_trees_all_close(jax.jit(jax.grad(loss(by_batch)))(p), jax.grad(loss(by_vmap))(p), atol=1e-5)
+        chex.assert_trees_all_close(jax.jit(jax.grad(loss(by_batch)))(p), jax.grad(loss(by_vmap))(p),
+                                    jax.jit(jax.grad(loss(unfused)))(p), atol=1e-5)
     out = jax.jit(net)(p, ids.at[1, 2].set(vocab))
     assert np.isnan(out[1, 2:]).all() and np.isfinite(out[0]).all() and np.isfinite(out[1, :2]).all()
 

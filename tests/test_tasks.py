@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffprog import tasks
+from experiments import tasks
 
 
 def test_adding(key):

@@ -1,0 +1,157 @@
+"""The recurrent layers' batch loop and its backends.
+
+`recurrence(layer, weights, xs, carry, valid)` runs `layer.scan` — the definition, one
+`jax.lax.scan` over time of `layer.step` — on a time-major batch, xs (T, B, d), with one of two
+backends, chosen here:
+
+- the LSTM on the CPU in float32 (`lstm_recurrence`): the steps forward and backward are the
+  C++ kernels of lstm.cc, the products over all steps around them XLA's;
+- everywhere else (`scan_recurrence`): the scan, with its backward pass written out — the
+  reverse scan carries only the state gradients, and the weight gradient Σ_t h_{t-1}ᵀ ∂gh_t is
+  one matrix product over all examples and steps after it, instead of T small ones inside it.
+
+Both take and return the same things: `weights` is the layer's `Weights(w_x, w_h, b_x, b_h)`
+(with w_x None, xs are the input projections x W_x (T, B, G) already), `carry` the initial
+state dict of (B, hidden) arrays, `valid` (T, B) bool or None (False: padding, where the state is
+kept and the output is 0). They return (final carry, outs (T, B, ...)).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from .library import on_cpu, require
+from .partition import batch_partitioned
+
+
+def recurrence(layer, weights, xs, carry, valid):
+    """The batch loop of `layer`; the backend is chosen here (see the module docstring)."""
+    args = (weights, xs, carry, valid)
+    if getattr(layer, "kernel", None) == "lstm":
+        return on_cpu(partial(lstm_recurrence, layer), partial(scan_recurrence, layer), *args)
+    return scan_recurrence(layer, *args)
+
+
+def _projected(w_x, xs):
+    return xs if w_x is None else xs @ w_x
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def scan_recurrence(layer, weights, xs, carry, valid):
+    """`layer.scan` on time-major xs, input projection included, with the backward pass below."""
+    return layer.scan(weights, _projected(weights.w_x, xs), carry, valid)
+
+
+def _scan_fwd(layer, weights, xs, carry, valid):
+    xws = _projected(weights.w_x, xs)
+    final, (outs, ghs, carries) = layer.scan(weights, xws, carry, valid, residuals=True)
+    return (final, outs), (weights, xs, xws, ghs, carries, valid)
+
+
+def _scan_bwd(layer, residuals, cotangents):
+    """Reverse scan: ∂carry_{t-1} = ∂activate/∂carry · ∂carry_t + (∂gh_t) W_hᵀ; then the products
+    of `_projection_gradients`."""
+    weights, xs, xws, ghs, carries, valid = residuals
+    d_final, d_outs = cotangents
+    w_h_t = weights.w_h.T
+
+    def step(d_carry, inputs):
+        xw, gh, carry, v, d_out = inputs
+        _, vjp = jax.vjp(lambda gx, gh, carry: layer.update(gx, gh, carry, v), xw + weights.b_x, gh, carry)
+        d_gx, d_gh, d_prev = vjp((d_carry, d_out))
+        # where gx and gh only meet as gx + gh, autodiff hands back one object for both: stack it once
+        return {**d_prev, "h": d_prev["h"] + d_gh @ w_h_t}, (d_gh if d_gx is d_gh else (d_gx, d_gh))
+
+    d_carry, d_gs = jax.lax.scan(step, d_final, (xws, ghs, carries, valid, d_outs),
+                                 reverse=True, unroll=layer.unroll)
+    d_gxs, d_ghs = d_gs if isinstance(d_gs, tuple) else (d_gs, d_gs)
+    d_weights, d_xs = _projection_gradients(weights, xs, carries["h"], d_gxs, d_ghs)
+    return d_weights, d_xs, d_carry, None
+
+
+def _projection_gradients(weights, xs, h_prev, d_gxs, d_ghs):
+    """The gradients of gx_t = x_t W_x + b_x and gh_t = h_{t-1} W_h + b_h given ∂gx, ∂gh (T, B, G),
+    each one product over all T·B rows: ∂W_x = Σ x_tᵀ ∂gx_t, ∂b_x, ∂W_h = Σ h_{t-1}ᵀ ∂gh_t, ∂b_h,
+    and ∂x_t = ∂gx_t W_xᵀ. (Written out rather than left to autodiff of `xs @ w_x`, whose
+    transpose XLA:CPU ran as a slower dot on a transposed copy of ∂gx.) Returns (∂weights, ∂xs)."""
+    over, w_x = ((0, 1), (0, 1)), weights.w_x
+    d_w_x, d_xs = (None, d_gxs) if w_x is None else (jnp.tensordot(xs, d_gxs, over), d_gxs @ w_x.T)
+    return type(weights)(d_w_x, jnp.tensordot(h_prev, d_ghs, over), d_gxs.sum((0, 1)), d_ghs.sum((0, 1))), d_xs
+
+
+scan_recurrence.defvjp(_scan_fwd, _scan_bwd)
+
+
+# -- the LSTM's C++ kernels ------------------------------------------------------------------
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def lstm_recurrence(layer, weights, xs, carry, valid):
+    """`scan_recurrence` for the LSTM by the C++ kernels (CPU, float32; `dp.kernels.available()`):
+    its steps forward and backward are `lstm_forward` / `lstm_backward`, the products over all
+    steps stay XLA's."""
+    return _lstm_fwd(layer, weights, xs, carry, valid)[0]
+
+
+def _lstm_fwd(layer, weights, xs, carry, valid):
+    steps, batch = xs.shape[:2]
+    lengths = jnp.full((batch,), steps, jnp.int32) if valid is None else valid.sum(0, dtype=jnp.int32)
+    hs, h, c, gates, cs = lstm_forward(weights, _projected(weights.w_x, xs), carry, lengths)
+    return ({"h": h, "c": c}, {"h": hs}), (weights, xs, carry, lengths, hs, gates, cs)
+
+
+def _lstm_bwd(layer, residuals, cotangents):
+    weights, xs, carry, lengths, hs, gates, cs = residuals
+    d_final, d_outs = cotangents
+    d_z, d_h0, d_c0 = lstm_backward(weights, gates, cs, carry, lengths, d_outs["h"], d_final)
+    h_prev = jnp.concatenate([carry["h"][None], hs[:-1]])  # past a length h_prev is 0, but so is ∂z there
+    d_weights, d_xs = _projection_gradients(weights, xs, h_prev, d_z, d_z)
+    return d_weights, d_xs, {"h": d_h0, "c": d_c0}, None
+
+
+lstm_recurrence.defvjp(_lstm_fwd, _lstm_bwd)
+
+
+def lstm_forward(weights, xw, carry, lengths):
+    """The LSTM's T steps (see lstm.cc) on time-major float32 inputs: xw = x W_x (T, B, 4H), the
+    weights' w_h (H, 4H) and b_x + b_h (4H,), the carry's h and c (B, H), lengths (B,) int32
+    (steps at and past an example's length keep its state and output 0). Returns hs (T, B, H),
+    the final h and c (B, H), and for `lstm_backward` the gate activations (T, B, 4H) and cell
+    states cs (T, B, H). Not differentiable by itself: `lstm_recurrence` is."""
+    steps, batch, gates = xw.shape
+    hidden = gates // 4
+    bias = weights.b_x + weights.b_h
+    expected = {"bias": (gates,), "w_h": (hidden, gates), "h": (batch, hidden), "c": (batch, hidden),
+                "lengths": (batch,)}
+    got = {"bias": bias.shape, "w_h": weights.w_h.shape, "h": carry["h"].shape, "c": carry["c"].shape,
+           "lengths": lengths.shape}
+    if gates % 4 or got != expected:
+        raise ValueError(f"lstm_forward: for xw {xw.shape} (T, B, 4H) expected {expected}, got {got}")
+    require("lstm_forward")
+    return _lstm_forward_call(xw, bias, weights.w_h, carry["h"], carry["c"], lengths.astype(jnp.int32))
+
+
+def lstm_backward(weights, gates, cs, carry, lengths, d_hs, d_final):
+    """The reverse of `lstm_forward`'s steps: from the cotangents of hs (T, B, H) and of the final
+    carry, the gradient ∂z of every step's pre-activations (T, B, 4H) and those of h0 and c0."""
+    require("lstm_backward")
+    return _lstm_backward_call(weights.w_h, gates, cs, carry["c"], lengths.astype(jnp.int32), d_hs,
+                               d_final["h"], d_final["c"])
+
+
+@batch_partitioned("t b g, g, h g, b h, b h, b -> t b h, b h, b h, t b g, t b h", batch="b")
+def _lstm_forward_call(xw, bias, w_h, h0, c0, lengths):
+    steps, batch, _ = xw.shape
+    like = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    state = like(batch, w_h.shape[0])
+    return tuple(jax.ffi.ffi_call("diffprog_lstm_forward", (like(steps, batch, w_h.shape[0]), state, state,
+                                                            like(*xw.shape), like(steps, batch, w_h.shape[0])))(
+        xw, bias, w_h, h0, c0, lengths))
+
+
+@batch_partitioned("h g, t b g, t b h, b h, b, t b h, b h, b h -> t b g, b h, b h", batch="b")
+def _lstm_backward_call(w_h, gates, cs, c0, lengths, d_hs, d_h, d_c):
+    state = jax.ShapeDtypeStruct(c0.shape, jnp.float32)
+    return tuple(jax.ffi.ffi_call("diffprog_lstm_backward", (jax.ShapeDtypeStruct(gates.shape, jnp.float32), state, state))(
+        w_h, gates, cs, c0, lengths, d_hs, d_h, d_c))
