@@ -1,5 +1,6 @@
 """The C++ kernels (`dp.kernels`: causal attention, the LSTM recurrence) against the jnp paths
 they replace on the CPU."""
+import json
 import os
 import platform
 import shutil
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import chex
+import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest
@@ -140,25 +142,45 @@ def test_lstm_kernel_rejects_mismatched_shapes():
                              {"h": state, "c": state}, jnp.array([3, 3]))
 
 
-SHARDED_LSTM = """
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+SHARDED_STEP = """
+import json, jax, jax.numpy as jnp, numpy as np, optax
 import diffprog as dp
-layer = dp.batched(dp.Dense(1) @ dp.Collapse("mean") @ dp.LSTM(16) ** 2)
-xs = jax.random.normal(jax.random.key(1), (8, 10, 5))
-params = layer.init(jax.random.key(0), xs)
-grad = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) ** 2)))
-mesh = Mesh(np.array(jax.devices()), ("data",))
-sharded = grad(jax.device_put(params, NamedSharding(mesh, P())), jax.device_put(xs, NamedSharding(mesh, P("data"))))
-print(len(jax.devices()), max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grad(params, xs)), jax.tree.leaves(sharded))))
+assert len(jax.devices()) == 4
+bodies = {"lstm": dp.LSTM(16) ** 2, "transformer": dp.TransformerBlock(16, 2, 32, causal=True) ** 2}
+ids = jax.random.randint(jax.random.key(1), (8, 12), 0, 11)
+batch = {"inputs": ids, "targets": jnp.roll(ids, -1, 1)}
+loss = lambda logits, batch: dp.metrics.cross_entropy(logits, batch["targets"])
+report = {}
+for name, body in bodies.items():
+    positions = dp.LearnedPositions(12) if name == "transformer" else None
+    model = dp.LanguageModel(11, 16, body, positions=positions, per_position=True)
+    params = model.init(jax.random.key(0), ids[0])
+    losses, gathers = {}, {}
+    for devices in (1, 4):
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
+        step = dp.TrainStep(model, loss, optax.adam(1e-2), mesh=mesh)
+        run, state, put = step.compile(step.init(jax.tree.map(jnp.copy, params)), batch)
+        hlo = run.lower(state, put(batch)).compile().as_text()
+        kernel = [l for l in hlo.splitlines() if 'custom_call_target="diffprog_' in l]
+        gathers[devices] = (len(kernel), sum("all-gather" in l for l in hlo.splitlines()))
+        losses[devices] = []
+        for _ in range(3):
+            state, value = run(state, put(batch))
+            losses[devices].append(float(value))
+    report[name] = {"losses": losses, "kernels_and_gathers": gathers}
+print(json.dumps(report))
 """
 
 
-def test_lstm_kernel_with_the_batch_sharded_over_two_devices():
-    """XLA does not split a custom call: it gathers the batch and runs the kernel whole on each
-    device. The gradients must still be those of one device."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    out = subprocess.run([sys.executable, "-c", SHARDED_LSTM], env=env, capture_output=True, text=True, timeout=300)
+def test_kernels_run_on_each_devices_shard_of_the_batch():
+    """Under a 4-device data-parallel mesh the C++ kernels (LSTM, causal attention) run on each
+    device's quarter of the batch: the compiled step has the kernels and no all-gather (XLA
+    would otherwise gather the batch in front of each kernel and run it whole on every device),
+    and its losses equal the 1-device run's."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, "-c", SHARDED_STEP], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    devices, difference = out.stdout.split()
-    assert devices == "2" and float(difference) < 1e-6
+    for name, result in json.loads(out.stdout.splitlines()[-1]).items():
+        kernels_in_step, gathers = result["kernels_and_gathers"]["4"]
+        assert kernels_in_step >= 2 and gathers == 0, (name, result)
+        np.testing.assert_allclose(result["losses"]["4"], result["losses"]["1"], rtol=1e-5, err_msg=name)
