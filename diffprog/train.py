@@ -130,7 +130,7 @@ LOSS_KEYS = frozenset({"inputs", "targets", "mask"})
 `dp.metrics` (which positions count), not an attention mask."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: jit caches per object, never across equal ones
 class TrainStep:
     """One optimisation step of `model` (a one-example layer, run on the batch by `dp.batched`),
     pure: `step(state, batch) -> (state, loss)`, the loss a device scalar.

@@ -133,3 +133,26 @@ def test_eval_metrics_and_helpers():
                       eval_metrics={"mae": lambda o, b: jnp.abs(o - b["targets"]).mean()})
     evals = [h for h in result.history if "eval_loss" in h]
     assert [e["step"] for e in evals] == [5, 10] and all(e["eval_mae"] > 0 for e in evals)
+
+
+def test_the_loop_reads_the_loss_only_when_it_logs(monkeypatch):
+    """The host waits for the device only at a log step (and before a checkpoint, an evaluation
+    and the end), not after every step; a non-finite loss between two reads is still reported
+    with its own step (test_nan_loss_stops_and_keeps_the_last_good_checkpoint)."""
+    reads = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: reads.append(x) or real(x))
+    result = dp.train(train_toy.MODEL, train_toy.loss, optax.adam(1e-2), train_toy.data, steps=20,
+                      log_every=10, quiet=True)
+    assert [len(r) for r in reads] == [10, 10] and [h["step"] for h in result.history] == [10, 20]
+
+
+def test_train_step_is_pure_and_matches_the_loop():
+    step = dp.TrainStep(train_toy.MODEL, train_toy.loss, optax.adam(1e-2))
+    params = train_toy.MODEL.init(jax.random.fold_in(jax.random.key(3), 0), jnp.zeros(4))
+    state = step.init(params, seed=3)
+    for i in range(3):
+        state, _ = jax.jit(step)(state, train_toy.data(i))
+    looped = dp.train(train_toy.MODEL, train_toy.loss, optax.adam(1e-2), train_toy.data, steps=3, seed=3, quiet=True)
+    chex.assert_trees_all_close(state["params"], looped.params, atol=1e-6)
+    chex.assert_trees_all_equal(step.init(params, seed=3)["params"], params)  # init did not change the caller's
