@@ -1,7 +1,6 @@
 """Shared by the benchmarks: timing, the machine description, JSON + markdown output."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -12,16 +11,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from experiments.common import markdown_table  # noqa: F401  (re-exported for the benchmarks)
+from experiments.common import at_least, markdown_table, parser  # noqa: F401  (markdown_table: for the benchmarks)
 
 
-def timing_arguments(doc: str, quick_help: str) -> argparse.ArgumentParser:
+def timing_arguments(doc: str, quick_help: str):
     """The flags of a benchmark that times interleaved rounds: --quick, --reps, --rounds, --out."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p = parser(doc.splitlines()[0], "benchmarks/results", "folder for the JSON, markdown and plots")
     p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--reps", type=at_least(1), default=10)
+    p.add_argument("--rounds", type=at_least(1), default=3)
     return p
 
 

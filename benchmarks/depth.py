@@ -9,7 +9,6 @@ Writes benchmarks/results/depth.{json,md} and depth.png.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -18,7 +17,7 @@ import optax
 
 import diffprog as dp
 
-from .common import block, machine, markdown_table, median_time, write
+from .common import parser, block, machine, markdown_table, median_time, write
 
 
 def measure(model, x, reps):
@@ -39,9 +38,8 @@ def measure(model, x, reps):
 
 def main(argv=None):
     dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for the JSON, markdown and plots")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     depths, d, T, B, reps = ((1, 2), 16, 8, 2, 2) if args.quick else ((1, 2, 4, 8, 16, 24, 48), 64, 64, 8, 5)
     x = jax.random.normal(jax.random.key(0), (B, T, d))

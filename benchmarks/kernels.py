@@ -16,7 +16,6 @@ Writes benchmarks/results/kernels.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
 import jax
@@ -25,7 +24,7 @@ import numpy as np
 
 import diffprog as dp
 
-from .common import block, machine, markdown_table, median_time, optional_torch, write
+from .common import parser, block, machine, markdown_table, median_time, optional_torch, write
 
 
 def explicit_attention(q, k, v):
@@ -57,9 +56,8 @@ def score_products(results, quick, reps):
 
 def main(argv=None):
     dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for the JSON, markdown and plots")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     reps = 3 if args.quick else 20
     results = {"machine": machine()}

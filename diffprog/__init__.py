@@ -9,7 +9,7 @@ from .attention import Attention
 from .basic import (ACTIVATIONS, Activation, Dense, Dropout, FeedForward, Flatten, Gelu,
                     LayerNorm, Relu, Sigmoid, Softmax, Step, Tanh, step)
 from .conv import AvgPool, Conv, MaxPool
-from .core import (Batched, Compose, Layer, LayerError, Pipeline, Remat, Repeat, batched, layerclass,
+from .core import (ArgumentError, Batched, Compose, Layer, LayerError, Pipeline, Remat, Repeat, batched, layerclass,
                    serial, spec_of)
 from .embed import EmbedToken
 from .generate import GenerateToken, LanguageModel, generate, sample

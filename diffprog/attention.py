@@ -31,7 +31,8 @@ class Attention(Combinator):
 
     Masks (combined): `causal=True` (t attends to s ≤ t); `lengths=` (self: valid steps of x) or
     `context_lengths=` (cross: valid steps of the context) hide padded keys; `mask=` a boolean
-    (T, S) where True means "may attend". `return_weights=True` returns (y, α (heads, T, S)).
+    (T, S) where True means "may attend". A query whose every key is masked reads nothing: its
+    output (before W_o) and its α row are 0, and so are their gradients. `return_weights=True` returns (y, α (heads, T, S)).
     `dropout` on α is active when `key=` is given.
     Params: query/key/value {weight (d, heads·head_dim), bias}, output {weight, bias}, and
     "score" for the general/concat scores.
@@ -43,6 +44,10 @@ class Attention(Combinator):
     score: str = "dot"
     dropout: float = 0.0
     return_weights: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        score_layer(self.score)
 
     @property
     def side_inputs(self):
@@ -117,8 +122,16 @@ class Attention(Combinator):
         explicit = self.explicit(key)
         allowed = self.allowed(steps, memory_steps, side.get("mask"), check_lengths(self, lengths, memory_steps))
         if explicit:
-            return self.attend_explicitly(params, q, k, v, allowed, key)
-        return jax.nn.dot_product_attention(q, k, v, mask=None if allowed is None else allowed[None]), None
+            out, weights = self.attend_explicitly(params, q, k, v, allowed, key)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=None if allowed is None else allowed[None])
+            weights = None
+        if allowed is None:
+            return out, weights
+        # a query that may attend to no key reads nothing: output 0, α 0 (and so zero gradients)
+        some = allowed.any(-1)
+        return (jnp.where(some[:, None, None], out, 0),
+                None if weights is None else jnp.where(some[None, :, None], weights, 0))
 
     def allowed(self, steps, memory_steps, mask, memory_lengths) -> Optional[jax.Array]:
         """Boolean (T, S): which key each query may attend to (None: all)."""
@@ -180,4 +193,6 @@ class Attention(Combinator):
             out = jax.nn.dot_product_attention(q, cache["key"], cache["value"], mask=allowed[None])
         else:
             out, _ = self.attend_explicitly(params, q, cache["key"], cache["value"], allowed, None)
-        return Dense(x_t.shape[-1]).apply(params["output"], out.reshape(1, -1))[0], cache
+        y = Dense(x_t.shape[-1]).apply(params["output"], out.reshape(1, -1))[0]
+        # under jit a position past the cache is not known while tracing: NaN, never a valid-looking output
+        return jnp.where(position < max_len, y, jnp.nan), cache

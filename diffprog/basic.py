@@ -27,9 +27,9 @@ ACTIVATIONS = {
 }
 
 
-def activation_fn(name: str):
+def activation_fn(name: str, layer: str = "activation"):
     if name not in ACTIVATIONS:
-        raise LayerError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+        raise LayerError(f"{layer}: unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
@@ -91,8 +91,11 @@ class FeedForward(PositionWise):
     out: int
     activation: str = "relu"
 
+    def __post_init__(self):
+        super().__post_init__()
+        activation_fn(self.activation, "FeedForward")
+
     def init_params(self, key, spec, **side):
-        activation_fn(self.activation)
         self.expect(spec, ("d",), ("T", "d"))
         return Dense(self.out).init_params(key, spec)
 
@@ -106,9 +109,8 @@ class Activation(Layer):
 
     fn: str
 
-    def init_params(self, key, spec, **side):
-        activation_fn(self.fn)
-        return {}
+    def __post_init__(self):
+        activation_fn(self.fn, "Activation")
 
     def forward(self, params, x, **side):
         self.expect(x, *[("d",) * r for r in range(8)])
@@ -146,9 +148,6 @@ class Dropout(Layer):
 
     rate: float
 
-    def __post_init__(self):
-        if not 0.0 <= self.rate < 1.0:
-            raise LayerError(f"Dropout({self.rate}): rate must be in [0, 1)")
 
     def forward(self, params, x, *, key=None, **side):
         if key is None or self.rate == 0.0:

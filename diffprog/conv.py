@@ -16,8 +16,15 @@ def _spatial_patterns(n_channels="C"):
     return ("W", n_channels), ("H", "W", n_channels)
 
 
-def _tuple(v, n):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+def _tuple(v, n, layer=None, name=""):
+    """v as a tuple of n entries (an int is repeated); a tuple of another length is a LayerError:
+    its rank must be the input's spatial rank."""
+    if not isinstance(v, (tuple, list)):
+        return (v,) * n
+    if len(v) != n:
+        raise LayerError(f"{layer!r}: {name} {tuple(v)} has {len(v)} entries, but the input has {n} spatial "
+                         f"{'axes' if n > 1 else 'axis'}")
+    return tuple(v)
 
 
 @layerclass
@@ -38,7 +45,7 @@ class Conv(Layer):
     def init_params(self, key, spec, **side):
         self.expect(spec, *_spatial_patterns())
         n = len(spec.shape) - 1
-        shape = _tuple(self.kernel, n) + (spec.shape[-1], self.features)
+        shape = _tuple(self.kernel, n, self, "kernel") + (spec.shape[-1], self.features)
         return {"kernel": lecun_normal(key, shape, jnp.float32),
                 "bias": jnp.zeros((self.features,), jnp.float32)}
 
@@ -49,8 +56,11 @@ class Conv(Layer):
         dims = ("WC", "WIO", "WC") if n == 1 else ("HWC", "HWIO", "HWC")
         padding = self.padding if isinstance(self.padding, str) else tuple(map(tuple, self.padding))
         y = jax.lax.conv_general_dilated(
-            x[None], kernel.astype(x.dtype), _tuple(self.stride, n), padding,
+            x[None], kernel.astype(x.dtype), _tuple(self.stride, n, self, "stride"), padding,
             dimension_numbers=("N" + dims[0], dims[1], "N" + dims[2]))[0]
+        if 0 in y.shape:
+            raise LayerError(f"{self!r}: kernel {tuple(kernel.shape[:n])} with padding {self.padding!r} leaves no "
+                             f"output on input {tuple(x.shape)} (got {tuple(y.shape)}); use padding='SAME' or a smaller kernel")
         return y + params["bias"]
 
 
@@ -68,8 +78,8 @@ class _Pool(Layer):
     def forward(self, params, x, **side):
         self.expect(x, *_spatial_patterns())
         n = x.ndim - 1
-        window = _tuple(self.window, n)
-        stride = window if self.stride is None else _tuple(self.stride, n)
+        window = _tuple(self.window, n, self, "window")
+        stride = window if self.stride is None else _tuple(self.stride, n, self, "stride")
         if any(w > s for w, s in zip(window, x.shape)) and self.padding == "VALID":
             raise LayerError(f"{self!r}: window {window} is larger than the input {x.shape}")
         if self.folds(x.shape, window, stride):

@@ -13,6 +13,8 @@ the rest ignore it); other side inputs (`lengths=`, `mask=`, ...) are listed in 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import threading
 from typing import Any
 
 import jax
@@ -25,8 +27,39 @@ layerclass = dataclasses.dataclass(frozen=True, repr=False)
 """Decorator for layer classes: frozen (immutable, hashable) dataclasses with notation reprs."""
 
 
-class LayerError(ValueError):
+class ArgumentError(ValueError):
+    """A diffprog function or layer called with something it cannot use. The message names the
+    function or layer, what it expected and what it got."""
+
+
+class LayerError(ArgumentError):
     """Bad input to a layer. The message names the layer, what it expected and what it got."""
+
+
+_POSITIVE_INTS = {"int": False, "Union[int, tuple]": False, "Union[int, tuple, None]": True}
+_UNIT_INTERVAL = ("dropout", "rate")  # probabilities in [0, 1)
+_POSITIVE_FLOATS = ("temperature", "eps")
+
+
+def check_hyperparameters(layer) -> None:
+    """Raise LayerError unless every size (a field annotated int, or int-or-tuple: sizes,
+    heads, strides, windows, kernels) is a positive int (or a tuple of them), every dropout
+    rate lies in [0, 1) and every temperature and epsilon is > 0."""
+    name = type(layer).__name__
+    for f in dataclasses.fields(layer):
+        value = getattr(layer, f.name)
+        bad = None
+        if f.type in _POSITIVE_INTS and not (value is None and _POSITIVE_INTS[f.type]):
+            entries = value if isinstance(value, tuple) and f.type != "int" else (value,)
+            if not entries or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+                                      for v in entries):
+                bad = "a positive int" + ("" if f.type == "int" else " or a tuple of positive ints")
+        elif f.name in _UNIT_INTERVAL and not (isinstance(value, (int, float)) and 0 <= value < 1):
+            bad = "a number in [0, 1)"
+        elif f.name in _POSITIVE_FLOATS and not (isinstance(value, (int, float)) and value > 0):
+            bad = "a number > 0" + (" (hard choices are hard=True)" if f.name == "temperature" else "")
+        if bad:
+            raise LayerError(f"{name}: {f.name} must be {bad}, got {value!r}")
 
 
 def spec_of(x) -> Any:
@@ -64,18 +97,24 @@ class Layer:
 
     side_inputs: frozenset = frozenset()
 
+    def __post_init__(self):
+        check_hyperparameters(self)
+
     # -- the protocol ------------------------------------------------------------------
     def init(self, key, x, **side) -> Params:
         """Parameters for inputs shaped like `x` (one example; array or ShapeDtypeStruct).
 
         Side inputs are optional here; give those a layer needs in order to run (e.g. the
         `context=` of cross-attention) so that shapes can be inferred through it."""
-        return self.init_params(key, spec_of(x), **spec_of(side))
+        with _outermost() as outer:
+            return self.init_params(key, spec_of(x), **spec_of(side))
 
     def apply(self, params: Params, x, **side):
-        """Run the layer on one example. Pure; works under jit, vmap and grad."""
+        """Run the layer on one example. Pure; works under jit, vmap and grad. The outermost
+        call checks `params` against what `init` makes for this input (see `check_params`)."""
         self._check_side(side)
-        return self.forward(params, x, **side)
+        return _checked(self, self.forward, params, x, lambda: (spec_of(x), {k: spec_of(v) for k, v in side.items()
+                                                                           if k != "key"}), side)
 
     def apply_batch(self, params: Params, xs, **side):
         """Run the layer on a batch (B, ...) → (B, ...): `jax.vmap(apply)` over axis 0 of `xs`
@@ -89,7 +128,8 @@ class Layer:
         leaves = jax.tree.leaves(xs)
         if not leaves or jnp.ndim(leaves[0]) < 1:
             raise LayerError(f"{self!r}: expected a batch (B, ...), got {_describe(xs)}")
-        return self.forward_batch(params, xs, **side)
+        return _checked(self, self.forward_batch, params, xs, lambda: (example_spec(xs), {
+            k: example_spec(v) for k, v in side.items() if k != "key"}), side)
 
     reads_deferred = False
     """True for a layer whose `forward_batch` takes a `Deferred` batch as it is (see there)."""
@@ -100,10 +140,17 @@ class Layer:
             raise LayerError(f"{self!r}: unexpected side input(s) {sorted(unknown)}; "
                              f"it takes key= and {sorted(self.side_inputs) or 'nothing else'}")
 
-    def __call__(self, params: Params, x, **side):
+    def __call__(self, params: Params = None, x=None, **side):
+        """`layer(params, x, **side)` is `layer.apply(params, x, **side)`; `layer()` with no
+        arguments is the layer itself, so `dp.Flatten()` and `dp.Flatten` are the same value."""
+        if params is None and x is None and not side:
+            return self
+        if x is None:
+            raise LayerError(f"{self!r}: called with params but no input; write {self!r}(params, x), "
+                             f"or {self!r} alone for the layer")
         return self.apply(params, x, **side)
 
-    def init_params(self, key, spec) -> Params:
+    def init_params(self, key, spec, **side) -> Params:
         return {}
 
     def forward(self, params, x, **side):
@@ -188,6 +235,88 @@ class Layer:
 
 def _stages(layer: Layer) -> tuple:
     return layer.stages if isinstance(layer, Compose) else (layer,)
+
+
+_state = threading.local()
+
+
+class _outermost:
+    """`with _outermost() as outer:` — outer is True for the outermost init/apply of a call tree
+    (the layers inside a composition are not checked again)."""
+
+    def __enter__(self):
+        self.outer = not getattr(_state, "inside", False)
+        _state.inside = True
+        return self.outer
+
+    def __exit__(self, *exc):
+        if self.outer:
+            _state.inside = False
+
+
+def path_name(path) -> str:
+    """A pytree path as "['a'][0]['b']", the same for dicts, namedtuples and orbax metadata."""
+    def entry(k):
+        for attribute in ("key", "name", "idx"):
+            if hasattr(k, attribute):
+                return f"[{getattr(k, attribute)!r}]"
+        return str(k)
+    return "".join(entry(k) for k in path)
+
+
+def _leaf_kinds(tree) -> dict:
+    """{path: (shape, kind)} of a params tree; kind is "float", "int" or the dtype."""
+    def kind(dtype):
+        return "float" if jnp.issubdtype(dtype, jnp.floating) else "int" if jnp.issubdtype(dtype, jnp.integer) else str(dtype)
+    return {path_name(path): (tuple(np.shape(a)), kind(jnp.result_type(a)))
+            for path, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@functools.lru_cache(maxsize=256)
+def _expected_params(layer, x_spec, side_spec):
+    spec = jax.tree.unflatten(x_spec[0], x_spec[1])
+    side = jax.tree.unflatten(side_spec[0], side_spec[1])
+    return _leaf_kinds(jax.eval_shape(lambda key: layer.init(key, spec, **side), jax.random.key(0)))
+
+
+def check_params(layer, params, x_spec, side_spec) -> None:
+    """Raise LayerError unless `params` has the structure, leaf shapes and kinds (float / int)
+    of `layer.init(key, x)` for an input like `x_spec`, naming the path of the first mismatch:
+    params of another configuration (Dense(8)'s in a Dense(4) model, a missing bias) never run
+    silently. It runs at the outermost apply, in Python, when the call is traced: under jit it is
+    part of tracing and costs nothing per step. (Floating dtypes may differ: a bf16 cast of the
+    params is the same params.)"""
+    flat = lambda tree: (jax.tree.structure(tree), tuple(jax.tree.leaves(tree)))
+    try:
+        expected = _expected_params(layer, flat(x_spec), flat(side_spec))
+    except TypeError:  # an unhashable layer or spec: compute without the cache
+        expected = _expected_params.__wrapped__(layer, flat(x_spec), flat(side_spec))
+    got = _leaf_kinds(params)
+    if got == expected:
+        return
+    for path in sorted(set(expected) | set(got)):
+        if expected.get(path) != got.get(path):
+            show = lambda v: "absent" if v is None else f"{v[0]} {v[1]}"
+            raise LayerError(f"{layer!r}: params{path} is {show(got.get(path))}, expected {show(expected.get(path))} "
+                             f"(params from another configuration?)")
+
+
+def _checked(layer, forward, params, x, specs, side):
+    """forward(params, x, **side); the outermost call then checks the params (`check_params`).
+    The layer's own input checks come first (their message names the input); a failure that is
+    not a LayerError is explained by a params mismatch when there is one."""
+    with _outermost() as outer:
+        if not outer:
+            return forward(params, x, **side)
+        try:
+            y = forward(params, x, **side)
+        except LayerError:
+            raise
+        except Exception as error:
+            check_params(layer, params, *specs())
+            raise error
+        check_params(layer, params, *specs())
+        return y
 
 
 class Deferred:
@@ -465,9 +594,9 @@ class Batched(Layer):
         return self.layer.side_inputs
 
     def init_params(self, key, spec, **side):
-        if len(spec.shape) < 1:
+        if any(len(s.shape) < 1 for s in jax.tree.leaves(spec)):
             raise LayerError(f"{self!r}: expected a batch (B, ...), got {_describe(spec)}")
-        return self.layer.init(key, example_spec(spec))
+        return self.layer.init(key, example_spec(spec), **example_spec(side))
 
     def forward(self, params, x, **side):
         return self.layer.apply_batch(params, x, **side)

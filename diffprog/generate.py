@@ -9,9 +9,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .basic import LayerNorm, PositionWise, affine
-from .core import Layer, LayerError, Pipeline, layerclass
+from .core import ArgumentError, Layer, LayerError, Pipeline, layerclass
 from .embed import EmbedToken
 from .sequence import Collapse, check_lengths
 
@@ -84,10 +85,23 @@ class LanguageModel(Pipeline):
 
 # -- sampling ---------------------------------------------------------------------------------
 
+def check_sampling(*, temperature=1.0, top_k=None, top_p=None, greedy=False, function="sample"):
+    """The sampling settings, checked before any work: a negative temperature would sample the
+    least likely token, top_p = 0 always token 0."""
+    if not isinstance(temperature, (int, float, np.integer, np.floating)) or temperature < 0:
+        raise ArgumentError(f"{function}: temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1):
+        raise ArgumentError(f"{function}: top_k must be an int >= 1 (or None), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float, np.floating)) and 0 < top_p <= 1):
+        raise ArgumentError(f"{function}: top_p must be in (0, 1] (or None), got {top_p!r}")
+
+
 def sample(key, logits, *, temperature: float = 1.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, greedy: bool = False):
     """Draw a token from softmax(logits / temperature), optionally keeping only the top_k
-    logits or the smallest set whose probability reaches top_p. `greedy`: argmax."""
+    logits or the smallest set whose probability reaches top_p. `greedy` (or temperature 0):
+    argmax. temperature ≥ 0, top_k ≥ 1 and 0 < top_p ≤ 1, or `dp.ArgumentError`."""
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if greedy or temperature == 0:
         return jnp.argmax(logits, -1)
     logits = logits / temperature
@@ -113,8 +127,15 @@ def generate(model: LanguageModel, params, prompts, steps: int, *, key=None,
     go to `sample` (greedy, temperature, top_k, top_p); without `key=` decoding is greedy.
     """
     prompts = jnp.asarray(prompts)
-    if prompts.ndim != 2 or prompts.shape[1] == 0:
-        raise LayerError(f"generate: expected prompts (B, P) with P ≥ 1, got {prompts.shape}")
+    if prompts.ndim != 2 or prompts.shape[1] == 0 or not jnp.issubdtype(prompts.dtype, jnp.integer):
+        raise LayerError(f"generate: expected prompts (B, P) int with P ≥ 1, got {prompts.shape} {prompts.dtype}")
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
+        raise ArgumentError(f"generate: steps must be an int >= 0, got {steps!r}")
+    check_sampling(function="generate", **sampling)
+    if not isinstance(prompts, jax.core.Tracer):
+        bad = np.asarray(prompts)[(np.asarray(prompts) < 0) | (np.asarray(prompts) >= model.vocab)]
+        if bad.size:
+            raise LayerError(f"generate: expected prompt ids in [0, {model.vocab}), got {bad.tolist()[:5]}")
     if key is None:
         sampling = {**sampling, "greedy": True}
         key = jax.random.key(0)

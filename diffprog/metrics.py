@@ -1,10 +1,32 @@
 """Losses and evaluation metrics over a batch: cross-entropy (nats, bits), accuracy, exact match,
-perplexity, mean squared error. `mask` (same shape as targets) marks the positions that count."""
+perplexity, mean squared error. `mask` (same shape as targets) marks the positions that count.
+
+Shapes must match exactly — predictions and targets of MSE, the leading axes of logits and
+targets, and the mask with the targets — or the metric raises `dp.ArgumentError` (a ValueError):
+broadcasting (B, 1) against (B,) would silently average a (B, B) matrix."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from .core import ArgumentError
+
+
+def _check(function, targets, mask, **shapes):
+    """Each named array's shape (given as {name: (shape, what it must equal)}) and the mask's."""
+    for name, (got, want) in shapes.items():
+        if tuple(got) != tuple(want):
+            raise ArgumentError(f"{function}: expected {name} {tuple(want)}, got {tuple(got)}")
+    if mask is not None and np.shape(mask) != np.shape(targets):
+        raise ArgumentError(f"{function}: expected mask shaped like targets {np.shape(targets)}, "
+                            f"got {np.shape(mask)}")
+
+
+def _check_logits(function, logits, targets, mask):
+    if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+        raise ArgumentError(f"{function}: expected integer class targets, got {jnp.result_type(targets)}")
+    _check(function, targets, mask, **{"logits (..., classes) whose leading axes are the targets'": (np.shape(logits)[:-1], np.shape(targets))})
 
 
 def _mean(values, mask):
@@ -16,6 +38,7 @@ def _mean(values, mask):
 
 def cross_entropy(logits, targets, mask=None):
     """Mean −log softmax(logits)[target], in nats. logits (..., vocab), targets int (...)."""
+    _check_logits("cross_entropy", logits, targets, mask)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     return _mean(losses, mask)
 
@@ -32,12 +55,14 @@ def perplexity(nats):
 
 def accuracy(logits, targets, mask=None):
     """Fraction of positions whose argmax equals the target."""
+    _check_logits("accuracy", logits, targets, mask)
     return _mean((jnp.argmax(logits, -1) == targets).astype(jnp.float32), mask)
 
 
 def exact_match(logits, targets, mask=None):
     """Fraction of sequences (leading axis) whose every counted position is right.
     logits (B, T, vocab), targets (B, T)."""
+    _check_logits("exact_match", logits, targets, mask)
     right = jnp.argmax(logits, -1) == targets
     if mask is not None:
         right = right | ~mask.astype(bool)
@@ -45,5 +70,6 @@ def exact_match(logits, targets, mask=None):
 
 
 def mse(predictions, targets, mask=None):
-    """Mean squared error."""
+    """Mean squared error; predictions and targets of one shape."""
+    _check("mse", targets, mask, **{"predictions shaped like the targets": (np.shape(predictions), np.shape(targets))})
     return _mean(jnp.square(predictions.astype(jnp.float32) - targets), mask)

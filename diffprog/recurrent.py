@@ -65,7 +65,7 @@ class Recurrent(Layer):
     leading axes; out["h"] is y_t).
 
     Side inputs: `lengths=` (valid steps of this example: outputs past it are 0 and the final
-    state is the state after step `lengths`), `initial_state=` (a carry dict; default zeros).
+    state is the state after step `lengths`), `initial_state=` (a carry dict, or h0 / (h0, c0) as in PyTorch and Flax; default zeros).
     Returns ys (T, hidden); with `return_state=True`, (ys, final_carry).
     `unroll` is passed to `jax.lax.scan`.
     """
@@ -98,7 +98,7 @@ class Recurrent(Layer):
         weights = self.weights(params)
         steps = check_sequence(self, xs, weights.w_x.shape[0])
         lengths = check_lengths(self, lengths, steps)
-        carry = self._initial(initial_state, xs.dtype, ())
+        carry = self._initial(initial_state, jnp.result_type(xs.dtype, weights.w_h.dtype), ())
         valid = None if lengths is None else valid_steps(steps, lengths)
         carry, outs = self.scan(weights, xs @ weights.w_x, carry, valid)
         return self._result(outs, carry)
@@ -115,7 +115,7 @@ class Recurrent(Layer):
         steps = check_sequence(self, spec, weights.w_x.shape[0])
         batch = xs.shape[0]
         lengths = check_lengths(self, lengths, steps, batch=batch)
-        carry = self._initial(initial_state, spec.dtype, (batch,))
+        carry = self._initial(initial_state, jnp.result_type(spec.dtype, weights.w_h.dtype), (batch,))
         valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths
         if isinstance(xs, TokenVectors):
             inputs, weights = xs.project(weights.w_x, time_major=True), weights._replace(w_x=None)
@@ -145,13 +145,23 @@ class Recurrent(Layer):
                 jax.tree.map(lambda v: jnp.where(keep, v, 0), out))
 
     def _initial(self, initial_state, dtype, batch):
+        """The carry to start from, in the loop's dtype (that of x W_x + h W_h, so that bf16
+        inputs with float32 weights keep one carry dtype). `initial_state` is a carry dict,
+        or as PyTorch and Flax users pass it: h0 (SimpleRNN, GRU) or (h0, c0) (LSTM)."""
         expected = self.initial_carry(dtype, batch)
         if initial_state is None:
             return expected
+        if not isinstance(initial_state, dict):
+            parts = tuple(initial_state) if isinstance(initial_state, (tuple, list)) else (initial_state,)
+            if len(parts) != len(expected):
+                forms = "h0" if len(expected) == 1 else "(h0, c0)"
+                raise LayerError(f"{self!r}: expected initial_state {forms} or a dict with keys {sorted(expected)}, "
+                                 f"got {len(parts)} array(s)")
+            initial_state = dict(zip(expected, parts))
         if jax.tree.map(jnp.shape, initial_state) != jax.tree.map(jnp.shape, expected):
             raise LayerError(f"{self!r}: expected initial_state shaped {jax.tree.map(jnp.shape, expected)}, "
                              f"got {jax.tree.map(jnp.shape, initial_state)}")
-        return initial_state
+        return jax.tree.map(lambda a: jnp.asarray(a, dtype), initial_state)
 
     def _result(self, outs, carry):
         ys = outs.pop("h")
@@ -297,6 +307,7 @@ class Bidirectional(Combinator):
     side_inputs = frozenset({"lengths"})
 
     def __post_init__(self):
+        super().__post_init__()
         if getattr(self.layer, "return_state", False) or getattr(self.layer, "return_gates", False):
             raise LayerError(f"Bidirectional({self.layer!r}): the wrapped layer must return only ys")
 

@@ -53,6 +53,7 @@ class Collapse(Layer):
     side_inputs = frozenset({"lengths"})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode not in ("first", "last", "mean"):
             raise LayerError(f"Collapse({self.mode!r}): mode must be 'first', 'last' or 'mean'")
 

@@ -19,6 +19,7 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .basic import lecun_normal
 from .core import Layer, LayerError, layerclass
@@ -36,8 +37,19 @@ def _is_one(temperature):
     return isinstance(temperature, (int, float)) and temperature == 1.0
 
 
+def check_temperature(function: str, temperature) -> None:
+    """τ must be > 0: τ = 0 would divide by zero (NaN) and τ < 0 invert the choice. Hard choices
+    are `hard=True`. A traced τ (under jit) is not known here and is used as it is."""
+    if isinstance(temperature, jax.core.Tracer):
+        return
+    if not np.all(np.asarray(temperature) > 0):
+        raise LayerError(f"{function}: temperature must be > 0 (for hard choices pass hard=True), "
+                         f"got {temperature!r}")
+
+
 def sharpen_gate(g, temperature=1.0, hard=False):
     """σ(logit(g)/τ) — for g = σ(z) this is σ(z/τ); `hard`: [g > ½] straight-through."""
+    check_temperature("sharpen_gate", temperature)
     if not _is_one(temperature):
         g = jnp.clip(g, _EPS, 1 - _EPS)
         g = jax.nn.sigmoid((jnp.log(g) - jnp.log1p(-g)) / temperature)
@@ -46,6 +58,7 @@ def sharpen_gate(g, temperature=1.0, hard=False):
 
 def sharpen_mask(g, temperature=1.0, hard=False, axis=-1):
     """softmax(log(g)/τ) — for g = softmax(z) this is softmax(z/τ); `hard`: one-hot argmax."""
+    check_temperature("sharpen_mask", temperature)
     if not _is_one(temperature):
         g = jax.nn.softmax(jnp.log(jnp.clip(g, _EPS, 1.0)) / temperature, axis=axis)
     if hard:
@@ -76,6 +89,7 @@ def gate(x, y, r, *, temperature=1.0, hard=False):
 
     Gradients (τ = 1): ∂f/∂x = σ(r), ∂f/∂y = 1 − σ(r), ∂f/∂r = (x − y) σ'(r).
     """
+    check_temperature("gate", temperature)
     return soft_if(jax.nn.sigmoid(r / temperature), x, y, hard=hard)
 
 
@@ -157,6 +171,7 @@ def soft_lookup(q, keys, values, *, score="dot", params=None, temperature=1.0, h
     a score layer; `params` are that layer's params (from `score_layer(score).init(key, (q, keys))`).
     With `return_weights=True` returns (result, α).
     """
+    check_temperature("soft_lookup", temperature)
     layer = score_layer(score)
     if values.shape[0] != keys.shape[0]:
         raise LayerError(f"soft_lookup: expected {keys.shape[0]} values, got {values.shape[0]}")

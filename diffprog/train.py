@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from .core import Layer, batched, example_spec
+from .core import ArgumentError, Layer, batched, example_spec, path_name
 
 Batch = dict
 
@@ -61,10 +61,6 @@ def _shardings(mesh, state, batch, fsdp):
                 if size % n == 0:
                     return NamedSharding(mesh, P(*([None] * i + [axis])))
         return NamedSharding(mesh, P())
-    for name, a in batch.items():
-        if np.shape(a)[0] % n:
-            raise TrainingError(f"batch['{name}'] has {np.shape(a)[0]} examples, not divisible "
-                                f"by the {n} devices of the mesh")
     return (jax.tree.map(param_spec, state),
             jax.tree.map(lambda a: NamedSharding(mesh, P(axis)), batch))
 
@@ -84,24 +80,36 @@ class _Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step, state):
-        self.manager.save(step, args=self.ocp.args.StandardSave(state))
-        self.manager.wait_until_finished()
+        """Atomic: a failed save (disk full, read-only folder) leaves the older checkpoints as
+        they were, and raises CheckpointError naming the path and the newest intact one."""
+        try:
+            self.manager.save(step, args=self.ocp.args.StandardSave(state))
+            self.manager.wait_until_finished()
+        except Exception as e:  # orbax wraps OSError in several types
+            self.manager.reload()
+            intact = self.manager.latest_step()
+            raise CheckpointError(f"{self.directory / str(step)}: cannot save checkpoint ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:300] if str(e) else ''}); "
+                                  + (f"the checkpoint of step {intact} in {self.directory} is intact"
+                                     if intact is not None else "no earlier checkpoint exists")) from e
 
     def check_compatible(self, step, like):
         """Compare the checkpoint's parameter shapes with the model's before reading arrays."""
         path = self.directory / str(step)
         try:
-            saved = self.manager.item_metadata(step)["params"]
+            saved = self.manager.item_metadata(step)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot restore checkpoint: unreadable metadata ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:300]})") from e
-        describe = lambda tree: {jax.tree_util.keystr(p): f"{tuple(a.shape)} {a.dtype}"
+        describe = lambda tree: {path_name(p): f"{tuple(a.shape)} {a.dtype}"
                                  for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
-        want, got = describe(like["params"]), describe(saved)
-        for name in sorted(set(want) | set(got)):
-            if want.get(name) != got.get(name):
-                raise CheckpointError(f"{path}: params{name} is {got.get(name, 'absent')} in the "
-                                      f"checkpoint, the model expects {want.get(name, 'nothing')}")
+        for part, whose in (("params", "the model"), ("opt_state", "the optimiser")):
+            want, got = describe(like[part]), describe(saved[part])
+            for name in sorted(set(want) | set(got)):
+                if want.get(name) != got.get(name):
+                    raise CheckpointError(f"{path}: {part}{name} is {got.get(name, 'absent')} in the "
+                                          f"checkpoint, {whose} expects {want.get(name, 'nothing')}"
+                                          + (" (another optimiser than the one that saved it?)" if part == "opt_state" else ""))
 
     def restore(self, step, like):
         path = self.directory / str(step)
@@ -182,6 +190,46 @@ class TrainStep:
         return step, jax.device_put(state, state_sharding), lambda b: jax.device_put(b, batch_sharding)
 
 
+def _check_arguments(*, steps, keep, log_every, workdir, checkpoint_every, resume, eval_every):
+    """train()'s settings, before any work."""
+    for name, value, least in (("steps", steps, 0), ("keep", keep, 1), ("log_every", log_every, 1),
+                               ("checkpoint_every", checkpoint_every, 0), ("eval_every", eval_every, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ArgumentError(f"train: {name} must be an int >= {least}, got {value!r}")
+    if checkpoint_every and workdir is None:
+        raise ArgumentError("train: checkpoint_every needs workdir= (where the checkpoints go)")
+    if resume and not (workdir is not None and checkpoint_every):
+        raise ArgumentError("train: resume=True needs workdir= and checkpoint_every > 0 (the checkpoints "
+                            "to resume from)")
+
+
+def _checked_data(data, side_inputs, mesh):
+    """data(step) with every batch checked: keys are loss keys or side inputs of the model (a
+    typo such as `length` for `lengths` would otherwise be dropped, and padding would train),
+    lists become arrays, and under a mesh the batch divides the devices."""
+    devices = None if mesh is None else mesh.devices.size
+
+    def checked(step):
+        batch = data(step)
+        if not isinstance(batch, dict) or "inputs" not in batch:
+            raise ArgumentError(f"train: data({step}) must return a dict with 'inputs', got "
+                                f"{type(batch).__name__}{' with keys ' + str(sorted(batch)) if isinstance(batch, dict) else ''}")
+        unknown = sorted(set(batch) - LOSS_KEYS - set(side_inputs))
+        if unknown:
+            raise ArgumentError(f"train: data({step}) has key(s) {unknown} that are neither the loss's "
+                                f"{sorted(LOSS_KEYS)} nor side inputs of the model "
+                                f"{sorted(set(side_inputs) - {'key'}) or '(it takes none)'}")
+        batch = {k: np.asarray(v) if isinstance(v, list) else v for k, v in batch.items()}
+        if devices is not None:
+            for name, a in batch.items():
+                for leaf in jax.tree.leaves(a):
+                    if np.ndim(leaf) == 0 or np.shape(leaf)[0] % devices:
+                        raise TrainingError(f"step {step}: batch['{name}'] has leading shape {np.shape(leaf)[:1]}, "
+                                            f"not divisible by the {devices} devices of the mesh")
+        return batch
+    return checked
+
+
 def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
           data: Callable[[int], Batch], *, steps: int, seed: int = 0,
           eval_data: Optional[Iterable[Batch]] = None, eval_every: int = 0,
@@ -204,9 +252,16 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
     checkpoint, an evaluation and the end), so the host never waits for each step; a non-finite
     loss then raises TrainingError naming the first step that had one, and nothing is saved after it.
     """
+    _check_arguments(steps=steps, keep=keep, log_every=log_every, workdir=workdir,
+                     checkpoint_every=checkpoint_every, resume=resume, eval_every=eval_every)
+    if eval_data is not None:
+        eval_data = list(eval_data)
+        if not eval_data:
+            raise ArgumentError("train: eval_data is empty; give at least one batch, or eval_data=None")
     if clip_norm is not None:
         optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
     train_step = TrainStep(model, loss, optimizer, compute_dtype, mesh, fsdp)
+    data = _checked_data(data, batched(model).side_inputs, mesh)
     first = data(0)
     if params is None:
         params = model.init(jax.random.fold_in(jax.random.key(seed), 0), example_spec(first["inputs"]))

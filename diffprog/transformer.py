@@ -71,7 +71,11 @@ class LearnedPositions(Layer):
         return x + params["table"][: x.shape[0]]
 
     def decode(self, params, x_t, cache, position):
-        return x_t + jax.lax.dynamic_index_in_dim(params["table"], position, keepdims=False), cache
+        if not isinstance(position, jax.core.Tracer) and position >= self.max_len:
+            raise LayerError(f"{self!r}: position {position} is past the positional table ({self.max_len})")
+        row = jax.lax.dynamic_index_in_dim(params["table"], position, keepdims=False)
+        # under jit a position past the table is not known while tracing: NaN, never a clamped row
+        return x_t + jnp.where(position < self.max_len, row, jnp.nan), cache
 
 
 def sinusoid(positions, d):
@@ -82,8 +86,10 @@ def sinusoid(positions, d):
 
 
 @layerclass
-class SinusoidalPositions(Layer):
-    """x_t + [sin(t ω_i); cos(t ω_i)], ω_i = 10000^(−2i/d). Type: (T, d) → (T, d). No params."""
+class SinusoidalPositionsLayer(Layer):
+    """x_t + [sin(t ω_i); cos(t ω_i)], ω_i = 10000^(−2i/d). Type: (T, d) → (T, d). No params.
+    Used as the constant `dp.SinusoidalPositions` (like `dp.Flatten`; calling it with no
+    arguments returns it, so `dp.SinusoidalPositions()` is the same value)."""
 
     def forward(self, params, x, **side):
         check_sequence(self, x)
@@ -94,6 +100,9 @@ class SinusoidalPositions(Layer):
 
     def __repr__(self):
         return "SinusoidalPositions"
+
+
+SinusoidalPositions = SinusoidalPositionsLayer()
 
 
 @layerclass
@@ -116,6 +125,11 @@ class TransformerBlock(Pipeline):
     pre_norm: bool = False
     dropout: float = 0.0
     cross: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.d % self.heads:
+            raise LayerError(f"{self!r}: width d={self.d} is not divisible by heads={self.heads}")
 
     @property
     def parts(self):

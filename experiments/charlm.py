@@ -19,7 +19,7 @@ import optax
 
 import diffprog as dp
 
-from .common import markdown_table, parser, run_dir, save_config, save_json
+from .common import at_least, positive_float, probability, markdown_table, parser, run_dir, save_config, save_json
 
 
 def default_text() -> str:
@@ -41,21 +41,21 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--text", help="UTF-8 text file (default: Python's bundled documentation)")
     p.add_argument("--body", choices=["rnn", "lstm", "transformer"], default="transformer")
-    p.add_argument("--n_layer", type=int, default=4)
-    p.add_argument("--n_head", type=int, default=4)
-    p.add_argument("--n_embd", type=int, default=128)
-    p.add_argument("--block_size", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=12)
-    p.add_argument("--max_iters", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--eval_interval", type=int, default=250)
-    p.add_argument("--eval_batches", type=int, default=20)
-    p.add_argument("--checkpoint_every", type=int, default=500)
+    p.add_argument("--n_layer", type=at_least(1), default=4)
+    p.add_argument("--n_head", type=at_least(1), default=4)
+    p.add_argument("--n_embd", type=at_least(1), default=128)
+    p.add_argument("--block_size", type=at_least(1), default=64)
+    p.add_argument("--batch_size", type=at_least(1), default=12)
+    p.add_argument("--max_iters", type=at_least(1), default=2000)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--dropout", type=probability, default=0.0)
+    p.add_argument("--eval_interval", type=at_least(0), default=250)
+    p.add_argument("--eval_batches", type=at_least(1), default=20)
+    p.add_argument("--checkpoint_every", type=at_least(0), default=500)
     p.add_argument("--workdir", help="run folder (default: a new runs/charlm/<timestamp>/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample_chars", type=int, default=300)
+    p.add_argument("--sample_chars", type=at_least(0), default=300)
     args = p.parse_args(argv)
     if args.resume and not args.workdir:
         p.error("--resume needs --workdir")

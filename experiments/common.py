@@ -5,6 +5,7 @@ import argparse
 import datetime
 import json
 import platform
+import tempfile
 from pathlib import Path
 
 import jax
@@ -45,7 +46,49 @@ def markdown_table(header, rows) -> str:
     return "\n".join(lines)
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs", help="root folder for runs/<name>/<timestamp>/")
+def at_least(least: int):
+    """An argparse type: an int >= least (`--steps 0` is refused before any work)."""
+    def parse(text):
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    parse.__name__ = f"int >= {least}"
+    return parse
+
+
+def positive_float(text):
+    """An argparse type: a float > 0 (a learning rate)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def probability(text):
+    """An argparse type: a float in [0, 1) (a dropout rate)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, and `--out` must be a folder it can write to, checked before any work."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        out = Path(parsed.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as error:
+            self.error(f"--out {out} is not a folder this process can write to ({error.strerror or error})")
+        return parsed
+
+
+def parser(description: str, out: str = "runs", out_help: str = "root folder for runs/<name>/<timestamp>/") -> Parser:
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=out, help=out_help)
     return p

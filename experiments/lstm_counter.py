@@ -17,15 +17,15 @@ import optax
 import diffprog as dp
 from experiments import tasks
 
-from .common import markdown_table, parser, run_dir, save_config, save_json
+from .common import at_least, markdown_table, parser, run_dir, save_config, save_json
 
 
 def main(argv=None):
     dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--hidden", type=int, default=16)
-    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--steps", type=at_least(1), default=600)
+    p.add_argument("--hidden", type=at_least(1), default=16)
+    p.add_argument("--length", type=at_least(1), default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = run_dir("lstm_counter", args.out)

@@ -18,7 +18,7 @@ import optax
 import diffprog as dp
 from diffprog.recurrent import reverse_valid_prefix
 
-from .common import markdown_table, parser, run_dir, save_config, save_json
+from .common import at_least, markdown_table, parser, run_dir, save_config, save_json
 
 START, VOCAB = 1, 12  # 0 pad, 1 start, 2..11 digits
 
@@ -37,9 +37,9 @@ def batch(key, size, max_len, lengths=None):
 def main(argv=None):
     dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--max_len", type=int, default=12)
-    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--steps", type=at_least(1), default=1500)
+    p.add_argument("--max_len", type=at_least(1), default=12)
+    p.add_argument("--dim", type=at_least(1), default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = run_dir("seq2seq", args.out)

@@ -22,7 +22,7 @@ import optax
 import diffprog as dp
 from diffprog import soft
 
-from .common import markdown_table, parser, run_dir, save_config, save_json
+from .common import at_least, markdown_table, parser, run_dir, save_config, save_json
 
 DIRECTION = jnp.array([1.0, -2.0, 0.5, 1.5])
 SWITCH = jnp.array([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
@@ -118,7 +118,7 @@ def train(name, mode, steps, seed):
 def main(argv=None):
     dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=at_least(1), default=400)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = run_dir("soft_programs", args.out)

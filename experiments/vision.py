@@ -15,7 +15,7 @@ import optax
 
 import diffprog as dp
 
-from .common import markdown_table, parser, run_dir, save_config, save_json
+from .common import at_least, markdown_table, parser, run_dir, save_config, save_json
 
 MODEL = (dp.FeedForward(10, activation="identity") @ dp.FeedForward(64) @ dp.Flatten
          @ dp.MaxPool(2) @ dp.Conv(32) ** 2 @ dp.Conv(16))
@@ -35,8 +35,8 @@ def load_digits():
 def main(argv=None):
     dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--epochs", type=at_least(1), default=30)
+    p.add_argument("--batch_size", type=at_least(1), default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = run_dir("vision", args.out)
