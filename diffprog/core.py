@@ -106,7 +106,7 @@ class Layer:
 
         Side inputs are optional here; give those a layer needs in order to run (e.g. the
         `context=` of cross-attention) so that shapes can be inferred through it."""
-        with _outermost() as outer:
+        with _outermost():  # the applies inside init (shape inference) check no params
             return self.init_params(key, spec_of(x), **spec_of(side))
 
     def apply(self, params: Params, x, **side):
