@@ -22,7 +22,9 @@ from . import soft
 from .soft import Gated, SoftLookup, Switch
 from .summary import summary
 from .torch_weights import load_torch
-from .transformer import AddNorm, LearnedPositions, SinusoidalPositions, TransformerBlock, bert
+from .transformer import AddNorm, EmbedSegment, LearnedPositions, SinusoidalPositions, TransformerBlock
+from .models import Bert, SelectSpan, bert, gpt2
+from .hf import from_pretrained, load_pretrained
 
 from . import metrics
 from .train import CheckpointError, TrainingError, TrainResult, TrainStep, train

@@ -34,8 +34,8 @@ class Attention(Combinator):
     (T, S) where True means "may attend". A query whose every key is masked reads nothing: its
     output (before W_o) and its α row are 0, and so are their gradients. `return_weights=True` returns (y, α (heads, T, S)).
     `dropout` on α is active when `key=` is given.
-    Params: query/key/value {weight (d, heads·head_dim), bias}, output {weight, bias}, and
-    "score" for the general/concat scores.
+    Params: query/key/value {weight (d, heads·head_dim), bias}, output {weight, bias} (no
+    biases with use_bias=False), and "score" for the general/concat scores.
     """
 
     heads: int
@@ -44,6 +44,7 @@ class Attention(Combinator):
     score: str = "dot"
     dropout: float = 0.0
     return_weights: bool = False
+    use_bias: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,7 +64,7 @@ class Attention(Combinator):
         kq, kk, kv, ko, ks = jax.random.split(key, 5)
         memory = side.get("context", spec) if self.cross else spec  # (S, d_c): keys and values read it
         check_sequence(self, memory)
-        params = {name: Dense(d).init(k, source) for name, k, source in
+        params = {name: Dense(d, self.use_bias).init(k, source) for name, k, source in
                   (("query", kq, spec), ("key", kk, memory), ("value", kv, memory), ("output", ko, spec))}
         if self.score != "dot":
             one = jax.ShapeDtypeStruct((head_dim,), spec.dtype)
@@ -95,7 +96,7 @@ class Attention(Combinator):
                        ((x, "query"), (side["context"], "key"), (side["context"], "value")))
         else:  # self-attention: the three projections as one matrix product
             names = ("query", "key", "value")
-            fused = {k: jnp.concatenate([params[n][k] for n in names], -1) for k in ("weight", "bias")}
+            fused = {k: jnp.concatenate([params[n][k] for n in names], -1) for k in params["query"]}
             q, k, v = (self.split_heads(a) for a in jnp.split(affine(fused, x), 3, -1))
         side = {n: v for n, v in side.items() if n != "context"}
         if self.fused_causal(key, side):
@@ -193,6 +194,6 @@ class Attention(Combinator):
             out = jax.nn.dot_product_attention(q, cache["key"], cache["value"], mask=allowed[None])
         else:
             out, _ = self.attend_explicitly(params, q, cache["key"], cache["value"], allowed, None)
-        y = Dense(x_t.shape[-1]).apply(params["output"], out.reshape(1, -1))[0]
+        y = affine(params["output"], out.reshape(-1))
         # under jit a position past the cache is not known while tracing: NaN, never a valid-looking output
         return jnp.where(position < max_len, y, jnp.nan), cache

@@ -20,7 +20,8 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
     "sigmoid": jax.nn.sigmoid,
     "tanh": jnp.tanh,
-    "gelu": jax.nn.gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # x Φ(x), as PyTorch's GELU and BERT
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # the tanh approximation (GPT-2)
     "step": step,
     "softmax": jax.nn.softmax,
     "identity": lambda x: x,
@@ -85,11 +86,14 @@ class Dense(PositionWise):
 class FeedForward(PositionWise):
     """FeedForward(x) = activation(W x + b) — one step of processing in the notes.
 
-    Type: (d,) → (out,) (also (T, d) → (T, out), position-wise). Params: weight, bias.
+    Type: (d,) → (out,) (also (T, d) → (T, out), position-wise). Params: weight (d, out),
+    bias (out,) unless use_bias=False. Activations: `dp.ACTIVATIONS` ("gelu" is exact,
+    x Φ(x); "gelu_tanh" its tanh approximation).
     """
 
     out: int
     activation: str = "relu"
+    use_bias: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -97,7 +101,7 @@ class FeedForward(PositionWise):
 
     def init_params(self, key, spec, **side):
         self.expect(spec, ("d",), ("T", "d"))
-        return Dense(self.out).init_params(key, spec)
+        return Dense(self.out, self.use_bias).init_params(key, spec)
 
     def map(self, params, x):
         return activation_fn(self.activation)(affine(params, x))

@@ -37,7 +37,7 @@ class LayerError(ArgumentError):
 
 
 _POSITIVE_INTS = {"int": False, "Union[int, tuple]": False, "Union[int, tuple, None]": True}
-_UNIT_INTERVAL = ("dropout", "rate")  # probabilities in [0, 1)
+_UNIT_INTERVAL = ("dropout", "attention_dropout", "rate")  # probabilities in [0, 1)
 _POSITIVE_FLOATS = ("temperature", "eps")
 
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .basic import LayerNorm, PositionWise, affine
+from .basic import Dropout, LayerNorm, PositionWise, affine
 from .core import ArgumentError, Layer, LayerError, Pipeline, layerclass
 from .embed import EmbedToken
 from .sequence import Collapse, check_lengths
@@ -19,34 +19,41 @@ from .sequence import Collapse, check_lengths
 
 @layerclass
 class GenerateToken(PositionWise):
-    """score(y) = x · EmbedToken(y) for every token y: logits (vocab,) from x (d,) (or (T, d) →
-    (T, vocab)). Params: {"table": (vocab, d)} — inside LanguageModel, the embedding's own table
-    (weight tying). Softmax of the logits is the distribution over the next token.
+    """score(y) = x · EmbedToken(y) (+ b_y) for every token y: logits (vocab,) from x (d,) (or
+    (T, d) → (T, vocab)). Params: {"table": (vocab, d)} — inside LanguageModel, the embedding's
+    own table unless the head is untied — and {"bias": (vocab,)} with use_bias=True. Softmax of
+    the logits is the distribution over the next token.
     """
 
     vocab: int
+    use_bias: bool = False
 
     def init_params(self, key, spec, **side):
         self.expect(spec, ("d",), ("T", "d"))
-        return EmbedToken(self.vocab, spec.shape[-1]).init(key, jax.ShapeDtypeStruct((), jnp.int32))
+        params = EmbedToken(self.vocab, spec.shape[-1]).init(key, jax.ShapeDtypeStruct((), jnp.int32))
+        return {**params, "bias": jnp.zeros((self.vocab,), jnp.float32)} if self.use_bias else params
 
     def width(self, params):
         return params["table"].shape[1]
 
     def map(self, params, x):
-        return affine({"weight": params["table"].T.astype(x.dtype)}, x)
+        return affine({"weight": params["table"].T.astype(x.dtype), **({"bias": params["bias"]} if self.use_bias else {})}, x)
 
 
 @layerclass
 class LanguageModel(Pipeline):
-    """LanguageModel = GenerateToken ∘ Collapse('last') ∘ body ∘ EmbedToken, with tied weights.
+    """LanguageModel = GenerateToken ∘ Collapse('last') ∘ body ∘ EmbedToken.
 
     int[T] → (vocab,): logits of the token after the last valid one (`lengths=`).
     With `per_position=True`: int[T] → (T, vocab), the logits after every prefix — the form used
     to train causal models (the body must then be causal: a recurrent body, or a Transformer
     with causal=True). `positions` (e.g. LearnedPositions(max_len)) is added after the
-    embedding; `final_norm` applies a LayerNorm before GenerateToken (needed by pre-LN bodies).
-    Params: {"embed": {"table"}, "positions", "body", "norm"?}.
+    embedding, and `dropout` (active with `key=`) applies to their sum (GPT-2's embedding
+    dropout); `final_norm` applies a LayerNorm (epsilon `eps`) before GenerateToken (needed by
+    pre-LN bodies). The head reads the embedding's table (`tied=True`, weight tying) or a
+    table of its own, and adds a bias per token with `head_bias=True`.
+    Params: {"embed": {"table"}, "positions"?, "dropout"?, "body", "norm"?, "head"?}; "head" holds
+    {"table"} when untied and {"bias"} with head_bias.
     """
 
     vocab: int
@@ -56,26 +63,46 @@ class LanguageModel(Pipeline):
     final_norm: bool = False
     per_position: bool = False
     fuse: bool = True
+    tied: bool = True
+    head_bias: bool = False
+    eps: float = 1e-5
+    dropout: float = 0.0
     side_inputs = frozenset({"lengths"})
 
     def named_stages(self):
         """(name, layer) pairs from the embedding to the last hidden state."""
         stages = [("embed", EmbedToken(self.vocab, self.dim, fuse=self.fuse))]
         stages += [("positions", self.positions)] if self.positions is not None else []
+        stages += [("dropout", Dropout(self.dropout))] if self.dropout else []
         stages += [("body", self.body)]
-        return stages + ([("norm", LayerNorm())] if self.final_norm else [])
+        return stages + ([("norm", LayerNorm(self.eps))] if self.final_norm else [])
+
+    @property
+    def head(self) -> GenerateToken:
+        return GenerateToken(self.vocab, self.head_bias)
+
+    def init_params(self, key, spec, **side):
+        params = super().init_params(key, spec, **side)
+        if not self.tied or self.head_bias:
+            head = self.head.init(jax.random.fold_in(key, len(self.named_stages())), jax.ShapeDtypeStruct((self.dim,), jnp.float32))
+            params["head"] = {k: v for k, v in head.items() if k != "table" or not self.tied}
+        return params
+
+    def head_params(self, params):
+        """The head's {"table", "bias"?}: the embedding's table when tied."""
+        return {**({"table": params["embed"]["table"]} if self.tied else {}), **params.get("head", {})}
 
     def route(self, run, params, ids, *, key=None, **side):
         """The stages, then the head."""
         h = super().route(run, params, ids, key=key, **side)
         if not self.per_position:
             h = run(Collapse("last"), {}, h, **side)
-        return run(GenerateToken(self.vocab), params["embed"], h)
+        return run(self.head, self.head_params(params), h)
 
     def decode(self, params, token, cache, position):
         """Logits (vocab,) for the token after `token`, read at `position`; carries the cache."""
         h, cache = super().decode(params, token, cache, position)
-        return GenerateToken(self.vocab).apply(params["embed"], h), cache
+        return self.head.apply(self.head_params(params), h), cache
 
     def __repr__(self):
         names = [repr(l) for _, l in self.named_stages()]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .attention import Attention
-from .basic import Dense, Dropout, FeedForward, LayerNorm
+from .basic import Dense, Dropout, FeedForward, LayerNorm, activation_fn
 from .core import Combinator, Layer, LayerError, Pipeline, layerclass
 from .embed import EmbedToken
 from .sequence import check_sequence
@@ -19,21 +19,22 @@ from .sequence import check_sequence
 class AddNorm(Combinator):
     """AddNorm(f, x) = LayerNorm(x + f(x)) (post-LN, the notes); with pre_norm=True,
     x + f(LayerNorm(x)) (pre-LN). Type: (T, d) → (T, d) when f is. Params: {"f", "norm"}.
-    Side inputs go to f.
+    `eps` is the LayerNorm's. Side inputs go to f.
     """
 
     f: Layer
     pre_norm: bool = False
+    eps: float = 1e-5
 
     @property
     def side_inputs(self):
         return self.f.side_inputs
 
     def init_params(self, key, spec, **side):
-        return {"f": self.f.init(key, spec, **side), "norm": LayerNorm().init(key, spec)}
+        return {"f": self.f.init(key, spec, **side), "norm": LayerNorm(self.eps).init(key, spec)}
 
     def route(self, run, params, x, **side):
-        norm = lambda v: run(LayerNorm(), params["norm"], v)
+        norm = lambda v: run(LayerNorm(self.eps), params["norm"], v)
         if self.pre_norm:
             return x + run(self.f, params["f"], norm(x), **side)
         return norm(x + run(self.f, params["f"], x, **side))
@@ -42,7 +43,7 @@ class AddNorm(Combinator):
         return self.f.init_cache(params["f"], max_len, dtype, **side)
 
     def decode(self, params, x_t, cache, position):
-        norm = lambda v: LayerNorm().apply(params["norm"], v)
+        norm = lambda v: LayerNorm(self.eps).apply(params["norm"], v)
         if self.pre_norm:
             y, cache = self.f.decode(params["f"], norm(x_t), cache, position)
             return x_t + y, cache
@@ -50,7 +51,8 @@ class AddNorm(Combinator):
         return norm(x_t + y), cache
 
     def __repr__(self):
-        return f"AddNorm({self.f!r}{', pre_norm=True' if self.pre_norm else ''})"
+        options = (", pre_norm=True" if self.pre_norm else "") + (f", eps={self.eps}" if self.eps != 1e-5 else "")
+        return f"AddNorm({self.f!r}{options})"
 
 
 @layerclass
@@ -76,6 +78,27 @@ class LearnedPositions(Layer):
         row = jax.lax.dynamic_index_in_dim(params["table"], position, keepdims=False)
         # under jit a position past the table is not known while tracing: NaN, never a clamped row
         return x_t + jnp.where(position < self.max_len, row, jnp.nan), cache
+
+
+@layerclass
+class EmbedSegment(Layer):
+    """x_t + S[segment_t]: which segment (sentence A or B, question or paragraph) step t belongs
+    to, as BERT's token-type embedding. Type: (T, d) → (T, d), side input `segments=` int[T] in
+    [0, types) (absent: every step is segment 0). Params: table S (types, d)."""
+
+    types: int
+    side_inputs = frozenset({"segments"})
+
+    def init_params(self, key, spec, **side):
+        check_sequence(self, spec)
+        return {"table": 0.02 * jax.random.normal(key, (self.types, spec.shape[-1]), jnp.float32)}
+
+    def forward(self, params, x, *, segments=None, **side):
+        check_sequence(self, x, params["table"].shape[1])
+        if segments is None:
+            return x + params["table"][0]
+        self.expect(segments, (x.shape[0],), dtype="int")
+        return x + EmbedToken(self.types, x.shape[-1]).lookup(params["table"], segments)
 
 
 def sinusoid(positions, d):
@@ -109,9 +132,12 @@ SinusoidalPositions = SinusoidalPositionsLayer()
 class TransformerBlock(Pipeline):
     """TransformerBlock(x) = AddNorm(FeedForward, AddNorm(Attention, x)). Type: (T, d) → (T, d).
 
-    FeedForward here is the Transformer's two-matrix version, Dense(d) ∘ FeedForward(ff).
-    `causal` masks the future; `pre_norm` switches the AddNorms to pre-LN; `dropout` applies
-    after each attention and after the feed-forward (when `key=` is given). `cross=True` makes
+    FeedForward here is the Transformer's two-matrix version, Dense(d) ∘ FeedForward(ff,
+    activation) ("relu"; BERT's is "gelu", GPT-2's "gelu_tanh"). `causal` masks the future;
+    `pre_norm` switches the AddNorms to pre-LN (GPT-2), `eps` is their LayerNorms' epsilon;
+    `use_bias=False` drops the biases of every projection. With `key=` given, `dropout` applies
+    to the output of each attention and of the feed-forward (the residual path) and
+    `attention_dropout` to the attention weights α. `cross=True` makes
     the decoder block of an encoder/decoder Transformer: a cross-attention AddNorm over the
     `context=` side input (S, d) sits between self-attention and the feed-forward.
     Params: {"attention", ["cross_attention",] "feedforward"}, each AddNorm params.
@@ -125,20 +151,26 @@ class TransformerBlock(Pipeline):
     pre_norm: bool = False
     dropout: float = 0.0
     cross: bool = False
+    activation: str = "relu"
+    eps: float = 1e-5
+    use_bias: bool = True
+    attention_dropout: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         if self.d % self.heads:
             raise LayerError(f"{self!r}: width d={self.d} is not divisible by heads={self.heads}")
+        activation_fn(self.activation, "TransformerBlock")
 
     @property
     def parts(self):
         """The block's AddNorm stages in running order."""
-        wrap = lambda f: AddNorm(Dropout(self.dropout) @ f, self.pre_norm)
-        parts = {"attention": wrap(Attention(self.heads, causal=self.causal))}
+        wrap = lambda f: AddNorm(Dropout(self.dropout) @ f, self.pre_norm, self.eps)
+        attention = lambda **kind: Attention(self.heads, **kind, dropout=self.attention_dropout, use_bias=self.use_bias)
+        parts = {"attention": wrap(attention(causal=self.causal))}
         if self.cross:
-            parts["cross_attention"] = wrap(Attention(self.heads, cross=True))
-        parts["feedforward"] = wrap(Dense(self.d) @ FeedForward(self.ff))
+            parts["cross_attention"] = wrap(attention(cross=True))
+        parts["feedforward"] = wrap(Dense(self.d, self.use_bias) @ FeedForward(self.ff, self.activation, self.use_bias))
         return parts
 
     def named_stages(self):
@@ -151,12 +183,3 @@ class TransformerBlock(Pipeline):
     def route(self, run, params, x, **side):
         check_sequence(self, run.example(x), self.d)
         return super().route(run, params, x, **side)
-
-
-def bert(vocab: int, d: int = 1024, heads: int = 16, ff: int = 4096, depth: int = 24,
-         max_len: int = 512, **block) -> Layer:
-    """BERT(x) = TransformerBlock^depth(EmbedToken(x)) (+ learned positions, as BERT has).
-
-    The depth blocks' params are stacked and run by one lax.scan. int[T] → (T, d).
-    """
-    return TransformerBlock(d, heads, ff, **block) ** depth @ LearnedPositions(max_len) @ EmbedToken(vocab, d)

@@ -185,14 +185,17 @@ def test_positions(key):
 def test_bert_is_one_scan_whatever_the_depth(key):
     ids = jnp.arange(6) % 50
     def equations(depth):
-        model = dp.bert(50, d=16, heads=2, ff=32, depth=depth, max_len=8)
+        model = dp.bert(vocab_size=50, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                        num_hidden_layers=depth, max_position_embeddings=8, head=None)
         p = model.init(key, ids)
         return len(jax.make_jaxpr(model.apply)(p, ids).jaxpr.eqns), model, p
     n24, model, p = equations(24)
     n2, _, _ = equations(2)
     assert n24 <= n2
-    assert repr(model) == "TransformerBlock(16, 2, 32)^24 ∘ LearnedPositions(8) ∘ EmbedToken(50, 16)"
-    chex.assert_shape(p["2_TransformerBlock^24"]["stack"]["attention"]["norm"]["scale"], (24, 16))
+    block = "TransformerBlock(16, 2, 32, dropout=0.1, activation='gelu', eps=1e-12, attention_dropout=0.1)"
+    assert repr(model) == (f"{block}^24 ∘ Dropout(0.1) ∘ LayerNorm(eps=1e-12) ∘ EmbedSegment(2) ∘ "
+                           "LearnedPositions(8) ∘ EmbedToken(50, 16)")
+    chex.assert_shape(p["encoder"]["stack"]["attention"]["norm"]["scale"], (24, 16))
     chex.assert_shape(model(p, ids), (6, 16))
 
 

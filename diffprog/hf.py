@@ -1,0 +1,204 @@
+"""Hugging Face checkpoints → params: `dp.load_pretrained(model, source)` and
+`dp.from_pretrained(directory)`.
+
+A source is a state dict (names → arrays; torch tensors convert with `np.asarray`), a
+`.safetensors` file, or a directory written by `save_pretrained` (its `model.safetensors`, or
+the shards its index names). Files are read with the `safetensors` package; diffprog never
+imports torch. Every param of the model comes from one named weight, checked against the shape
+the model expects; a weight that is missing, left over or wrongly shaped is a `LayerError`
+naming it, never a partial load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .core import ArgumentError, LayerError, path_name
+from .generate import LanguageModel
+from .models import Bert, bert, gpt2
+
+BUFFERS = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias)$")
+"""Names of buffers some checkpoints store beside the weights (position indices, causal masks)."""
+
+
+def read_state_dict(source) -> dict:
+    """{name: numpy array} from a dict, a .safetensors file or a save_pretrained directory."""
+    if isinstance(source, dict):
+        return {name: np.asarray(value) for name, value in source.items()}
+    from safetensors.numpy import load_file
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(os.path.join(path, shard)).items()}
+        single = os.path.join(path, "model.safetensors")
+        if not os.path.exists(single):
+            raise ArgumentError(f"load_pretrained: {path} has no model.safetensors (diffprog reads safetensors only; "
+                                f"write one with save_pretrained(..., safe_serialization=True))")
+        path = single
+    if not os.path.exists(path):
+        raise ArgumentError(f"load_pretrained: no such file or directory: {path}")
+    return load_file(path)
+
+
+def _normalise(state_dict: dict, prefix: str) -> dict:
+    """Drop the task models' `prefix` ("bert.", "transformer.") and buffers; old BERT checkpoints'
+    LayerNorm.gamma/beta are LayerNorm.weight/bias."""
+    out = {}
+    for name, value in state_dict.items():
+        if BUFFERS.search(name):
+            continue
+        name = name[len(prefix):] if name.startswith(prefix) else name
+        out[re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))] = value
+    return out
+
+
+def _linear(ours: tuple, theirs: str, transpose: bool = True) -> dict:
+    """A Dense's {weight, bias} from a torch Linear (weight (out, in): transposed) or a GPT-2
+    Conv1D (weight (in, out))."""
+    flip = (lambda w: w.T) if transpose else (lambda w: w)
+    return {ours + ("weight",): (theirs + ".weight", flip), ours + ("bias",): (theirs + ".bias", None)}
+
+
+def _norm(ours: tuple, theirs: str) -> dict:
+    return {ours + ("scale",): (theirs + ".weight", None), ours + ("bias",): (theirs + ".bias", None)}
+
+
+def _block(attention: dict, attention_norm: dict, feedforward: dict, feedforward_norm: dict) -> dict:
+    """The TransformerBlock's params paths, each part's entries given relative to it."""
+    at = lambda root, part: {root + k: v for k, v in part.items()}
+    return {**at(("attention", "f", "0_Attention"), attention), **at(("attention", "norm"), attention_norm),
+            **at(("feedforward", "f"), feedforward), **at(("feedforward", "norm"), feedforward_norm)}
+
+
+def bert_names(model: Bert, layer: int) -> tuple[dict, set]:
+    """{params path: (Hugging Face name, transform)} for the embeddings and heads (layer=None)
+    or for encoder layer `layer`; and the names that are tied copies (read, not used)."""
+    if layer is not None:
+        prefix = f"encoder.layer.{layer}."
+        return _block({**{(n,) + k: v for n in ("query", "key", "value")
+                          for k, v in _linear((), prefix + "attention.self." + n).items()},
+                       **_linear(("output",), prefix + "attention.output.dense")},
+                      _norm((), prefix + "attention.output.LayerNorm"),
+                      {**_linear(("0_FeedForward",), prefix + "intermediate.dense"),
+                       **_linear(("1_Dense",), prefix + "output.dense")},
+                      _norm((), prefix + "output.LayerNorm")), set()
+    e = ("embeddings",)
+    names = {e + ("0_EmbedToken", "table"): ("embeddings.word_embeddings.weight", None),
+             e + ("1_LearnedPositions", "table"): ("embeddings.position_embeddings.weight", None),
+             e + ("2_EmbedSegment", "table"): ("embeddings.token_type_embeddings.weight", None),
+             **_norm(e + ("3_LayerNorm",), "embeddings.LayerNorm")}
+    if model.head == "pooler":
+        names.update(_linear(("pooler", "1_FeedForward"), "pooler.dense"))
+    elif model.head == "masked_lm":
+        names.update({**_linear(("masked_lm", "0_FeedForward"), "cls.predictions.transform.dense"),
+                      **_norm(("masked_lm", "1_LayerNorm"), "cls.predictions.transform.LayerNorm"),
+                      ("decoder", "bias"): ("cls.predictions.bias", None)})
+        return names, {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    elif model.head == "question_answering":
+        names.update(_linear(("question_answering",), "qa_outputs"))
+    return names, set()
+
+
+def gpt2_names(model: LanguageModel, layer: int) -> tuple[dict, set]:
+    """As `bert_names`, for `dp.gpt2` (GPT2LMHeadModel; Conv1D weights are (in, out))."""
+    if layer is not None:
+        prefix, d = f"h.{layer}.", model.dim
+        split = lambda i: lambda w: np.split(w, 3, axis=-1)[i]
+        qkv = {(n, k): (prefix + "attn.c_attn." + k, split(i))
+               for i, n in enumerate(("query", "key", "value")) for k in ("weight", "bias")}
+        return _block({**qkv, **_linear(("output",), prefix + "attn.c_proj", False)}, _norm((), prefix + "ln_1"),
+                      {**_linear(("0_FeedForward",), prefix + "mlp.c_fc", False),
+                       **_linear(("1_Dense",), prefix + "mlp.c_proj", False)},
+                      _norm((), prefix + "ln_2")), set()
+    names = {("embed", "table"): ("wte.weight", None), ("positions", "table"): ("wpe.weight", None),
+             **_norm(("norm",), "ln_f")}
+    if not model.tied:
+        names[("head", "table")] = ("lm_head.weight", None)
+    return names, ({"lm_head.weight"} if model.tied else set())
+
+
+def _kind(model):
+    """(prefix, names function, depth, path of the stacked blocks) of a model diffprog can load."""
+    if isinstance(model, Bert):
+        return "bert.", bert_names, model.depth, ("encoder", "stack")
+    body = getattr(model, "body", None)
+    if (isinstance(model, LanguageModel) and model.final_norm and model.per_position and not model.head_bias
+            and getattr(getattr(body, "layer", None), "pre_norm", False)):
+        return "transformer.", gpt2_names, body.n, ("body", "stack")
+    raise ArgumentError(f"load_pretrained: {model!r} is not a model built by dp.bert or dp.gpt2")
+
+
+def load_pretrained(model, source, *, fill=None, ignore: tuple = ()) -> dict:
+    """The params of `model` (built by `dp.bert` or `dp.gpt2`) from a Hugging Face checkpoint:
+    a state dict, a `.safetensors` file or a `save_pretrained` directory (see the module).
+
+    Strict: every param must come from the checkpoint with the expected shape, and every weight
+    of the checkpoint must be used; otherwise a LayerError names the weights. Two ways to say
+    otherwise: `fill=` params (e.g. `model.init(key, ids)`) supply the params the checkpoint lacks
+    (a new head on a pretrained body), and `ignore=` name prefixes that may go unused (the
+    pretraining heads "cls." of bert-base-uncased when loading the bare model)."""
+    prefix, names_of, depth, stack = _kind(model)
+    state = _normalise(read_state_dict(source), prefix)
+    expected = jax.eval_shape(lambda key: model.init(key, jax.ShapeDtypeStruct((2,), np.int32)), jax.random.key(0))
+    fill_leaves = {} if fill is None else {path_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(fill)[0]}
+    head_names, tied = names_of(model, None)
+    layer_names = [names_of(model, i)[0] for i in range(depth)]
+    used, missing = set(tied) & set(state), []
+
+    def load(name, transform):
+        used.add(name)
+        return np.asarray((transform or (lambda a: a))(state[name]), np.float32)
+
+    def leaf(path, spec):
+        keys = tuple(getattr(k, "key", None) for k in path)
+        if keys[:2] == stack:
+            sources = [names[keys[2:]] for names in layer_names]
+        elif keys in head_names:
+            sources = [head_names[keys]]
+        else:
+            raise LayerError(f"load_pretrained({type(model).__name__}): no checkpoint weight maps to params{path_name(path)}")
+        absent = [name for name, _ in sources if name not in state]
+        if absent:
+            if path_name(path) in fill_leaves:
+                return fill_leaves[path_name(path)]
+            missing.extend(absent)
+            return None
+        arrays = [load(*source) for source in sources]
+        value = np.stack(arrays) if keys[:2] == stack else arrays[0]
+        if value.shape != spec.shape:
+            names = sources[0][0] if len(sources) == 1 else f"{sources[0][0]} (and the other {len(sources) - 1} layers)"
+            raise LayerError(f"load_pretrained: weight {names} gives params{path_name(path)} the shape {value.shape}, "
+                             f"the model expects {spec.shape} (a checkpoint of another configuration?)")
+        return value
+
+    params = jax.tree_util.tree_map_with_path(leaf, expected)
+    if missing:
+        raise LayerError(f"load_pretrained: the checkpoint lacks {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''} "
+                         f"({len(missing)} weights; pass fill=params to take them from other params, e.g. a new head)")
+    unused = sorted(n for n in set(state) - used if not n.startswith(tuple(ignore)))
+    if unused:
+        raise LayerError(f"load_pretrained: the checkpoint holds {unused[:8]}{' ...' if len(unused) > 8 else ''} "
+                         f"({len(unused)} weights), which {type(model).__name__} has no place for "
+                         f"(another head? pass ignore=(prefix, ...) to leave them out)")
+    return jax.tree.map(jnp.asarray, params)
+
+
+def from_pretrained(directory, head="pooler", **load) -> tuple:
+    """(model, params) from a `save_pretrained` directory (config.json + model.safetensors) of a
+    BERT (`head` as in `dp.bert`) or GPT-2; `load` keywords go to `load_pretrained`."""
+    with open(os.path.join(os.fspath(directory), "config.json")) as f:
+        config = json.load(f)
+    kind = config.get("model_type")
+    if kind not in ("bert", "gpt2"):
+        raise ArgumentError(f"from_pretrained: config.json of {directory} has model_type={kind!r}; "
+                            f"diffprog loads 'bert' and 'gpt2'")
+    model = bert(config, head) if kind == "bert" else gpt2(config)
+    return model, load_pretrained(model, directory, **load)

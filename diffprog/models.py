@@ -1,0 +1,194 @@
+"""BERT and GPT-2 in the notes' notation, built from the fields of a Hugging Face config:
+
+    BERT = TransformerBlock^L ∘ Dropout ∘ LayerNorm ∘ EmbedSegment ∘ LearnedPositions ∘ EmbedToken
+    GPT2 = GenerateToken ∘ LayerNorm ∘ TransformerBlock(causal, pre-LN)^L ∘ Dropout ∘ LearnedPositions ∘ EmbedToken
+
+`dp.bert(config, head=...)` computes what `BertModel` (with its pooler), `BertForMaskedLM` and
+`BertForQuestionAnswering` compute, `dp.gpt2(config)` what `GPT2LMHeadModel` computes; their
+weights load with `dp.load_pretrained`. A config field that would make a different model than
+the one diffprog builds (relative positions, an unknown activation, a decoder) is an
+`ArgumentError` naming it, never a silently different model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from .basic import Dropout, FeedForward, LayerNorm, PositionWise, affine
+from .core import ArgumentError, Pipeline, layerclass
+from .embed import EmbedToken
+from .generate import GenerateToken, LanguageModel
+from .sequence import Collapse
+from .transformer import EmbedSegment, LearnedPositions, TransformerBlock
+
+ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+"""Hugging Face `hidden_act` / `activation_function` names → diffprog activations."""
+
+
+@layerclass
+class SelectSpan(PositionWise):
+    """The notes' span selection: for every position t of the encoded sequence h (T, d),
+
+        start_t = w_s · h_t + b_s,   end_t = w_e · h_t + b_e,
+
+    the logits of t being the first and the last token of the answer (softmax over t).
+    Type: (T, d) → ((T,), (T,)). Params: weight (d, 2), bias (2,) (BERT's `qa_outputs`).
+    """
+
+    def init_params(self, key, spec, **side):
+        self.expect(spec, ("T", "d"))
+        return FeedForward(2, "identity").init_params(key, spec)
+
+    def map(self, params, h):
+        logits = affine(params, h)
+        return logits[..., 0], logits[..., 1]
+
+
+BERT_HEADS = (None, "pooler", "masked_lm", "question_answering")
+
+
+@layerclass
+class Bert(Pipeline):
+    """BERT(x) = TransformerBlock^depth(E(x)), E = Dropout ∘ LayerNorm ∘ EmbedSegment ∘
+    LearnedPositions ∘ EmbedToken (post-LN blocks, `activation` in the feed-forward), then `head`:
+
+    - None: the hidden states, int[T] → (T, d);
+    - "pooler": (hidden states, tanh(W h_0 + b)) — `BertModel`'s two outputs, int[T] → ((T, d), (d,));
+    - "masked_lm": GenerateToken(+ bias, tied to the token table) ∘ LayerNorm ∘ FeedForward(d,
+      activation), the logits (T, vocab) of every position's token — `BertForMaskedLM`;
+    - "question_answering": SelectSpan, the start and end logits ((T,), (T,)) —
+      `BertForQuestionAnswering`.
+
+    The depth blocks run as one lax.scan. Side inputs: `segments=` int[T] (which of `types`
+    segments each token is in; absent: all 0), `lengths=` (valid steps: padded keys are hidden
+    from every query), `key=` (dropout). Params: {"embeddings", "encoder", and "pooler",
+    "masked_lm" (+ "decoder": {"bias"}) or "question_answering"}; every head shares the
+    embeddings and encoder, so a pretrained body moves from one head to another as it is.
+    """
+
+    vocab: int
+    d: int
+    heads: int
+    ff: int
+    depth: int
+    max_len: int = 512
+    types: int = 2
+    activation: str = "gelu"
+    eps: float = 1e-12
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    head: Optional[str] = "pooler"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.head not in BERT_HEADS:
+            raise ArgumentError(f"Bert: head must be one of {BERT_HEADS}, got {self.head!r}")
+
+    @property
+    def block(self) -> TransformerBlock:
+        return TransformerBlock(self.d, self.heads, self.ff, dropout=self.dropout, activation=self.activation,
+                                eps=self.eps, attention_dropout=self.attention_dropout)
+
+    def named_stages(self):
+        """The body: the embeddings and the encoder."""
+        embeddings = (Dropout(self.dropout) @ LayerNorm(self.eps) @ EmbedSegment(self.types)
+                      @ LearnedPositions(self.max_len) @ EmbedToken(self.vocab, self.d))
+        return [("embeddings", embeddings), ("encoder", self.block ** self.depth)]
+
+    @property
+    def head_layer(self):
+        return {None: None, "pooler": FeedForward(self.d, "tanh") @ Collapse("first"),
+                "masked_lm": LayerNorm(self.eps) @ FeedForward(self.d, self.activation),
+                "question_answering": SelectSpan()}[self.head]
+
+    def init_params(self, key, spec, **side):
+        params = super().init_params(key, spec, **side)
+        hidden = jax.ShapeDtypeStruct(spec.shape + (self.d,), jnp.float32)
+        if self.head is not None:
+            params[self.head] = self.head_layer.init(jax.random.fold_in(key, len(self.named_stages())), hidden)
+        if self.head == "masked_lm":
+            params["decoder"] = {"bias": jnp.zeros((self.vocab,), jnp.float32)}
+        return params
+
+    def route(self, run, params, ids, *, key=None, **side):
+        hidden = super().route(run, params, ids, key=key, **side)
+        if self.head is None:
+            return hidden
+        out = run(self.head_layer, params[self.head], hidden)
+        if self.head == "pooler":
+            return hidden, out
+        if self.head == "masked_lm":
+            table = params["embeddings"]["0_EmbedToken"]["table"]
+            return run(GenerateToken(self.vocab, use_bias=True), {"table": table, **params["decoder"]}, out)
+        return out
+
+    def __repr__(self):
+        head = {None: "", "pooler": "Pooler ∘ ", "question_answering": "SelectSpan ∘ ",
+                "masked_lm": f"GenerateToken ∘ {self.head_layer!r} ∘ "}[self.head]
+        return head + " ∘ ".join(repr(layer) for _, layer in reversed(self.named_stages()))
+
+
+BERT_CONFIG = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
+                   attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
+                   layer_norm_eps=1e-12, position_embedding_type="absolute", is_decoder=False,
+                   add_cross_attention=False)
+"""`BertConfig`'s defaults (bert-base) for the fields that decide the computation."""
+
+GPT2_CONFIG = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+                   activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                   layer_norm_epsilon=1e-5, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                   add_cross_attention=False, tie_word_embeddings=True)
+"""`GPT2Config`'s defaults (GPT-2 small) for the fields that decide the computation."""
+
+SUPPORTED = {"position_embedding_type": ("absolute",), "is_decoder": (False,), "add_cross_attention": (False,),
+             "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
+"""Fields diffprog reads only at these values (any other value is another model)."""
+
+
+def read_config(function: str, defaults: dict, config, fields: dict) -> dict:
+    """defaults ← config (a Hugging Face config object, or a dict of its fields) ← keyword
+    fields. Fields a Hugging Face config carries that do not change the computation
+    (`architectures`, `pad_token_id`, ...) are ignored; a keyword field diffprog does not know,
+    or a value it cannot express, is an ArgumentError naming the field."""
+    given = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    unknown = sorted(set(fields) - set(defaults))
+    if unknown:
+        raise ArgumentError(f"{function}: unknown config field(s) {unknown}; it reads {sorted(defaults)}")
+    merged = {**defaults, **{k: v for k, v in given.items() if k in defaults}, **fields}
+    for name, allowed in SUPPORTED.items():
+        if name in merged and merged[name] not in allowed:
+            raise ArgumentError(f"{function}: config field {name}={merged[name]!r} is not supported "
+                                f"(diffprog builds {name}={allowed[0]!r})")
+    for name in ("hidden_act", "activation_function"):
+        if name in merged and merged[name] not in ACTIVATIONS:
+            raise ArgumentError(f"{function}: config field {name}={merged[name]!r} is not supported; "
+                                f"supported: {sorted(ACTIVATIONS)}")
+    return merged
+
+
+def bert(config=None, head: Optional[str] = "pooler", **fields) -> Bert:
+    """BERT from a `BertConfig` (or a dict of its fields; keyword fields override it; absent
+    fields take BertConfig's defaults, i.e. bert-base). `head`: None, "pooler" (BertModel),
+    "masked_lm" (BertForMaskedLM) or "question_answering" (BertForQuestionAnswering)."""
+    c = read_config("bert", BERT_CONFIG, config, fields)
+    return Bert(c["vocab_size"], c["hidden_size"], c["num_attention_heads"], c["intermediate_size"],
+                c["num_hidden_layers"], c["max_position_embeddings"], c["type_vocab_size"],
+                ACTIVATIONS[c["hidden_act"]], c["layer_norm_eps"], c["hidden_dropout_prob"],
+                c["attention_probs_dropout_prob"], head)
+
+
+def gpt2(config=None, **fields) -> LanguageModel:
+    """GPT-2 (`GPT2LMHeadModel`) from a `GPT2Config` (or a dict of its fields; keyword fields
+    override it; absent fields take GPT2Config's defaults, i.e. GPT-2 small): int[T] → (T, vocab),
+    the next-token logits after every prefix; `dp.generate` decodes it with a KV cache."""
+    c = read_config("gpt2", GPT2_CONFIG, config, fields)
+    d = c["n_embd"]
+    block = TransformerBlock(d, c["n_head"], c["n_inner"] or 4 * d, causal=True, pre_norm=True,
+                             dropout=c["resid_pdrop"], activation=ACTIVATIONS[c["activation_function"]],
+                             eps=c["layer_norm_epsilon"], attention_dropout=c["attn_pdrop"])
+    return LanguageModel(c["vocab_size"], d, block ** c["n_layer"], positions=LearnedPositions(c["n_positions"]),
+                         final_norm=True, per_position=True, tied=c["tie_word_embeddings"],
+                         eps=c["layer_norm_epsilon"], dropout=c["embd_pdrop"])
