@@ -18,7 +18,7 @@ from .memory import keep_freed_memory
 from .recurrent import GRU, LSTM, LSTM_GATES, Bidirectional, Recurrent, SimpleRNN
 from .seq2seq import SequenceToSequence, rnn_seq2seq, transformer_seq2seq, translate
 from .sequence import Collapse
-from . import soft
+from . import soft, text
 from .soft import Gated, SoftLookup, Switch
 from .summary import summary
 from .torch_weights import load_torch
