@@ -24,8 +24,8 @@ class Attention(Combinator):
         Attention(x)_t = W_o [head_1(x)_t; ...; head_H(x)_t] + b_o
 
     m = x (self-attention) or the `context=` side input (S, d_c) when `cross=True`.
-    score "dot" is q·k/√head_dim computed by `jax.nn.dot_product_attention` (causal
-    self-attention: `causal_attention`, on the CPU a fused C++ kernel);
+    score "dot" is q·k/√head_dim computed by `jax.nn.dot_product_attention` (self-attention
+    without masks besides causal: `dp.kernels.self_attention`, on the CPU a fused C++ kernel);
     "general" and "concat" are the notes' other soft-lookup scores (see `dp.soft`), computed
     explicitly.
 
@@ -82,7 +82,7 @@ class Attention(Combinator):
 
     def route(self, run, params, x, *, key=None, **side):
         """The projections over all positions at once (B·T on a batch); the attention itself
-        per example, except causal attention without masks, which takes the whole batch."""
+        per example, except self-attention without masks, which takes the whole batch."""
         d = params["query"]["weight"].shape[0]
         check_sequence(self, run.example(x), d)
         if params["query"]["weight"].shape[1] % self.heads:
@@ -99,8 +99,8 @@ class Attention(Combinator):
             fused = {k: jnp.concatenate([params[n][k] for n in names], -1) for k in params["query"]}
             q, k, v = (self.split_heads(a) for a in jnp.split(affine(fused, x), 3, -1))
         side = {n: v for n, v in side.items() if n != "context"}
-        if self.fused_causal(key, side):
-            out, weights = kernels.causal_attention(q, k, v), None
+        if self.fused(key, side):
+            out, weights = kernels.self_attention(q, k, v, self.causal), None
         else:
             out, weights = run.each(lambda *a: self.attend(params, *a))(q, k, v, run.keys(key, x), side)
         y = affine(params["output"], out.reshape(out.shape[:-2] + (-1,)))
@@ -110,9 +110,10 @@ class Attention(Combinator):
         """Whether α is computed as an array (weights returned, a non-dot score, or dropout)."""
         return self.return_weights or self.score != "dot" or (self.dropout > 0 and key is not None)
 
-    def fused_causal(self, key, side):
-        """Causal self-attention with nothing else masked: `dp.kernels.causal_attention`."""
-        return (self.causal and not self.cross and not self.explicit(key)
+    def fused(self, key, side):
+        """Dot-product self-attention, causal or not, with nothing (else) masked and α not
+        needed as an array: `dp.kernels.self_attention` takes the whole batch."""
+        return (not self.cross and not self.explicit(key)
                 and side.get("mask") is None and side.get("lengths") is None)
 
     def attend(self, params, q, k, v, key, side):

@@ -530,7 +530,7 @@ class Repeat(Combinator):
 
         def step(h, p_c):
             return self.layer.decode(p_c[0], h, p_c[1], position)
-        x_t, new["stack"] = jax.lax.scan(step, x_t, (params["stack"], cache["stack"]))
+        x_t, new["stack"] = jax.lax.scan(step, x_t, (params["stack"], cache["stack"]), unroll=True)
         return x_t, new
 
     @property

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -172,9 +173,14 @@ def generate(model: LanguageModel, params, prompts, steps: int, *, key=None,
         raise LayerError(f"generate: prompt ({prompts.shape[1]}) + steps ({steps}) = {total} is "
                          f"longer than the model's positional table ({max_len})")
     keys = jax.random.split(key, prompts.shape[0])
+    return _generate(model, params, prompts, steps, keys, tuple(sorted(sampling.items())), use_cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 5, 6))
+def _generate(model, params, prompts, steps, keys, sampling, use_cache):
+    """Every prompt continued, compiled once per (model, shapes, steps, sampling, use_cache)."""
     one = _cached if use_cache else _uncached
-    return jax.jit(jax.vmap(one, (None, None, 0, None, 0, None)), static_argnums=(0, 3, 5))(
-        model, params, prompts, steps, keys, tuple(sorted(sampling.items())))
+    return jax.vmap(one, (None, None, 0, None, 0, None))(model, params, prompts, steps, keys, sampling)
 
 
 def _cached(model, params, prompt, steps, key, sampling):

@@ -142,12 +142,14 @@ def load_pretrained(model, source, *, fill=None, ignore: tuple = ()) -> dict:
 
     Strict: every param must come from the checkpoint with the expected shape, and every weight
     of the checkpoint must be used; otherwise a LayerError names the weights. Two ways to say
-    otherwise: `fill=` params (e.g. `model.init(key, ids)`) supply the params the checkpoint lacks
-    (a new head on a pretrained body), and `ignore=` name prefixes that may go unused (the
+    otherwise: `fill=` params (e.g. `model.init(key, ids)`), or a key to initialise them with,
+    supply the params the checkpoint lacks (a new head on a pretrained body), and `ignore=` name prefixes that may go unused (the
     pretraining heads "cls." of bert-base-uncased when loading the bare model)."""
     prefix, names_of, depth, stack = _kind(model)
     state = _normalise(read_state_dict(source), prefix)
     expected = jax.eval_shape(lambda key: model.init(key, jax.ShapeDtypeStruct((2,), np.int32)), jax.random.key(0))
+    if fill is not None and isinstance(fill, jax.Array) and jax.dtypes.issubdtype(fill.dtype, jax.dtypes.prng_key):
+        fill = model.init(fill, jax.ShapeDtypeStruct((2,), np.int32))
     fill_leaves = {} if fill is None else {path_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(fill)[0]}
     head_names, tied = names_of(model, None)
     layer_names = [names_of(model, i)[0] for i in range(depth)]
@@ -182,7 +184,7 @@ def load_pretrained(model, source, *, fill=None, ignore: tuple = ()) -> dict:
     params = jax.tree_util.tree_map_with_path(leaf, expected)
     if missing:
         raise LayerError(f"load_pretrained: the checkpoint lacks {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''} "
-                         f"({len(missing)} weights; pass fill=params to take them from other params, e.g. a new head)")
+                         f"({len(missing)} weights; a new head? pass fill=params or fill=key to initialise them)")
     unused = sorted(n for n in set(state) - used if not n.startswith(tuple(ignore)))
     if unused:
         raise LayerError(f"load_pretrained: the checkpoint holds {unused[:8]}{' ...' if len(unused) > 8 else ''} "

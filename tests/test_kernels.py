@@ -1,5 +1,6 @@
 """The C++ kernels (`dp.kernels`: causal attention, the LSTM recurrence) against the jnp paths
 they replace on the CPU."""
+import functools
 import json
 import os
 import platform
@@ -26,21 +27,26 @@ def test_the_kernel_builds_and_registers():
     assert kernels.available()
 
 
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 7, 2, 5), (3, 13, 1, 16), (2, 37, 3, 24), (1, 70, 2, 64)])
-def test_kernel_matches_query_blocks_values_and_gradients(shape, key):
-    """Odd lengths and widths exercise the edge tiles (rows not a multiple of 6, columns of 16)."""
+def test_kernel_matches_the_definition_values_and_gradients(shape, causal, key):
+    """Odd lengths and widths exercise the edge tiles (rows not a multiple of 6, columns of 16).
+    Causal: against the query blocks; over all keys: against jax.nn.dot_product_attention."""
     q, k, v, ct = (jax.random.normal(kk, shape) for kk in jax.random.split(key, 4))
-    reference = jax.vmap(kernels.causal_attention_blocks)
-    for f in (kernels.causal_attention, jax.jit(kernels.causal_attention)):
+    reference = jax.vmap(kernels.causal_attention_blocks) if causal else jax.nn.dot_product_attention
+    fast = functools.partial(kernels.self_attention, causal=causal)
+    for f in (fast, jax.jit(fast)):
         chex.assert_trees_all_close(f(q, k, v), reference(q, k, v), atol=2e-6)
-    grads = [jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * ct), (0, 1, 2))(q, k, v)
-             for f in (kernels.causal_attention, reference)]
+    grads = [jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * ct), (0, 1, 2))(q, k, v) for f in (fast, reference)]
     chex.assert_trees_all_close(*grads, atol=1e-5)
+    assert "diffprog_attention_forward" in jax.jit(fast).lower(q, k, v).as_text()
 
 
 def test_kernel_gradients_against_finite_differences(key):
     q, k, v = (jax.random.normal(kk, (2, 9, 2, 4)) for kk in jax.random.split(key, 3))
-    check_grads(kernels.causal_attention, (q, k, v), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+    for causal in (True, False):
+        check_grads(functools.partial(kernels.self_attention, causal=causal), (q, k, v), order=1, modes=["rev"],
+                    atol=1e-2, rtol=1e-2)
 
 
 def test_kernel_under_vmap_is_the_batched_call(key):
@@ -52,7 +58,7 @@ def test_kernel_under_vmap_is_the_batched_call(key):
 
 def test_kernel_rejects_mismatched_shapes(key):
     q = jax.random.normal(key, (5, 2, 4))
-    with pytest.raises(ValueError, match=r"causal_attention.*\(5, 2, 4\).*\(6, 2, 4\)"):
+    with pytest.raises(ValueError, match=r"self_attention.*\(5, 2, 4\).*\(6, 2, 4\)"):
         kernels.causal_attention(q, jnp.zeros((6, 2, 4)), q)
 
 
@@ -62,8 +68,8 @@ def test_the_kernel_is_lowered_for_the_cpu_only():
     step = jax.jit(jax.grad(lambda q: kernels.causal_attention(q, q, q).sum()))
     lowered = {platform: step.trace(q).lower(lowering_platforms=(platform,)).as_text()
                for platform in ("cpu", "cuda")}
-    assert "diffprog_causal_attention_backward" in lowered["cpu"]
-    assert "diffprog_causal_attention" not in lowered["cuda"]
+    assert "diffprog_attention_backward" in lowered["cpu"]
+    assert "diffprog_attention" not in lowered["cuda"]
 
 
 def lstm_arguments(key, steps, batch, d, hidden, lengths):

@@ -1,6 +1,8 @@
 """BERT and GPT-2 against Hugging Face `transformers` (random weights from small configs, no
 download): the same numbers from the same weights, weights loaded from every kind of source,
 errors that name the weight or the config field, and word-piece tokenizers."""
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -71,6 +73,17 @@ def test_bert_reads_like_the_notes_and_scans_its_blocks():
     chex.assert_trees_all_equal(run(params, ids), run(params, ids))
 
 
+def test_generate_compiles_once_per_model_and_shape():
+    model = dp.gpt2(GPT2)
+    params = model.init(jax.random.key(0), jnp.zeros(4, jnp.int32))
+    prompts = np.zeros((2, 3), np.int32)
+    dp.generate(model, params, prompts, 4)
+    before = importlib.import_module("diffprog.generate")._generate._cache_size()
+    for _ in range(2):
+        dp.generate(model, jax.tree.map(lambda a: a + 1, params), prompts + 1, 4)
+    assert importlib.import_module("diffprog.generate")._generate._cache_size() == before
+
+
 def test_gpt2_logits_and_greedy_generation_equal_transformers():
     ref = reference("GPT2LMHeadModel", **GPT2)
     ids, _, _ = batch()
@@ -125,6 +138,7 @@ def test_a_missing_extra_or_misshapen_weight_is_named():
         dp.load_pretrained(qa, ref, ignore=("cls.",))
     params = dp.load_pretrained(qa, ref, fill=fresh, ignore=("cls.",))
     chex.assert_trees_all_equal(params["question_answering"], fresh["question_answering"])
+    chex.assert_trees_all_equal(dp.load_pretrained(qa, ref, fill=jax.random.key(1), ignore=("cls.",)), params)
     chex.assert_trees_all_equal(params["encoder"]["stack"]["feedforward"]["norm"]["scale"][1],
                                 ref["bert.encoder.layer.1.output.LayerNorm.weight"])
 

@@ -5,8 +5,8 @@ the definition stays the reference it is tested against and the path taken every
 
 | fast path | used by | where | definition |
 |---|---|---|---|
-| `causal_attention`: C++ kernel (causal_attention.cc) | `Attention(causal=True)` | CPU, float32 | `jax.nn.dot_product_attention`, causal mask |
-| `causal_attention_blocks`: blocks of 64 queries | the same | elsewhere | the same |
+| `self_attention`: C++ kernel (attention.cc) | `Attention` (self, dot score, no mask) | CPU, float32 | `jax.nn.dot_product_attention` (causal: with a causal mask) |
+| `causal_attention_blocks`: blocks of 64 queries | the same, causal | elsewhere | the same |
 | `recurrence` → `lstm_recurrence`: C++ kernels (lstm.cc) | `LSTM` on a batch | CPU, float32 | `LSTM.scan` |
 | `recurrence` → `scan_recurrence`: written-out backward pass | recurrent layers on a batch | elsewhere | `Recurrent.scan` |
 | `product`: transposed-operand gradient | `Dense`, `FeedForward`, ... | CPU | `x @ w` |
@@ -18,7 +18,7 @@ where they cannot (no C++ compiler, not x86-64 with AVX2 and FMA), `available()`
 jax.numpy paths run. Under a mesh each device runs a kernel on its own shard of the batch
 (`partition.batch_partitioned`).
 """
-from .attention import causal_attention, causal_attention_blocks, causal_attention_kernel
+from .attention import attention_kernel, causal_attention, causal_attention_blocks, causal_attention_kernel, self_attention
 from .library import available, build, cache_dir, disabled, enabled, on_cpu
 from .products import product
 from .recurrence import lstm_backward, lstm_forward, lstm_recurrence, recurrence, scan_recurrence

@@ -1,6 +1,9 @@
-"""Causal self-attention's fast paths: the fused C++ kernel (CPU, float32) and query blocks
-(elsewhere). The definition is `jax.nn.dot_product_attention` with a causal mask."""
+"""Self-attention's fast paths: the fused C++ kernel (CPU, float32), causal or over all keys,
+and, for causal attention elsewhere, query blocks. The definition is
+`jax.nn.dot_product_attention` (with a causal mask when causal)."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +15,21 @@ from .partition import batch_partitioned
 CAUSAL_BLOCK = 64
 
 
+def self_attention(q, k, v, causal: bool):
+    """Dot-product attention of q (T, heads, head_dim) over k, v (T, heads, head_dim) (any
+    leading batch axes), every query over every key or (`causal`) over the keys up to its own
+    step: the C++ kernel on the CPU for float32; elsewhere `causal_attention_blocks` (causal) or
+    `jax.nn.dot_product_attention`."""
+    if causal:
+        reference = jax.vmap(causal_attention_blocks) if q.ndim > 3 else causal_attention_blocks
+    else:
+        reference = jax.nn.dot_product_attention
+    return on_cpu(attention_kernel(causal), reference, q, k, v)
+
+
 def causal_attention(q, k, v):
-    """Causal dot-product attention of q (T, heads, head_dim) over k, v (T, heads, head_dim)
-    (any leading batch axes): the C++ kernel on the CPU for float32, `causal_attention_blocks`
-    elsewhere."""
-    return on_cpu(causal_attention_kernel, jax.vmap(causal_attention_blocks) if q.ndim > 3 else causal_attention_blocks,
-                  q, k, v)
+    """`self_attention(q, k, v, causal=True)`."""
+    return self_attention(q, k, v, True)
 
 
 def causal_attention_blocks(q, k, v):
@@ -38,39 +50,38 @@ def _scale(q):
     return np.float32(1 / np.sqrt(q.shape[-1]))
 
 
-@batch_partitioned("... t h d, ... t h d, ... t h d -> ... t h d, ... t h")
-def _forward_call(q, k, v):
-    lse_shape = jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32)
-    return tuple(jax.ffi.ffi_call("diffprog_causal_attention_forward", (jax.ShapeDtypeStruct(q.shape, q.dtype), lse_shape),
-                                  vmap_method="broadcast_all")(q, k, v, scale=_scale(q)))
+@functools.cache
+def attention_kernel(causal: bool):
+    """softmax(q kᵀ/√D (causal: masked to j ≤ i)) v for float32 q, k, v (..., T, H, D) by the
+    C++ kernel (CPU only; `dp.kernels.available()`): one fused pass per (example, head),
+    probabilities recomputed backward."""
+
+    @batch_partitioned("... t h d, ... t h d, ... t h d -> ... t h d, ... t h")
+    def forward_call(q, k, v):
+        lse_shape = jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32)
+        return tuple(jax.ffi.ffi_call("diffprog_attention_forward", (jax.ShapeDtypeStruct(q.shape, q.dtype), lse_shape),
+                                      vmap_method="broadcast_all")(q, k, v, scale=_scale(q), causal=causal))
+
+    @batch_partitioned("... t h d, ... t h d, ... t h d, ... t h d, ... t h, ... t h d -> ... t h d, ... t h d, ... t h d")
+    def backward_call(q, k, v, out, lse, d_out):
+        like = jax.ShapeDtypeStruct(q.shape, q.dtype)
+        return tuple(jax.ffi.ffi_call("diffprog_attention_backward", (like, like, like),
+                                      vmap_method="broadcast_all")(q, k, v, out, lse, d_out, scale=_scale(q), causal=causal))
+
+    def forward(q, k, v):
+        if q.ndim < 3 or not q.shape == k.shape == v.shape:
+            raise ValueError(f"self_attention: expected q, k, v of one shape (..., T, heads, head_dim), "
+                             f"got {q.shape}, {k.shape}, {v.shape}")
+        require("self_attention")
+        out, lse = forward_call(q, k, v)
+        return out, (q, k, v, out, lse)
+
+    @jax.custom_vjp
+    def kernel(q, k, v):
+        return forward(q, k, v)[0]
+
+    kernel.defvjp(forward, lambda residuals, d_out: backward_call(*residuals, d_out))
+    return kernel
 
 
-@batch_partitioned("... t h d, ... t h d, ... t h d, ... t h d, ... t h, ... t h d -> ... t h d, ... t h d, ... t h d")
-def _backward_call(q, k, v, out, lse, d_out):
-    like = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    return tuple(jax.ffi.ffi_call("diffprog_causal_attention_backward", (like, like, like),
-                                  vmap_method="broadcast_all")(q, k, v, out, lse, d_out, scale=_scale(q)))
-
-
-def _forward(q, k, v):
-    if q.ndim < 3 or not q.shape == k.shape == v.shape:
-        raise ValueError(f"causal_attention: expected q, k, v of one shape (..., T, heads, head_dim), "
-                         f"got {q.shape}, {k.shape}, {v.shape}")
-    require("causal_attention")
-    out, lse = _forward_call(q, k, v)
-    return out, (q, k, v, out, lse)
-
-
-def _backward(residuals, d_out):
-    return _backward_call(*residuals, d_out)
-
-
-@jax.custom_vjp
-def causal_attention_kernel(q, k, v):
-    """softmax(q kᵀ/√D, causal) v for float32 q, k, v (..., T, H, D) by the C++ kernel (CPU only;
-    `dp.kernels.available()`): one fused pass per (example, head), probabilities recomputed
-    backward."""
-    return _forward(q, k, v)[0]
-
-
-causal_attention_kernel.defvjp(_forward, _backward)
+causal_attention_kernel = attention_kernel(True)

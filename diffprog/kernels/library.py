@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "causal_attention.cc", HERE / "lstm.cc"]
+SOURCES = [HERE / "attention.cc", HERE / "lstm.cc"]
 HEADERS = [HERE / "cpu.h"]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 
@@ -48,7 +48,7 @@ def build() -> Path:
     return library
 
 
-TARGETS = ("diffprog_causal_attention_forward", "diffprog_causal_attention_backward",
+TARGETS = ("diffprog_attention_forward", "diffprog_attention_backward",
            "diffprog_lstm_forward", "diffprog_lstm_backward")
 
 
@@ -58,7 +58,7 @@ def available() -> bool:
     try:
         library = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError) as error:
-        warnings.warn(f"diffprog: the C++ kernels are not available ({error}); causal attention and the "
+        warnings.warn(f"diffprog: the C++ kernels are not available ({error}); self-attention and the "
                       "LSTM on the CPU use their jax.numpy paths", stacklevel=2)
         return False
     if not library.diffprog_cpu_supported():

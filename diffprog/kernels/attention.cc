@@ -1,11 +1,12 @@
-// Causal dot-product attention for float32 on x86-64 CPUs with AVX2 and FMA, as two XLA FFI
-// handlers: the forward pass (o, logsumexp) and the backward pass (dq, dk, dv). Each (example,
-// head) pair is one item; the items are shared among the cores. Per item, with s = scale:
-//   S = s Q Kᵀ (only the columns j ≤ i are used),  P = softmax_rows(S),  O = P V
+// Dot-product self-attention, causal or over all keys, for float32 on x86-64 CPUs with AVX2 and
+// FMA, as two XLA FFI handlers: the forward pass (o, logsumexp) and the backward pass (dq, dk,
+// dv). Each (example, head) pair is one item; the items are shared among the cores. Per item,
+// with s = scale:
+//   S = s Q Kᵀ (causal: only the columns j ≤ i are used),  P = softmax_rows(S),  O = P V
 //   backward: dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = s dS K, dK = s dSᵀ Q
-// P is recomputed in the backward pass from the saved logsumexp. A block of 6 rows computes the
-// scores only up to its last row (rounded up to 16 columns), so most of the work above the
-// diagonal is skipped.
+// P is recomputed in the backward pass from the saved logsumexp. Causal: a block of 6 rows
+// computes the scores only up to its last row (rounded up to 16 columns), so most of the work
+// above the diagonal is skipped.
 // Layout: q, k, v, o, do and the gradients are (..., T, H, D) row-major; logsumexp (..., T, H).
 #include <cmath>
 #include <vector>
@@ -96,25 +97,30 @@ float row_max(const float* s, int last) {  // max of s[0..last]
 // The products of one item (T steps, D features): A is T × T (ld) or T × D (row), B packed.
 struct Products {
   int steps, dim;
-  // C (T × D) = L B or Lᵀ B (`transposed`, Lᵀ read in place), L (T × T) lower-triangular and
-  // zero past the diagonal up to its row blocks' end, B packed T × D. Row i of L ends at i,
-  // row j of Lᵀ starts at j.
+  bool causal;
+  int last(int i) const { return causal ? i : steps - 1; }  // the last key row i attends to
+  int row_end(int i) const { return causal ? row_block_end(i, steps) : steps; }  // where row i's P ends
+  // C (T × D) = L B or Lᵀ B (`transposed`, Lᵀ read in place), B packed T × D. Causal: L is
+  // lower-triangular, zero past the diagonal up to its row blocks' end; row i of L ends at i,
+  // row j of Lᵀ starts at j. Otherwise L is full.
   void by_values(const float* l, int ld, bool transposed, const float* b, float* c, long ldc) const {
     const int t = steps, d = dim;
+    const bool lower = causal;
     auto width = [d](int, int) { return d; };
-    if (transposed) product(t, {l, 1, ld}, b, t, c, ldc, [](int j) { return j; }, [t](int) { return t; }, width);
-    else product(t, {l, ld, 1}, b, t, c, ldc, [](int) { return 0; }, [t](int i) { return std::min(i + kRows, t); }, width);
+    if (transposed) product(t, {l, 1, ld}, b, t, c, ldc, [lower](int j) { return lower ? j : 0; }, [t](int) { return t; }, width);
+    else product(t, {l, ld, 1}, b, t, c, ldc, [](int) { return 0; }, [t, lower](int i) { return lower ? std::min(i + kRows, t) : t; }, width);
   }
-  // C (T × T, lower part up to the row blocks' end rounded up to 16 columns) = A (T × D) B,
-  // B packed D × T.
+  // C (T × T; causal: the lower part up to the row blocks' end) = A (T × D) B, B packed D × T,
+  // the columns rounded up to 16.
   void scores(const float* a, long lda, const float* b, float* c, int ldc) const {
-    const int d = dim;
+    const int d = dim, t = steps;
+    const bool lower = causal;
     product(steps, {a, lda, 1}, b, d, c, ldc, [](int) { return 0; }, [d](int) { return d; },
-            [](int, int i_end) { return (i_end + kCols - 1) / kCols * kCols; });
+            [t, lower](int, int i_end) { return ((lower ? i_end : t) + kCols - 1) / kCols * kCols; });
   }
 };
 
-// Row i of p (T × ld) becomes exp(scale S_ij − shift_i) for j ≤ i, 0 up to the row block's end,
+// Row i of p (T × ld) becomes exp(scale S_ij − shift_i) for j ≤ last(i), 0 up to row_end(i),
 // with S = Q Kᵀ. Forward (`totals` given): shift_i = scale max_j S_ij, written to lse with
 // log Σ_j; the rows stay unnormalised and `totals` gets their sums. Backward: shift_i = lse_i.
 void exponentials(const Products& on, const float* q, const float* k, long row, float scale,
@@ -124,23 +130,23 @@ void exponentials(const Products& on, const float* q, const float* k, long row, 
   for (int i = 0; i < on.steps; ++i) {
     float* s = p + i * ld;
     if (totals) {
-      const float shift = scale * row_max(s, i);
-      totals[i] = exp_row(s, s, row_block_end(i, on.steps), i, scale, shift);
+      const float shift = scale * row_max(s, on.last(i));
+      totals[i] = exp_row(s, s, on.row_end(i), on.last(i), scale, shift);
       lse[i * lse_stride] = shift + std::log(totals[i]);
     } else {
-      exp_row(s, s, row_block_end(i, on.steps), i, scale, lse[i * lse_stride]);
+      exp_row(s, s, on.row_end(i), on.last(i), scale, lse[i * lse_stride]);
     }
   }
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   float scale, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+                   float scale, bool causal, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
   const Shape sh = shape_of(q);
   const int steps = sh.steps, dim = sh.dim, ld = sh.padded();
   const long row = sh.row();
   const size_t b_size = std::max(packed_size(steps, dim), packed_size(dim, steps)), p_size = packed_size(steps, steps);
   for_each_item(pool, sh.items, b_size + p_size + steps, [&](long item, float* scratch) {
-    const Products on{steps, dim};
+    const Products on{steps, dim, causal};
     float *packed = scratch, *p = packed + b_size, *totals = p + p_size;
     const long at = sh.offset(item);
     float* out = o->typed_data() + at;
@@ -162,14 +168,14 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_o,
-                    float scale, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    float scale, bool causal, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
   const Shape sh = shape_of(q);
   const int steps = sh.steps, dim = sh.dim, ld = sh.padded();
   const long row = sh.row();
   const size_t b_size = std::max(packed_size(steps, dim), packed_size(dim, steps)), p_size = packed_size(steps, steps);
   for_each_item(pool, sh.items, b_size + 2 * p_size, [&](long item, float* scratch) {
-    const Products on{steps, dim};
+    const Products on{steps, dim, causal};
     float *packed = scratch, *p = packed + b_size, *ds = p + p_size;
     const long at = sh.offset(item);
     const float *q_i = q.typed_data() + at, *k_i = k.typed_data() + at, *v_i = v.typed_data() + at;
@@ -190,8 +196,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       }
       const __m256 delta = _mm256_set1_ps(sum8(dot)), vscale = _mm256_set1_ps(scale);
       float *s = ds + i * ld, *prob = p + i * ld;
-      const int n = row_block_end(i, steps);
-      for (int j = 0; j < n; j += 8) {  // P is 0 past the diagonal, so dS is too
+      const int n = on.row_end(i);
+      for (int j = 0; j < n; j += 8) {  // causal: P is 0 past the diagonal, so dS is too
         const Lanes in_row(n - j);
         const __m256 d_s = _mm256_mul_ps(_mm256_mul_ps(vscale, in_row.load(prob + j)),
                                          _mm256_sub_ps(in_row.load(s + j), delta));
@@ -211,17 +217,18 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 #pragma GCC pop_options
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_causal_attention_forward, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_forward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
+                                  .Attr<bool>("causal")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_causal_attention_backward, Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_backward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -231,6 +238,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_causal_attention_backward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
+                                  .Attr<bool>("causal")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
