@@ -211,3 +211,11 @@ def test_wordpiece_and_bpe_tokenizers_trained_offline(tmp_path):
     assert bpe.decode(bpe.encode(text).ids) == text
     wordpiece.save(str(tmp_path / "tokenizer.json"))
     assert dp.text.load_tokenizer(tmp_path).encode(question, paragraph).ids == enc.ids
+
+
+def test_benchmark_quick_compares_the_same_computation(tmp_path):
+    from benchmarks import pretrained
+    results = pretrained.main(["--quick", "--out", str(tmp_path)])
+    bert, gpt2 = results["cases"]
+    assert bert["error"] < 1e-4 and gpt2["agreement"] == 1.0
+    assert (tmp_path / "pretrained_quick.md").exists()
