@@ -171,13 +171,17 @@ def test_summary_flops_count_every_step_of_a_scan():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_keep_freed_memory_stops_page_faults_in_repeated_steps():
     """A jitted step whose temporaries take 4,096 pages (16 MiB): after dp.keep_freed_memory(),
-    repeating it maps no fresh pages; importing diffprog alone leaves malloc as it is (glibc
-    alone faulted ~800-1,700 pages per call here)."""
+    repeating it maps no fresh pages (glibc alone faulted ~800-1,700 pages per call here, or none,
+    depending on what earlier allocations did to its dynamic mmap threshold). Importing diffprog
+    never touches malloc's settings: it loads no C library at all."""
     code = """if True:
-        import resource, sys, jax, jax.numpy as jnp
+        import ctypes, resource, sys
+        loaded, real = [], ctypes.CDLL
+        ctypes.CDLL = lambda name, *a, **k: loaded.append(str(name)) or real(name, *a, **k)
+        import jax, jax.numpy as jnp
         import diffprog
-        if sys.argv[1] == "keep":
-            diffprog.keep_freed_memory()
+        print("loaded at import:", [n for n in loaded if "libc" in n or "kernels" in n])
+        diffprog.keep_freed_memory()
         f = jax.jit(lambda x: jnp.tanh(jnp.tanh(x) @ x).sum())
         x = jnp.ones((2048, 2048))
         for _ in range(3):
@@ -187,6 +191,6 @@ def test_keep_freed_memory_stops_page_faults_in_repeated_steps():
             f(x).block_until_ready()
         print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)"""
     assert dp.keep_freed_memory() is True
-    faults = {mode: float(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
-                                         check=True).stdout.split()[-1]) for mode in ("keep", "import-only")}
-    assert faults["keep"] < 200 and faults["import-only"] > 400, faults  # importing alone changes nothing
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "loaded at import: []", out
+    assert float(out[-1]) < 200, out
