@@ -78,9 +78,9 @@ def _block(attention: dict, attention_norm: dict, feedforward: dict, feedforward
             **at(("feedforward", "f"), feedforward), **at(("feedforward", "norm"), feedforward_norm)}
 
 
-def bert_names(model: Bert, layer: int) -> tuple[dict, set]:
+def bert_names(model: Bert, layer: int) -> tuple[dict, dict]:
     """{params path: (Hugging Face name, transform)} for the embeddings and heads (layer=None)
-    or for encoder layer `layer`; and the names that are tied copies (read, not used)."""
+    or for encoder layer `layer`; and {name of a tied copy: the name it copies}."""
     if layer is not None:
         prefix = f"encoder.layer.{layer}."
         return _block({**{(n,) + k: v for n in ("query", "key", "value")
@@ -89,7 +89,7 @@ def bert_names(model: Bert, layer: int) -> tuple[dict, set]:
                       _norm((), prefix + "attention.output.LayerNorm"),
                       {**_linear(("0_FeedForward",), prefix + "intermediate.dense"),
                        **_linear(("1_Dense",), prefix + "output.dense")},
-                      _norm((), prefix + "output.LayerNorm")), set()
+                      _norm((), prefix + "output.LayerNorm")), {}
     e = ("embeddings",)
     names = {e + ("0_EmbedToken", "table"): ("embeddings.word_embeddings.weight", None),
              e + ("1_LearnedPositions", "table"): ("embeddings.position_embeddings.weight", None),
@@ -101,13 +101,14 @@ def bert_names(model: Bert, layer: int) -> tuple[dict, set]:
         names.update({**_linear(("masked_lm", "0_FeedForward"), "cls.predictions.transform.dense"),
                       **_norm(("masked_lm", "1_LayerNorm"), "cls.predictions.transform.LayerNorm"),
                       ("decoder", "bias"): ("cls.predictions.bias", None)})
-        return names, {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+        return names, {"cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",
+                       "cls.predictions.decoder.bias": "cls.predictions.bias"}
     elif model.head == "question_answering":
         names.update(_linear(("question_answering",), "qa_outputs"))
-    return names, set()
+    return names, {}
 
 
-def gpt2_names(model: LanguageModel, layer: int) -> tuple[dict, set]:
+def gpt2_names(model: LanguageModel, layer: int) -> tuple[dict, dict]:
     """As `bert_names`, for `dp.gpt2` (GPT2LMHeadModel; Conv1D weights are (in, out))."""
     if layer is not None:
         prefix, d = f"h.{layer}.", model.dim
@@ -117,12 +118,12 @@ def gpt2_names(model: LanguageModel, layer: int) -> tuple[dict, set]:
         return _block({**qkv, **_linear(("output",), prefix + "attn.c_proj", False)}, _norm((), prefix + "ln_1"),
                       {**_linear(("0_FeedForward",), prefix + "mlp.c_fc", False),
                        **_linear(("1_Dense",), prefix + "mlp.c_proj", False)},
-                      _norm((), prefix + "ln_2")), set()
+                      _norm((), prefix + "ln_2")), {}
     names = {("embed", "table"): ("wte.weight", None), ("positions", "table"): ("wpe.weight", None),
              **_norm(("norm",), "ln_f")}
     if not model.tied:
         names[("head", "table")] = ("lm_head.weight", None)
-    return names, ({"lm_head.weight"} if model.tied else set())
+    return names, ({"lm_head.weight": "wte.weight"} if model.tied else {})
 
 
 def _kind(model):
@@ -154,6 +155,10 @@ def load_pretrained(model, source, *, fill=None, ignore: tuple = ()) -> dict:
     head_names, tied = names_of(model, None)
     layer_names = [names_of(model, i)[0] for i in range(depth)]
     used, missing = set(tied) & set(state), []
+    for copy in used:  # a tied copy that differs is another (untied) model, not one to load silently
+        if tied[copy] in state and not np.array_equal(state[copy], state[tied[copy]]):
+            raise LayerError(f"load_pretrained: weight {copy} differs from {tied[copy]}, which {type(model).__name__} "
+                             f"ties it to (a checkpoint with an untied head?)")
 
     def load(name, transform):
         used.add(name)

@@ -16,7 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from .basic import Dropout, FeedForward, LayerNorm, PositionWise, affine
+from .basic import Dense, Dropout, FeedForward, LayerNorm, PositionWise, affine
 from .core import ArgumentError, Pipeline, layerclass
 from .embed import EmbedToken
 from .generate import GenerateToken, LanguageModel
@@ -39,7 +39,7 @@ class SelectSpan(PositionWise):
 
     def init_params(self, key, spec, **side):
         self.expect(spec, ("T", "d"))
-        return FeedForward(2, "identity").init_params(key, spec)
+        return Dense(2).init_params(key, spec)
 
     def map(self, params, h):
         logits = affine(params, h)
@@ -134,7 +134,7 @@ BERT_CONFIG = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_
                    intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
                    attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
                    layer_norm_eps=1e-12, position_embedding_type="absolute", is_decoder=False,
-                   add_cross_attention=False)
+                   add_cross_attention=False, tie_word_embeddings=True)
 """`BertConfig`'s defaults (bert-base) for the fields that decide the computation."""
 
 GPT2_CONFIG = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
@@ -154,6 +154,8 @@ def read_config(function: str, defaults: dict, config, fields: dict) -> dict:
     (`architectures`, `pad_token_id`, ...) are ignored; a keyword field diffprog does not know,
     or a value it cannot express, is an ArgumentError naming the field."""
     given = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    if given.get("model_type", function) != function:
+        raise ArgumentError(f"{function}: got the config of a {given['model_type']!r} model")
     unknown = sorted(set(fields) - set(defaults))
     if unknown:
         raise ArgumentError(f"{function}: unknown config field(s) {unknown}; it reads {sorted(defaults)}")
@@ -174,6 +176,9 @@ def bert(config=None, head: Optional[str] = "pooler", **fields) -> Bert:
     fields take BertConfig's defaults, i.e. bert-base). `head`: None, "pooler" (BertModel),
     "masked_lm" (BertForMaskedLM) or "question_answering" (BertForQuestionAnswering)."""
     c = read_config("bert", BERT_CONFIG, config, fields)
+    if not c["tie_word_embeddings"] and head == "masked_lm":
+        raise ArgumentError("bert: config field tie_word_embeddings=False is not supported (the masked-LM "
+                            "head reads the token table)")
     return Bert(c["vocab_size"], c["hidden_size"], c["num_attention_heads"], c["intermediate_size"],
                 c["num_hidden_layers"], c["max_position_embeddings"], c["type_vocab_size"],
                 ACTIVATIONS[c["hidden_act"]], c["layer_norm_eps"], c["hidden_dropout_prob"],

@@ -131,6 +131,9 @@ def test_a_missing_extra_or_misshapen_weight_is_named():
         dp.load_pretrained(model, wrong)
     with pytest.raises(dp.LayerError, match=r"encoder.layer.0.intermediate.dense.(weight|bias) \(and the other 1 layers\)"):
         dp.load_pretrained(dp.bert(BERT, head="masked_lm", intermediate_size=36), ref)
+    untied = {**ref, "cls.predictions.decoder.weight": ref["cls.predictions.decoder.weight"] + 1}
+    with pytest.raises(dp.LayerError, match="cls.predictions.decoder.weight differs from embeddings.word_embeddings"):
+        dp.load_pretrained(model, untied)
     # a pretrained body under a new head: the head's params from `fill`, the old head ignored
     qa = dp.bert(BERT, head="question_answering")
     fresh = qa.init(jax.random.key(1), jnp.zeros(4, jnp.int32))
@@ -158,6 +161,24 @@ def test_configs_diffprog_cannot_express_are_errors_naming_the_field(build, fiel
         config = (transformers.BertConfig if build is dp.bert else transformers.GPT2Config)(**fields)
         with pytest.raises(dp.ArgumentError, match=field):
             build(config)
+
+
+def test_a_config_of_another_model_is_refused():
+    with pytest.raises(dp.ArgumentError, match="bert: got the config of a 'gpt2' model"):
+        dp.bert(transformers.GPT2Config(**GPT2))
+    with pytest.raises(dp.ArgumentError, match="tie_word_embeddings"):
+        dp.bert(BERT, head="masked_lm", tie_word_embeddings=False)
+
+
+def test_segments_are_checked():
+    model = dp.bert(BERT, head=None)
+    ids = jnp.arange(5)
+    params = model.init(jax.random.key(0), ids)
+    with pytest.raises(dp.LayerError, match=r"EmbedSegment\(2\): expected input \(5,\) int"):
+        model(params, ids, segments=jnp.zeros(4, jnp.int32))
+    with pytest.raises(dp.LayerError, match=r"token ids in \[0, 2\), got \[2\]"):
+        model(params, ids, segments=jnp.array([0, 0, 1, 1, 2]))
+    assert np.isnan(jax.jit(model.apply)(params, ids, segments=jnp.array([0, 0, 1, 1, 2]))[0]).all()
 
 
 def test_block_keywords_change_exactly_what_they_name():
