@@ -242,7 +242,7 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
     fsdp)` (see there for the batch, the loss and the sharding); data(step) -> batch.
 
     The optimiser is any optax transformation (LR schedules live inside it); `clip_norm`
-    prepends `optax.clip_by_global_norm`. params: start from these instead of
+    prepends `optax.clip_by_global_norm`. params: start from (a copy of) these instead of
     `model.init(fold_in(key(seed), 0), one example)`.
     workdir: metrics.jsonl is appended there; with checkpoint_every > 0, orbax checkpoints of
     the state go to workdir/checkpoints (last `keep` kept) and `resume=True` continues from the
@@ -265,6 +265,8 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
     first = data(0)
     if params is None:
         params = model.init(jax.random.fold_in(jax.random.key(seed), 0), example_spec(first["inputs"]))
+    else:  # the compiled step donates its state: train on a copy, so the caller's arrays stay usable
+        params = jax.tree.map(jnp.copy, params)
     step_fn, state, put = train_step.compile(train_step.init(params, seed), first)
     metric_fns = {"loss": loss, **(eval_metrics or {})}
     evaluate = jax.jit(lambda params, batch: {n: f(train_step.outputs(params, batch), batch)

@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import chex
 import numpy as np
@@ -190,3 +191,32 @@ def test_kernels_run_on_each_devices_shard_of_the_batch():
         kernels_in_step, gathers = result["kernels_and_gathers"]["4"]
         assert kernels_in_step >= 2 and gathers == 0, (name, result)
         np.testing.assert_allclose(result["losses"]["4"], result["losses"]["1"], rtol=1e-5, err_msg=name)
+
+
+CONCURRENT_KERNELS = """
+import jax, jax.numpy as jnp, optax
+import diffprog as dp
+from helpers import fit
+model = dp.transformer_seq2seq(10, 10, 24, 2, 48, 2, 16)
+def batch(k):
+    src = jax.random.randint(k, (32, 5), 2, 10)
+    return src, jnp.concatenate([jnp.ones((32, 1), jnp.int32), src[:, :0:-1]], 1), src[:, ::-1]
+src, tin, _ = batch(jax.random.key(0))
+params = model.init(jax.random.key(0), (src[0], tin[0]))
+net = jax.vmap(model.apply, (None, 0))
+def loss(p, i):
+    src, tin, tgt = batch(jax.random.fold_in(jax.random.key(0), i))
+    return dp.metrics.cross_entropy(net(p, (src, tin)), tgt)
+fit(loss, params, optax.adam(5e-3), 400)
+print("finished")
+"""
+
+
+def test_kernels_running_at_once_on_xlas_threads_finish():
+    """An encoder's and a decoder's self-attention are independent: XLA runs the two kernel calls
+    at once on its two pool threads. Each kernel once scheduled part of its work on the pool and
+    waited for it while every pool thread was doing the same, forever (it hung this test's
+    training step); now a kernel's calling thread does the work no other thread has started."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run([sys.executable, "-c", CONCURRENT_KERNELS], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "finished", out.stderr[-3000:]

@@ -156,3 +156,15 @@ def test_train_step_is_pure_and_matches_the_loop():
     looped = dp.train(train_toy.MODEL, train_toy.loss, optax.adam(1e-2), train_toy.data, steps=3, seed=3, quiet=True)
     chex.assert_trees_all_close(state["params"], looped.params, atol=1e-6)
     chex.assert_trees_all_equal(step.init(params, seed=3)["params"], params)  # init did not change the caller's
+
+
+def test_params_given_to_train_stay_usable():
+    """The compiled step donates its state; params= given by the caller are copied first, so the
+    same starting point can train twice (e.g. two arms of a study) with the same result."""
+    init = lambda: train_toy.MODEL.init(jax.random.key(3), train_toy.data(0)["inputs"][0])
+    params, before = init(), init()  # (a numpy view of params would keep XLA from donating them)
+    runs = [dp.train(train_toy.MODEL, train_toy.loss, optax.adam(1e-2), train_toy.data, steps=3, params=params,
+                     quiet=True) for _ in range(2)]
+    chex.assert_trees_all_equal(params, before)
+    chex.assert_trees_all_equal(runs[0].params, runs[1].params)
+    assert not np.allclose(runs[0].params["0_FeedForward^2"]["first"]["weight"], before["0_FeedForward^2"]["first"]["weight"])

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <cstddef>
 #include <thread>
 
@@ -158,18 +159,27 @@ float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// work(begin, end) over [0, items) shared among XLA's CPU threads, at most `max_parts` of them:
-// each thread takes one contiguous range (so that no two threads write the same cache line).
-// The calling thread runs the first range and waits for the rest.
+// work(begin, end) over [0, items) in `parts` contiguous ranges (so that no two threads write the
+// same cache line), shared among XLA's CPU threads, at most `max_parts` of them. The calling thread
+// takes ranges too until none is left, then waits only for ranges that another thread has
+// started. It never waits for a task still in the pool's queue: XLA runs independent thunks on
+// the pool's own threads, and two kernels each waiting for a queued task of theirs, with every
+// pool thread so occupied, would wait forever.
 template <class Work>
 void in_parallel(ffi::ThreadPool pool, long items, Work work, long max_parts = 1L << 30) {
   if (items <= 0) return;
   const long parts = std::clamp<long>(std::min<long>(pool.num_threads(), max_parts), 1, items);
-  std::atomic<long> done{1};
-  for (long part = 1; part < parts; ++part)
-    pool.Schedule([&, part] { work(items * part / parts, items * (part + 1) / parts); done.fetch_add(1); });
-  work(0, items / parts);
-  while (done.load() < parts) std::this_thread::yield();
+  struct Progress { std::atomic<long> next{0}, done{0}; };
+  auto progress = std::make_shared<Progress>();  // outlives this call for tasks that start late
+  auto take = [progress, parts, items, &work] {  // a late task finds no range left, and never touches work
+    for (long part = progress->next++; part < parts; part = progress->next++) {
+      work(items * part / parts, items * (part + 1) / parts);
+      ++progress->done;
+    }
+  };
+  for (long part = 1; part < parts; ++part) pool.Schedule([take] { take(); });
+  take();
+  while (progress->done.load() < parts) std::this_thread::yield();
 }
 
 }  // namespace
