@@ -19,12 +19,8 @@ import optax
 
 import diffprog as dp
 
-from .common import at_least, positive_float, probability, markdown_table, parser, run_dir, save_config, save_json
-
-
-def default_text() -> str:
-    from pydoc_data.topics import topics
-    return "\n\n".join(topics[k] for k in sorted(topics))
+from .common import (at_least, markdown_table, parser, positive_float, probability, read_text, run_dir, save_config,
+                     save_json)
 
 
 def build(body: str, vocab: int, n_layer: int, n_head: int, n_embd: int, block_size: int, dropout: float):
@@ -61,13 +57,7 @@ def main(argv=None):
         p.error("--resume needs --workdir")
     out = Path(args.workdir) if args.workdir else run_dir("charlm", args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.text:
-        try:
-            text = Path(args.text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            p.error(f"--text {args.text}: cannot read it as UTF-8 text ({e})")
-    else:
-        text = default_text()
+    text = read_text(p, args.text)
     if len(text) < 20 * args.block_size:
         p.error(f"the text has {len(text)} characters; need at least {20 * args.block_size}")
     chars = sorted(set(text))

@@ -14,6 +14,24 @@ import matplotlib
 matplotlib.use("Agg")
 
 
+def default_text() -> str:
+    """English prose that ships with every Python installation (the documentation topics in
+    `pydoc_data`), so that the text experiments run offline."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def read_text(p: argparse.ArgumentParser, path) -> str:
+    """The UTF-8 text at `path` (`--text`), or `default_text()` when path is None; a file that
+    cannot be read is a usage error naming it."""
+    if path is None:
+        return default_text()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        p.error(f"--text {path}: cannot read it as UTF-8 text ({error})")
+
+
 def run_dir(name: str, root: str = "runs") -> Path:
     """runs/<name>/<timestamp>/, created."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

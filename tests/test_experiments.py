@@ -29,7 +29,7 @@ def test_compare_quick(tmp_path):
 
 
 def test_help_of_every_experiment():
-    for name in ("compare", "charlm", "seq2seq", "soft_programs", "lstm_counter", "vision"):
+    for name in ("compare", "charlm", "seq2seq", "soft_programs", "lstm_counter", "vision", "bert_qa"):
         out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--help"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "usage" in out.stdout, (name, out.stderr[-500:])
@@ -52,7 +52,7 @@ def test_charlm_trains_samples_and_resumes(tmp_path):
 
 
 def test_default_corpus_ships_with_python():
-    from experiments.charlm import default_text
+    from experiments.common import default_text
     text = default_text()
     assert len(text) > 100_000 and " the " in text
 

@@ -1,0 +1,433 @@
+"""The notes' question answering on real text: BERT selects the span of a paragraph that answers
+a question, trained from scratch or after masked-LM pretraining on the same text.
+
+    python -m experiments.bert_qa --text ../shared/data/tinyshakespeare.txt
+
+The questions come from the text itself. Its paragraphs are cut, by position, into train /
+validation / test (80/10/10), and each paragraph gives at most one question of each type, the
+answer a span of it:
+
+- next:      what follows "<4 words>"?                   → the 3 words after them;
+- sentence:  what begins the sentence after "<4 words>"? → the first 3 words of the next sentence;
+- speaker:   who says "<4 words>"?                       → the name on the "NAME:" line above that
+  speech (plays only): finding the quote is string matching, the answer is not next to it.
+
+A WordPiece vocabulary is learned from the training paragraphs. Two arms train the same BERT for
+the same total number of steps: (a) span QA from random initialisation; (b) masked-LM
+pretraining on the training paragraphs (BERT's 15% of tokens, 80% [MASK] / 10% random / 10%
+kept), then span QA from those weights. Only `--train_questions` labelled questions are used,
+the few-labels regime where pretraining should matter. Reported on the test paragraphs: SQuAD's
+exact match and token F1 for both arms and for a baseline (the answer-length span with the most
+words in common with the question), learning curves, one example's attention from the question
+to the paragraph, and a few decoded answers. Without --text it reads English prose that ships
+with Python (pydoc_data), so it runs offline.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import string
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+
+import diffprog as dp
+
+from .common import at_least, markdown_table, parser, positive_float, read_text, run_dir, save_config, save_json
+
+WORD = re.compile(r"\w+(?:'\w+)*")
+SPEAKER = re.compile(r"^([A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*)*):[ \t]*$", re.M)
+QUOTE, ANSWER = 4, 3  # words quoted in a question; words in a next / sentence answer
+TYPES = ("next", "sentence", "speaker")
+PAD, MASK = 0, 4  # dp.text.WORDPIECE_SPECIALS: [PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4
+FIRST_WORD = len(dp.text.WORDPIECE_SPECIALS)
+LONGEST_SPAN = 16  # tokens a predicted answer may have
+
+PRESETS = {
+    "default": dict(layers=4, d=128, heads=4, vocab=3000, words=25, max_len=96, steps=1000, batch=16,
+                    train_questions=3000, eval_every=100, eval_questions=256),
+    "tiny": dict(layers=1, d=32, heads=2, vocab=400, words=30, max_len=96, steps=8, batch=4,
+                 train_questions=40, eval_every=4, eval_questions=8),
+}
+
+
+def paragraphs(text: str, words: int) -> list:
+    """The text cut, in order, into paragraphs of about `words` words: at a blank line once a
+    paragraph has `words` words, at a line end once it has 1.5×, anywhere once it has 2×."""
+    found, start, count, end = [], 0, 0, 0
+    for match in WORD.finditer(text):
+        gap = text[end:match.start()]
+        if count and ((count >= words and "\n\n" in gap) or (count >= 1.5 * words and "\n" in gap) or count >= 2 * words):
+            found.append(text[start:match.start()].rstrip())
+            count = 0
+        if count == 0:
+            start = match.start()
+        count, end = count + 1, match.end()
+    if count >= words // 2:
+        found.append(text[start:].rstrip())
+    return found
+
+
+def questions(paragraph: str, rng: np.random.Generator) -> list:
+    """At most one question of each type about `paragraph` (see the module docstring), each
+    {"type", "question", "paragraph", "answer", "start"}: the answer is paragraph[start:start +
+    len(answer)]. A quote is QUOTE consecutive words that occur once in the paragraph."""
+    words = list(WORD.finditer(paragraph))
+    lowered = [w.group().lower() for w in words]
+    counts = collections.Counter(tuple(lowered[i:i + QUOTE]) for i in range(len(words) - QUOTE + 1))
+    labels = list(SPEAKER.finditer(paragraph))
+    in_label = {i for i, w in enumerate(words) for m in labels if m.start(1) <= w.start() < m.end(1)}
+
+    def quotable(i):  # words i..i+QUOTE-1 exist, occur once and hold no speaker's name
+        return (i + QUOTE <= len(words) and counts[tuple(lowered[i:i + QUOTE])] == 1
+                and not in_label & set(range(i, i + QUOTE)))
+
+    def quote(i):  # as it stands in the paragraph, its line breaks and indents as single spaces
+        return " ".join(paragraph[words[i].start():words[i + QUOTE - 1].end()].split())
+
+    def answer_words(i):
+        return words[i].start(), words[i + ANSWER - 1].end()
+
+    ends_sentence = [bool(re.search(r"[.!?]", paragraph[words[i].end():words[i + 1].start()]))
+                     for i in range(len(words) - 1)]
+    starts = [0] + [i + 1 for i, end in enumerate(ends_sentence) if end]  # first word of each sentence
+    sentence_of = np.searchsorted(starts, np.arange(len(words)), side="right") - 1
+    candidates = {
+        "next": [(i, answer_words(i + QUOTE)) for i in range(len(words) - QUOTE - ANSWER + 1) if quotable(i)],
+        "sentence": [(i, answer_words(starts[s + 1])) for i in range(len(words)) for s in [sentence_of[i]]
+                     if quotable(i) and sentence_of[i + QUOTE - 1] == s and s + 1 < len(starts)
+                     and starts[s + 1] + ANSWER <= len(words)
+                     and sentence_of[starts[s + 1] + ANSWER - 1] == s + 1],
+        "speaker": [(i, (label.start(1), label.end(1))) for k, label in enumerate(labels)
+                    for i in range(len(words)) if quotable(i) and words[i].start() > label.end()
+                    and (k + 1 == len(labels) or words[i + QUOTE - 1].end() < labels[k + 1].start())],
+    }
+    asked = {"next": 'what follows "{}"?', "sentence": 'what begins the sentence after "{}"?', "speaker": 'who says "{}"?'}
+    made = []
+    for kind in TYPES:
+        if candidates[kind]:
+            i, (start, end) = candidates[kind][rng.integers(len(candidates[kind]))]
+            made.append({"type": kind, "question": asked[kind].format(quote(i)), "paragraph": paragraph,
+                         "answer": paragraph[start:end], "start": start})
+    return made
+
+
+def token_span(encoding, start: int, end: int):
+    """(first, last) token of the second sequence (the paragraph) whose characters are exactly
+    [start, end), or None when the tokens do not cover that range exactly."""
+    inside = [t for t, (sequence, (a, b)) in enumerate(zip(encoding.sequence_ids, encoding.offsets))
+              if sequence == 1 and a < end and b > start]
+    if not inside or encoding.offsets[inside[0]][0] != start or encoding.offsets[inside[-1]][1] != end:
+        return None
+    return inside[0], inside[-1]
+
+
+def encode_questions(tokenizer, examples: list, max_len: int):
+    """([CLS] question [SEP] paragraph [SEP] as arrays {"inputs", "segments", "lengths",
+    "targets" (the answer's first and last token)}, character offsets (N, max_len, 2), the
+    examples kept): an example is dropped when it does not fit in max_len tokens or its answer
+    is not a whole token span."""
+    rows, kept = [], []
+    for example, encoding in zip(examples, tokenizer.encode_batch([(e["question"], e["paragraph"]) for e in examples])):
+        span = token_span(encoding, example["start"], example["start"] + len(example["answer"]))
+        if len(encoding.ids) <= max_len and span is not None:
+            rows.append((encoding, span))
+            kept.append(example)
+    arrays = {"inputs": np.zeros((len(rows), max_len), np.int32), "segments": np.zeros((len(rows), max_len), np.int32),
+              "lengths": np.array([len(e.ids) for e, _ in rows], np.int32),
+              "targets": np.array([span for _, span in rows], np.int32).reshape(-1, 2)}
+    offsets = np.zeros((len(rows), max_len, 2), np.int32)
+    for n, (encoding, _) in enumerate(rows):
+        arrays["inputs"][n, :len(encoding.ids)] = encoding.ids
+        arrays["segments"][n, :len(encoding.ids)] = encoding.type_ids
+        offsets[n, :len(encoding.ids)] = encoding.offsets
+    return arrays, offsets, kept
+
+
+def encode_text(tokenizer, texts: list, max_len: int) -> dict:
+    """[CLS] text [SEP] (cut to max_len tokens, [SEP] kept last) as {"inputs", "lengths"}."""
+    encodings = tokenizer.encode_batch(texts)
+    ids = [e.ids if len(e.ids) <= max_len else e.ids[:max_len - 1] + e.ids[-1:] for e in encodings]
+    inputs = np.zeros((len(ids), max_len), np.int32)
+    for n, row in enumerate(ids):
+        inputs[n, :len(row)] = row
+    return {"inputs": inputs, "lengths": np.array([len(row) for row in ids], np.int32)}
+
+
+def mask_tokens(key, ids, lengths, vocab: int, rate: float = 0.15):
+    """BERT's masked-LM corruption of ids (B, T) with valid `lengths` (B,): each valid token that
+    is not special (id ≥ FIRST_WORD) is chosen with probability `rate`; a chosen token becomes
+    [MASK] with probability 0.8, a random non-special token with 0.1, and stays itself with 0.1.
+    Returns (corrupted ids, chosen (B, T) bool): the loss counts the chosen positions."""
+    choose, action, replace = jax.random.split(key, 3)
+    valid = (ids >= FIRST_WORD) & (jnp.arange(ids.shape[1]) < lengths[:, None])
+    chosen = valid & (jax.random.uniform(choose, ids.shape) < rate)
+    u = jax.random.uniform(action, ids.shape)
+    random_ids = jax.random.randint(replace, ids.shape, FIRST_WORD, vocab)
+    return jnp.where(chosen & (u < 0.8), MASK, jnp.where(chosen & (u >= 0.9), random_ids, ids)), chosen
+
+
+def masked_batch(key, batch: dict, vocab: int) -> dict:
+    corrupted, chosen = mask_tokens(key, batch["inputs"], batch["lengths"], vocab)
+    return {"inputs": corrupted, "targets": batch["inputs"], "mask": chosen, "lengths": batch["lengths"]}
+
+
+def paragraph_logits(outputs, batch):
+    """The start and end logits with every position outside the paragraph ([CLS], the question,
+    the [SEP]s, padding) at -1e9, so that a span can only be chosen inside the paragraph."""
+    steps = jnp.arange(batch["inputs"].shape[1])
+    inside = (batch["segments"] == 1) & (steps < batch["lengths"][:, None] - 1)
+    return [jnp.where(inside, logits, -1e9) for logits in outputs]
+
+
+def span_loss(outputs, batch):
+    """SQuAD's loss: the mean of the cross-entropies of the answer's first and last token, each a
+    softmax over the paragraph's positions. outputs: start and end logits (B, T); targets (B, 2)."""
+    start, end = paragraph_logits(outputs, batch)
+    return (dp.metrics.cross_entropy(start, batch["targets"][:, 0])
+            + dp.metrics.cross_entropy(end, batch["targets"][:, 1])) / 2
+
+
+def best_span(outputs, batch):
+    """(B, 2): the span first ≤ last < first + LONGEST_SPAN inside the paragraph with the
+    largest start_first + end_last."""
+    start, end = paragraph_logits(outputs, batch)
+    steps = start.shape[1]
+    first, last = jnp.arange(steps)[:, None], jnp.arange(steps)[None]
+    scores = jnp.where((last >= first) & (last < first + LONGEST_SPAN), start[:, :, None] + end[:, None, :], -jnp.inf)
+    flat = jnp.argmax(scores.reshape(start.shape[0], -1), -1)
+    return jnp.stack([flat // steps, flat % steps], -1)
+
+
+def span_exact(outputs, batch):
+    """The fraction of questions whose predicted token span is the answer's."""
+    return jnp.mean(jnp.all(best_span(outputs, batch) == batch["targets"], -1))
+
+
+def normalize(text: str) -> list:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles; its words."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return [w for w in text.split() if w not in ("a", "an", "the")]
+
+
+def exact_match(prediction: str, truth: str) -> float:
+    return float(normalize(prediction) == normalize(truth))
+
+
+def token_f1(prediction: str, truth: str) -> float:
+    """SQuAD's F1 between the normalised words of a prediction and of the true answer."""
+    predicted, true = normalize(prediction), normalize(truth)
+    common = sum((collections.Counter(predicted) & collections.Counter(true)).values())
+    if not predicted or not true:
+        return float(predicted == true)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(true)
+    return 2 * precision * recall / (precision + recall)
+
+
+def overlap_baseline(example: dict, length: int) -> str:
+    """The span of `length` words of the paragraph with the most words in common with the question."""
+    words = list(WORD.finditer(example["paragraph"]))
+    asked = {w.lower() for w in WORD.findall(example["question"])}
+    best = max(range(max(len(words) - length + 1, 1)),
+               key=lambda i: len(asked & {w.group().lower() for w in words[i:i + length]}))
+    return example["paragraph"][words[best].start():words[min(best + length, len(words)) - 1].end()]
+
+
+def scores(predictions: list, examples: list) -> dict:
+    """Exact match and F1 (in %) over all examples and by question type."""
+    out = {}
+    for kind in ("all",) + TYPES:
+        pairs = [(p, e["answer"]) for p, e in zip(predictions, examples) if kind in ("all", e["type"])]
+        if pairs:
+            out[kind] = {"exact_match": 100 * np.mean([exact_match(*p) for p in pairs]),
+                         "f1": 100 * np.mean([token_f1(*p) for p in pairs]), "questions": len(pairs)}
+    return out
+
+
+def bert_config(args, vocab: int) -> dict:
+    return dict(vocab_size=vocab, hidden_size=args.d, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                intermediate_size=4 * args.d, max_position_embeddings=args.max_len)
+
+
+def batches(arrays: dict, size: int) -> list:
+    """The arrays cut into batches of `size` rows (a last smaller batch dropped)."""
+    return [{k: jnp.asarray(v[i:i + size]) for k, v in arrays.items()} for i in range(0, len(arrays["inputs"]) - size + 1, size)]
+
+
+def sampler(arrays: dict, size: int, seed: int, corrupt=None):
+    """data(step): `size` random rows of the arrays (then corrupt(key, batch)), jit-compiled."""
+    arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
+    rows = len(arrays["inputs"])
+
+    def data(step):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        batch = {k: v[jax.random.randint(key, (size,), 0, rows)] for k, v in arrays.items()}
+        return corrupt(jax.random.fold_in(key, 1), batch) if corrupt else batch
+    return jax.jit(data)
+
+
+def optimizer(lr: float, steps: int):
+    return optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr / 10), weight_decay=0.01)
+
+
+def span_finder(model):
+    """spans(params, batch) -> (B, 2): `best_span` of the model's outputs, dropout off; jit-compiled."""
+    net = dp.batched(model)
+    return jax.jit(lambda params, b: best_span(net.apply(params, b["inputs"], segments=b["segments"], lengths=b["lengths"]), b))
+
+
+def predict(spans, params, arrays: dict, offsets, examples: list, size: int) -> list:
+    """The predicted answer text of every example, from the token spans `spans` finds."""
+    spans = np.concatenate([np.asarray(spans(params, {k: jnp.asarray(v[i:i + size]) for k, v in arrays.items()}))
+                            for i in range(0, len(examples), size)])
+    return [e["paragraph"][offsets[n, first, 0]:offsets[n, last, 1]] for n, (e, (first, last)) in enumerate(zip(examples, spans))]
+
+
+def question_attention(model, params, arrays: dict, n: int):
+    """The last block's attention weights of example n, averaged over heads: (T, T), T its length."""
+    length = int(arrays["lengths"][n])
+    ids, segments = jnp.asarray(arrays["inputs"][n, :length]), jnp.asarray(arrays["segments"][n, :length])
+    (_, embeddings), _ = model.named_stages()
+    h = embeddings.apply(params["embeddings"], ids, segments=segments)
+    encoder = params["encoder"]  # TransformerBlock^depth: {"stack": leaves (depth, ...)}, one block's params at depth 1
+    layers = [jax.tree.map(lambda a: a[i], encoder["stack"]) for i in range(model.depth)] if model.depth > 1 else [encoder]
+    for layer in layers[:-1]:
+        h = model.block.apply(layer, h)
+    _, weights = dp.Attention(model.heads, return_weights=True).apply(layers[-1]["attention"]["f"]["0_Attention"], h)
+    return np.asarray(weights.mean(0))
+
+
+def plot(out: Path, curves: dict, baseline: float, pretrain: list, attention, tokens, question, paragraph):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, points in curves.items():
+        axes[0].plot([s for s, _ in points], [100 * v for _, v in points], marker="o", label=arm)
+    axes[0].axhline(baseline, color="gray", ls="--", label="overlap baseline (test EM)")
+    axes[0].set(xlabel="step (both arms: same total)", ylabel="validation span exact match (%)", title="span QA")
+    axes[0].legend()
+    if pretrain:
+        axes[1].plot([s for s, _ in pretrain], [v for _, v in pretrain], marker="o")
+    axes[1].set(xlabel="pretraining step", ylabel="validation masked-LM loss (nats)", title="masked-LM pretraining")
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(paragraph)), max(3, 0.25 * len(question))))
+    ax.imshow(attention[np.ix_(question, paragraph)], aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(paragraph)), [tokens[t] for t in paragraph], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(question)), [tokens[t] for t in question], fontsize=7)
+    ax.set(title="last block's attention (mean over heads): question tokens → paragraph tokens")
+    fig.tight_layout()
+    fig.savefig(out / "attention.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    dp.keep_freed_memory()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--text", help="UTF-8 text file (default: Python's bundled documentation)")
+    p.add_argument("--preset", choices=list(PRESETS), default="default")
+    for name in PRESETS["default"]:
+        p.add_argument(f"--{name}", type=at_least(1), help="(default: the preset's)")
+    p.add_argument("--pretrain_fraction", type=float, default=0.5, help="share of the steps arm (b) spends on the masked LM")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not 0 < args.pretrain_fraction < 1:
+        p.error(f"--pretrain_fraction must be in (0, 1), got {args.pretrain_fraction}")
+    if args.d % args.heads:
+        p.error(f"--d {args.d} is not divisible by --heads {args.heads}")
+    text = read_text(p, args.text)
+    started = time.perf_counter()
+    out = run_dir("bert_qa", args.out)
+
+    cut = paragraphs(text, args.words)
+    if len(cut) < 20:
+        p.error(f"the text gives {len(cut)} paragraphs of ~{args.words} words; need at least 20")
+    bounds = {"train": (0, int(0.8 * len(cut))), "validation": (int(0.8 * len(cut)), int(0.9 * len(cut))),
+              "test": (int(0.9 * len(cut)), len(cut))}
+    rng = np.random.default_rng(args.seed)
+    asked = {split: [q for paragraph in cut[a:b] for q in questions(paragraph, rng)] for split, (a, b) in bounds.items()}
+    tokenizer = dp.text.train_wordpiece(cut[slice(*bounds["train"])], vocab_size=args.vocab)
+    vocab = tokenizer.get_vocab_size()
+    encoded = {split: encode_questions(tokenizer, qs, args.max_len) for split, qs in asked.items()}
+    train, _, train_examples = encoded["train"]
+    keep = np.random.default_rng(args.seed + 1).permutation(len(train_examples))[:args.train_questions]
+    train = {k: v[keep] for k, v in train.items()}
+    validation = {k: v[:args.eval_questions] for k, v in encoded["validation"][0].items()}
+    test, test_offsets, test_examples = encoded["test"]
+    if min(len(train["inputs"]), len(validation["inputs"]), len(test_examples)) < args.batch:
+        p.error(f"too few questions for batches of {args.batch}: train {len(train['inputs'])}, "
+                f"validation {len(validation['inputs'])}, test {len(test_examples)}")
+    text_data = encode_text(tokenizer, cut[slice(*bounds["train"])], args.max_len)
+    text_validation = encode_text(tokenizer, cut[slice(*bounds["validation"])][:args.eval_questions], args.max_len)
+    config = save_config(out, {**vars(args), "vocab_size": vocab, "paragraphs": {s: b - a for s, (a, b) in bounds.items()},
+                                "questions": {s: len(encoded[s][2]) for s in encoded}, "train_questions_used": len(keep),
+                                "dropped": {s: len(asked[s]) - len(encoded[s][2]) for s in asked}})
+
+    bert = lambda head: dp.bert(bert_config(args, vocab), head=head)
+    qa, mlm = bert("question_answering"), bert("masked_lm")
+    spec = jax.ShapeDtypeStruct((args.max_len,), jnp.int32)
+    qa_init = qa.init(jax.random.key(args.seed), spec)
+    pretrain_steps = int(args.pretrain_fraction * args.steps)
+    common = dict(seed=args.seed, eval_every=args.eval_every, clip_norm=1.0, quiet=False)
+    qa_run = lambda steps, params, name: dp.train(
+        qa, span_loss, optimizer(args.lr, steps), sampler(train, args.batch, args.seed), steps=steps, params=params,
+        eval_data=batches(validation, args.batch), eval_metrics={"span_exact": span_exact}, description=name, **common)
+    scratch = qa_run(args.steps, qa_init, "(a) span QA from scratch")
+    pretrained = dp.train(mlm, lambda logits, b: dp.metrics.cross_entropy(logits, b["targets"], b["mask"]),
+                          optimizer(args.lr, pretrain_steps),
+                          sampler(text_data, args.batch, args.seed, lambda k, b: masked_batch(k, b, vocab)),
+                          steps=pretrain_steps, description="(b) masked-LM pretraining", eval_data=[
+                              masked_batch(jax.random.key(10_000 + i), b, vocab)
+                              for i, b in enumerate(batches(text_validation, args.batch))], **common)
+    body = {k: pretrained.params[k] for k in ("embeddings", "encoder")}
+    finetuned = qa_run(args.steps - pretrain_steps, {**qa_init, **body}, "(b) span QA after pretraining")
+
+    spans = span_finder(qa)
+    length = collections.Counter(len(WORD.findall(e["answer"])) for e in train_examples).most_common(1)[0][0]
+
+    def evaluate(arrays, offsets, examples):  # ({arm: predicted answers}, {arm: scores})
+        predicted = {arm: predict(spans, run.params, arrays, offsets, examples, args.batch)
+                     for arm, run in (("(a) from scratch", scratch), ("(b) masked-LM pretrained", finetuned))}
+        predicted["overlap baseline"] = [overlap_baseline(e, length) for e in examples]
+        return predicted, {arm: scores(answers, examples) for arm, answers in predicted.items()}
+    predictions, results = evaluate(test, test_offsets, test_examples)
+    _, validation_results = evaluate(validation, encoded["validation"][1], encoded["validation"][2][:args.eval_questions])
+    curve = lambda run, offset=0: [(h["step"] + offset, h["eval_span_exact"]) for h in run.history if "eval_span_exact" in h]
+    curves = {"(a) from scratch": curve(scratch), "(b) masked-LM pretrained": curve(finetuned, pretrain_steps)}
+    pretrain_curve = [(h["step"], h["eval_loss"]) for h in pretrained.history if "eval_loss" in h]
+
+    shown = next(n for n, e in enumerate(test_examples) if e["type"] == TYPES[-1] or n == len(test_examples) - 1)
+    attention = question_attention(qa, finetuned.params, test, shown)
+    tokens = [tokenizer.id_to_token(int(t)) for t in test["inputs"][shown, :int(test["lengths"][shown])]]
+    segments = test["segments"][shown, :len(tokens)]
+    plot(out, curves, results["overlap baseline"]["all"]["exact_match"], pretrain_curve, attention, tokens,
+         [t for t in range(1, len(tokens)) if segments[t] == 0], [t for t in range(len(tokens) - 1) if segments[t] == 1])
+
+    cells = lambda r: [f"{r['exact_match']:.1f}", f"{r['f1']:.1f}"] if r else ["–", "–"]
+    rows = [[arm, kind, r["questions"], *cells(r), *cells(validation_results[arm].get(kind))]
+            for arm, by_type in results.items() for kind, r in by_type.items()]
+    table = markdown_table(["arm", "questions", "test n", "test EM %", "test F1 %", "validation EM %", "validation F1 %"], rows)
+    decoded = [{"question": e["question"], "true": e["answer"],
+                **{arm: predictions[arm][n] for arm in predictions}} for n, e in enumerate(test_examples[:6])]
+    results = {"table": table, "scores": results, "validation_scores": validation_results, "curves": curves, "pretrain_curve": pretrain_curve,
+               "decoded": decoded, "wall_seconds": time.perf_counter() - started, "config": config}
+    save_json(out / "results.json", results)
+    print(table)
+    for d in decoded:
+        print(f"\nQ: {d['question']}\n  true: {d['true']!r}\n" + "\n".join(f"  {arm}: {d[arm]!r}" for arm in predictions))
+    print(f"\n{results['wall_seconds']:.0f} s. Results, plots and config: {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
