@@ -411,7 +411,8 @@ def main(argv=None):
     tokens = [tokenizer.id_to_token(int(t)) for t in test["inputs"][shown, :int(test["lengths"][shown])]]
     segments = test["segments"][shown, :len(tokens)]
     plot(out, curves, results["overlap baseline"]["all"]["exact_match"], pretrain_curve, attention, tokens,
-         [t for t in range(1, len(tokens)) if segments[t] == 0], [t for t in range(len(tokens) - 1) if segments[t] == 1])
+         [t for t in range(1, len(tokens)) if segments[t] == 0 and tokens[t] != "[SEP]"],
+         [t for t in range(len(tokens) - 1) if segments[t] == 1])
 
     cells = lambda r: [f"{r['exact_match']:.1f}", f"{r['f1']:.1f}"] if r else ["–", "–"]
     rows = [[arm, kind, r["questions"], *cells(r), *cells(validation_results[arm].get(kind))]
