@@ -182,8 +182,7 @@ class Attention(Combinator):
     def decode(self, params, x_t, cache, position):
         if self.cross:
             return self.apply(params, x_t[None], **cache)[0], cache
-        if not self.causal:
-            raise LayerError(f"{self!r}: step-by-step decoding needs causal self-attention")
+        self._check_decoding()
         max_len = cache["key"].shape[0]
         if not isinstance(position, jax.core.Tracer) and position >= max_len:
             raise LayerError(f"{self!r}: position {position} is past the KV cache ({max_len})")
@@ -198,3 +197,20 @@ class Attention(Combinator):
         y = affine(params["output"], out.reshape(-1))
         # under jit a position past the cache is not known while tracing: NaN, never a valid-looking output
         return jnp.where(position < max_len, y, jnp.nan), cache
+
+    def prefill(self, params, xs, cache):
+        """The first P steps (a prompt) at once: their keys and values written to the cache in
+        one pass, their outputs the causal attention over them (`apply`)."""
+        if self.cross:
+            return self.apply(params, xs, **cache), cache
+        self._check_decoding()
+        if xs.shape[0] > cache["key"].shape[0]:
+            raise LayerError(f"{self!r}: a prompt of {xs.shape[0]} steps is longer than the KV cache "
+                             f"({cache['key'].shape[0]})")
+        cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], self.heads_of(params, xs, n).astype(cache[n].dtype), 0, 0)
+                 for n in ("key", "value")}
+        return self.apply(params, xs), cache
+
+    def _check_decoding(self):
+        if not self.causal:
+            raise LayerError(f"{self!r}: step-by-step decoding needs causal self-attention")

@@ -183,6 +183,16 @@ class Layer:
         Returns (y_t, cache)."""
         return self.apply(params, x_t[None])[0], cache
 
+    def prefill(self, params, xs, cache):
+        """Steps 0..P-1 of a decoding at once (a prompt): xs (P, ...) → (ys (P, ...), cache),
+        what `decode` at positions 0..P-1 returns (`decode_steps`, the reference). A layer
+        that keeps the default `decode` is position-wise and runs on all of xs; a layer with a
+        `decode` of its own runs it step by step unless it overrides `prefill` (causal
+        self-attention writes its KV cache in one pass)."""
+        if type(self).decode is Layer.decode:
+            return self.apply(params, xs), cache
+        return decode_steps(self, params, xs, cache)
+
     # -- the algebra -------------------------------------------------------------------
     def __matmul__(self, other: "Layer") -> "Layer":
         """`f @ g` is the composition f ∘ g: g runs first."""
@@ -413,10 +423,17 @@ class Pipeline(Combinator):
         return {n: s.init_cache(params[n], max_len, dtype, **self._mine(s, side)) for n, s in self.named_stages()}
 
     def decode(self, params, x_t, cache, position):
+        return self._through("decode", params, x_t, cache, position)
+
+    def prefill(self, params, xs, cache):
+        return self._through("prefill", params, xs, cache)
+
+    def _through(self, method, params, x, cache, *position):
+        """The stages' `decode` (one step) or `prefill` (P steps), in order, each with its cache."""
         cache = dict(cache)
         for name, stage in self.named_stages():
-            x_t, cache[name] = stage.decode(params[name], x_t, cache[name], position)
-        return x_t, cache
+            x, cache[name] = getattr(stage, method)(params[name], x, cache[name], *position)
+        return x, cache
 
 
 @layerclass
@@ -525,14 +542,20 @@ class Repeat(Combinator):
         return cache
 
     def decode(self, params, x_t, cache, position):
+        return self._through("decode", params, x_t, cache, position)
+
+    def prefill(self, params, xs, cache):
+        return self._through("prefill", params, xs, cache)
+
+    def _through(self, method, params, x, cache, *position):
+        """The layer's `decode` or `prefill` n times, its caches stacked like its params."""
+        run = lambda p, x, c: getattr(self.layer, method)(p, x, c, *position)
         new = {}
         if "first" in params:
-            x_t, new["first"] = self.layer.decode(params["first"], x_t, cache["first"], position)
-
-        def step(h, p_c):
-            return self.layer.decode(p_c[0], h, p_c[1], position)
-        x_t, new["stack"] = jax.lax.scan(step, x_t, (params["stack"], cache["stack"]), unroll=True)
-        return x_t, new
+            x, new["first"] = run(params["first"], x, cache["first"])
+        x, new["stack"] = jax.lax.scan(lambda h, p_c: run(p_c[0], h, p_c[1]), x, (params["stack"], cache["stack"]),
+                                       unroll=True)
+        return x, new
 
     @property
     def name(self):
@@ -573,6 +596,9 @@ class Remat(Combinator):
     def decode(self, params, x_t, cache, position):
         return self.layer.decode(params, x_t, cache, position)
 
+    def prefill(self, params, xs, cache):
+        return self.layer.prefill(params, xs, cache)
+
     @property
     def name(self):
         return self.layer.name
@@ -604,6 +630,16 @@ class Batched(Layer):
 
     def __repr__(self):
         return f"batched({self.layer!r})"
+
+
+def decode_steps(layer: Layer, params, xs, cache):
+    """`layer.decode` at positions 0..P-1 over xs (P, ...), as one lax.scan: (ys (P, ...), cache).
+    The reference every `prefill` computes."""
+    def step(cache, x_position):
+        y, cache = layer.decode(params, x_position[0], cache, x_position[1])
+        return cache, y
+    cache, ys = jax.lax.scan(step, cache, (xs, jnp.arange(xs.shape[0])))
+    return ys, cache
 
 
 def batched(layer: Layer) -> Batched:

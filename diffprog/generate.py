@@ -105,6 +105,11 @@ class LanguageModel(Pipeline):
         h, cache = super().decode(params, token, cache, position)
         return self.head.apply(self.head_params(params), h), cache
 
+    def prefill(self, params, tokens, cache):
+        """Logits (P, vocab) after each of the first P tokens (a prompt), the cache filled."""
+        h, cache = super().prefill(params, tokens, cache)
+        return self.head.apply(self.head_params(params), h), cache
+
     def __repr__(self):
         names = [repr(l) for _, l in self.named_stages()]
         head = "GenerateToken" if self.per_position else "GenerateToken ∘ Collapse('last')"
@@ -149,7 +154,8 @@ def generate(model: LanguageModel, params, prompts, steps: int, *, key=None,
              use_cache: bool = True, **sampling):
     """Continue each prompt by `steps` tokens: prompts int (B, P) → int (B, steps).
 
-    A jit-compiled `lax.scan`. With `use_cache=True` the model reads one token per step,
+    A jit-compiled `lax.scan`. With `use_cache=True` the model reads the prompt in one
+    `prefill` (a Transformer's KV cache written in one causal pass), then one token per step,
     carrying its KV cache (Transformer) or state (RNN); with `use_cache=False` it recomputes
     the whole prefix every step (the reference the cache must agree with). Sampling keywords
     go to `sample` (greedy, temperature, top_k, top_p); without `key=` decoding is greedy.
@@ -186,12 +192,7 @@ def _generate(model, params, prompts, steps, keys, sampling, use_cache):
 def _cached(model, params, prompt, steps, key, sampling):
     sampling = dict(sampling)
     cache = model.init_cache(params, prompt.shape[0] + steps)
-
-    def read(cache, token_position):
-        token, position = token_position
-        logits, cache = model.decode(params, token, cache, position)
-        return cache, logits
-    cache, logits = jax.lax.scan(read, cache, (prompt, jnp.arange(prompt.shape[0])))
+    logits, cache = model.prefill(params, prompt, cache)
 
     def write(carry, k):
         cache, logits, position = carry

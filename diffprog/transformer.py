@@ -43,12 +43,19 @@ class AddNorm(Combinator):
         return self.f.init_cache(params["f"], max_len, dtype, **side)
 
     def decode(self, params, x_t, cache, position):
+        return self._residual(lambda x, c: self.f.decode(params["f"], x, c, position), params, x_t, cache)
+
+    def prefill(self, params, xs, cache):
+        return self._residual(lambda x, c: self.f.prefill(params["f"], x, c), params, xs, cache)
+
+    def _residual(self, f, params, x, cache):
+        """x + f(norm(x)) (pre-LN) or norm(x + f(x)), f(x, cache) -> (y, cache) one step or P."""
         norm = lambda v: LayerNorm(self.eps).apply(params["norm"], v)
         if self.pre_norm:
-            y, cache = self.f.decode(params["f"], norm(x_t), cache, position)
-            return x_t + y, cache
-        y, cache = self.f.decode(params["f"], x_t, cache, position)
-        return norm(x_t + y), cache
+            y, cache = f(norm(x), cache)
+            return x + y, cache
+        y, cache = f(x, cache)
+        return norm(x + y), cache
 
     def __repr__(self):
         options = (", pre_norm=True" if self.pre_norm else "") + (f", eps={self.eps}" if self.eps != 1e-5 else "")
@@ -78,6 +85,9 @@ class LearnedPositions(Layer):
         row = jax.lax.dynamic_index_in_dim(params["table"], position, keepdims=False)
         # under jit a position past the table is not known while tracing: NaN, never a clamped row
         return x_t + jnp.where(position < self.max_len, row, jnp.nan), cache
+
+    def prefill(self, params, xs, cache):
+        return self.apply(params, xs), cache
 
 
 @layerclass
@@ -120,6 +130,9 @@ class SinusoidalPositionsLayer(Layer):
 
     def decode(self, params, x_t, cache, position):
         return x_t + sinusoid(jnp.asarray(position), x_t.shape[-1]).astype(x_t.dtype), cache
+
+    def prefill(self, params, xs, cache):
+        return self.apply(params, xs), cache
 
     def __repr__(self):
         return "SinusoidalPositions"

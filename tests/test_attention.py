@@ -1,4 +1,6 @@
 """Attention, AddNorm, TransformerBlock, BERT, language models and generation."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -232,6 +234,34 @@ def test_cached_generation_equals_recomputation(body, key):
     chex.assert_trees_all_equal(cached, dp.generate(lm, p, prompts, 9, use_cache=False))
     sampled = dp.generate(lm, p, prompts, 9, key=key, temperature=0.7, top_k=4)
     chex.assert_trees_all_equal(sampled, dp.generate(lm, p, prompts, 9, key=key, temperature=0.7, top_k=4, use_cache=False))
+
+
+PREFILLED = [
+    # GPT-2's shape: pre-LN causal blocks (dropout, no key: off), learned positions, a final norm, an untied head
+    dp.LanguageModel(13, 16, dp.TransformerBlock(16, 2, 32, causal=True, pre_norm=True, dropout=0.1) ** 3,
+                     positions=dp.LearnedPositions(12), final_norm=True, tied=False, head_bias=True, dropout=0.1),
+    dp.LanguageModel(13, 16, dp.Remat(dp.TransformerBlock(16, 2, 32, causal=True)) ** 2, positions=dp.SinusoidalPositions),
+    dp.LanguageModel(13, 16, dp.LSTM(16) @ dp.TransformerBlock(16, 2, 32, causal=True)),
+]
+
+
+@pytest.mark.parametrize("lm", PREFILLED, ids=lambda lm: repr(lm.body))
+def test_prefill_equals_decoding_step_by_step(lm, key):
+    """`prefill` reads a prompt at once (the KV caches written in one causal pass, position-wise
+    layers on all steps); it returns what `decode` at positions 0..P-1 returns, and the same cache."""
+    prompt = jax.random.randint(key, (7,), 0, 13)
+    p = lm.init(key, prompt)
+    cache = lm.init_cache(p, 12)
+    fast, fast_cache = jax.jit(lm.prefill)(p, prompt, cache)
+    reference, reference_cache = jax.jit(functools.partial(dp.core.decode_steps, lm))(p, prompt, cache)
+    chex.assert_shape(fast, (7, 13))
+    chex.assert_trees_all_close(fast, reference, atol=1e-5)
+    chex.assert_trees_all_close(fast_cache, reference_cache, atol=1e-5)
+    # and they continue alike: the next step from either cache
+    step = lambda c: lm.decode(p, prompt[0], c, 7)[0]
+    chex.assert_trees_all_close(step(fast_cache), step(reference_cache), atol=1e-5)
+    with pytest.raises(dp.LayerError, match="longer than the KV cache"):
+        lm.prefill(p, prompt, lm.init_cache(p, 6))
 
 
 def test_generation_errors(key):
