@@ -171,29 +171,27 @@ class Attention(Combinator):
 
     # -- incremental decoding: a KV cache (causal self-attention) or the fixed context --
     def init_cache(self, params, max_len, dtype=jnp.float32, context=None, context_lengths=None, **side):
+        """Cross-attention: the context. Causal self-attention: keys and values (heads, max_len,
+        head_dim), head-major so that a step's two products read them without a transpose."""
         if self.cross:
             if context is None:
                 raise LayerError(f"{self!r}: decoding with cross-attention needs context= in init_cache")
             return {"context": context, **({} if context_lengths is None else {"context_lengths": context_lengths})}
         width = params["key"]["weight"].shape[1]
-        shape = (max_len, self.heads, width // self.heads)
+        shape = (self.heads, max_len, width // self.heads)
         return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
     def decode(self, params, x_t, cache, position):
         if self.cross:
             return self.apply(params, x_t[None], **cache)[0], cache
         self._check_decoding()
-        max_len = cache["key"].shape[0]
+        max_len = cache["key"].shape[1]
         if not isinstance(position, jax.core.Tracer) and position >= max_len:
             raise LayerError(f"{self!r}: position {position} is past the KV cache ({max_len})")
-        q, k, v = (self.heads_of(params, x_t[None], n) for n in ("query", "key", "value"))
-        cache = {"key": jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), position, 0),
-                 "value": jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), position, 0)}
-        allowed = (jnp.arange(max_len) <= position)[None]
-        if self.score == "dot":
-            out = jax.nn.dot_product_attention(q, cache["key"], cache["value"], mask=allowed[None])
-        else:
-            out, _ = self.attend_explicitly(params, q, cache["key"], cache["value"], allowed, None)
+        cache = self.write_cache(params, x_t[None], cache, position)
+        q = self.heads_of(params, x_t[None], "query")
+        keys, values = (cache[n].swapaxes(0, 1) for n in ("key", "value"))
+        out, _ = self.attend_explicitly(params, q, keys, values, (jnp.arange(max_len) <= position)[None], None)
         y = affine(params["output"], out.reshape(-1))
         # under jit a position past the cache is not known while tracing: NaN, never a valid-looking output
         return jnp.where(position < max_len, y, jnp.nan), cache
@@ -204,12 +202,16 @@ class Attention(Combinator):
         if self.cross:
             return self.apply(params, xs, **cache), cache
         self._check_decoding()
-        if xs.shape[0] > cache["key"].shape[0]:
+        if xs.shape[0] > cache["key"].shape[1]:
             raise LayerError(f"{self!r}: a prompt of {xs.shape[0]} steps is longer than the KV cache "
-                             f"({cache['key'].shape[0]})")
-        cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], self.heads_of(params, xs, n).astype(cache[n].dtype), 0, 0)
-                 for n in ("key", "value")}
-        return self.apply(params, xs), cache
+                             f"({cache['key'].shape[1]})")
+        return self.apply(params, xs), self.write_cache(params, xs, cache, 0)
+
+    def write_cache(self, params, xs, cache, position):
+        """The keys and values of xs (P, d) written to the cache at steps position..position+P-1."""
+        return {n: jax.lax.dynamic_update_slice_in_dim(
+                    cache[n], self.heads_of(params, xs, n).swapaxes(0, 1).astype(cache[n].dtype), position, 1)
+                for n in ("key", "value")}
 
     def _check_decoding(self):
         if not self.causal:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .basic import Dropout, LayerNorm, PositionWise, affine
-from .core import ArgumentError, Layer, LayerError, Pipeline, layerclass
+from .core import ArgumentError, Layer, LayerError, Pipeline, layerclass, unstacked
 from .embed import EmbedToken
 from .sequence import Collapse, check_lengths
 
@@ -191,6 +191,7 @@ def _generate(model, params, prompts, steps, keys, sampling, use_cache):
 
 def _cached(model, params, prompt, steps, key, sampling):
     sampling = dict(sampling)
+    params = unstacked(model, params)  # sliced once here, not at every step of the loop
     cache = model.init_cache(params, prompt.shape[0] + steps)
     logits, cache = model.prefill(params, prompt, cache)
 

@@ -264,6 +264,28 @@ def test_prefill_equals_decoding_step_by_step(lm, key):
         lm.prefill(p, prompt, lm.init_cache(p, 6))
 
 
+@pytest.mark.parametrize("lm", PREFILLED + [dp.LanguageModel(13, 16, (dp.TransformerBlock(16, 2, 32, causal=True) ** 2) ** 2)],
+                         ids=lambda lm: repr(lm.body))
+def test_unstacked_params_decode_as_the_stacked_ones(lm, key):
+    """`dp.core.unstacked` (what `dp.generate` decodes with) slices every stack of `f ** n` into a
+    tuple of its n applications' params; prefill and decode give the same logits and caches."""
+    prompt = jax.random.randint(key, (5,), 0, 13)
+    p = lm.init(key, prompt)
+    u = dp.core.unstacked(lm, p)
+    if isinstance(lm.body, dp.core.Repeat):
+        stack = u["body"]["stack"]
+        assert isinstance(stack, tuple) and len(stack) == lm.body.n
+        for k, one in enumerate(stack):  # application k's params (nested stacks sliced in turn)
+            chex.assert_trees_all_equal(one, dp.core.unstacked(lm.body.layer, jax.tree.map(lambda a: a[k], p["body"]["stack"])))
+        if isinstance(lm.body.layer, dp.core.Repeat):
+            assert isinstance(stack[0]["stack"], tuple) and len(stack[0]["stack"]) == 2
+    stacked_out, stacked_cache = lm.prefill(p, prompt, lm.init_cache(p, 8))
+    unstacked_out, unstacked_cache = lm.prefill(u, prompt, lm.init_cache(u, 8))
+    chex.assert_trees_all_equal(unstacked_out, stacked_out)
+    chex.assert_trees_all_equal(unstacked_cache, stacked_cache)
+    chex.assert_trees_all_equal(lm.decode(u, prompt[0], unstacked_cache, 5), lm.decode(p, prompt[0], stacked_cache, 5))
+
+
 def test_generation_errors(key):
     lm = lm_of(LM_BODIES[0])
     p = lm.init(key, jnp.zeros(4, jnp.int32))
