@@ -3,9 +3,11 @@
     python -m benchmarks.kernels [--quick]
 
 - attention: `jax.nn.dot_product_attention` vs an explicit einsum-softmax vs diffprog's
-  `causal_attention_blocks` (dot_product_attention per block of 64 queries) vs its
-  `causal_attention` (the C++ kernel of `dp.kernels` on the CPU), and PyTorch's
-  scaled_dot_product_attention when torch is installed, (B, T, H, D), causal;
+  `causal_attention_blocks` (dot_product_attention per block of 64 queries; causal only) vs its
+  `self_attention` (the C++ kernel of `dp.kernels` on the CPU), and PyTorch's
+  scaled_dot_product_attention when torch is installed, (B, T, H, D), causal at B16 T256 H4 D64
+  and over all keys at B32 T200 H4 D8 (`experiments.compare`'s bidirectional Transformer on
+  adding, T = 200);
 - the attention's score product q·kᵀ for all B·H heads at B32 T128 H4 D64: XLA's batched
   product vs one 2-D product of the same FLOPs, and PyTorch's torch.bmm when torch is installed;
 - pooling: MaxPool by reshape-fold vs `lax.reduce_window` (window == stride == 2);
@@ -27,11 +29,38 @@ import diffprog as dp
 from .common import parser, block, machine, markdown_table, median_time, optional_torch, write
 
 
-def explicit_attention(q, k, v):
+def explicit_attention(q, k, v, causal):
     logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
-    t = q.shape[1]
-    logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(logits.dtype).min)
+    if causal:
+        t = q.shape[1]
+        logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(logits.dtype).min)
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, -1), v)
+
+
+def attention(results, shape, causal, reps):
+    """Self-attention (B, T, H, D) forward and forward + backward, causal or over all keys."""
+    q, k, v = jax.random.normal(jax.random.key(0), (3, *shape))
+    variants = [("dot_product_attention", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)),
+                ("einsum-softmax", partial(explicit_attention, causal=causal))]
+    if causal:
+        variants.append(("dp causal_attention_blocks (query blocks)", jax.vmap(dp.kernels.causal_attention_blocks)))
+    variants.append(("dp self_attention (C++ kernel)", partial(dp.kernels.self_attention, causal=causal)))
+    case = f"attention (B{shape[0]} T{shape[1]} H{shape[2]} D{shape[3]}, {'causal' if causal else 'all keys'})"
+    for name, f in variants:
+        fwd = jax.jit(f)
+        bwd = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2)))
+        results[f"{case}/{name}"] = {"forward_s": median_time(lambda: block(fwd(q, k, v)), reps),
+                                     "backward_s": median_time(lambda: block(bwd(q, k, v)), reps)}
+    torch = optional_torch()
+    if torch is not None:  # (B, H, T, D) for torch
+        tq, tk, tv = (torch.tensor(np.asarray(a).transpose(0, 2, 1, 3), requires_grad=True) for a in (q, k, v))
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        with torch.no_grad():
+            forward_s = median_time(sdpa, reps)
+        results[f"{case}/PyTorch scaled_dot_product_attention"] = {
+            "forward_s": forward_s, "backward_s": median_time(lambda: torch.autograd.grad(sdpa().sum(), (tq, tk, tv)), reps)}
+    return [[case, name.split("/", 1)[1], f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"]
+            for name, r in results.items() if name.startswith(case + "/")]
 
 
 def score_products(results, quick, reps):
@@ -62,28 +91,9 @@ def main(argv=None):
     reps = 3 if args.quick else 20
     results = {"machine": machine()}
     rows = []
-    B, T, H, D = (2, 32, 2, 8) if args.quick else (16, 256, 4, 64)
-    q, k, v = jax.random.normal(jax.random.key(0), (3, B, T, H, D))
-    for name, f in [("dot_product_attention", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)),
-                    ("einsum-softmax", explicit_attention),
-                    ("dp causal_attention_blocks (query blocks)", jax.vmap(dp.kernels.causal_attention_blocks)),
-                    ("dp causal_attention (C++ kernel)", jax.vmap(dp.kernels.causal_attention))]:
-        fwd = jax.jit(f)
-        bwd = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2)))
-        results[f"attention/{name}"] = {"forward_s": median_time(lambda: block(fwd(q, k, v)), reps),
-                                        "backward_s": median_time(lambda: block(bwd(q, k, v)), reps)}
-    torch = optional_torch()
-    if torch is not None:  # (B, H, T, D) for torch
-        tq, tk, tv = (torch.tensor(np.asarray(a).transpose(0, 2, 1, 3), requires_grad=True) for a in (q, k, v))
-        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
-        with torch.no_grad():
-            forward_s = median_time(sdpa, reps)
-        results["attention/PyTorch scaled_dot_product_attention"] = {
-            "forward_s": forward_s, "backward_s": median_time(lambda: torch.autograd.grad(sdpa().sum(), (tq, tk, tv)), reps)}
-    for name, r in results.items():
-        if name.startswith("attention/"):
-            rows.append([f"attention (B{B} T{T} H{H} D{D}, causal)", name.split("/", 1)[1],
-                         f"{r['forward_s'] * 1e3:.2f}", f"{r['backward_s'] * 1e3:.2f}"])
+    rows += attention(results, (2, 32, 2, 8) if args.quick else (16, 256, 4, 64), True, reps)
+    # experiments.compare's bidirectional Transformer on adding, T = 200 (width 32, 4 heads)
+    rows += attention(results, (2, 40, 4, 8) if args.quick else (32, 200, 4, 8), False, reps)
     rows += score_products(results, args.quick, reps)
     x = jax.random.normal(jax.random.key(1), (16, 32, 32, 16) if not args.quick else (2, 8, 8, 4))
     pool = dp.MaxPool(2)

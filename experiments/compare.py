@@ -2,6 +2,7 @@
 
     python -m experiments.compare                 # default preset, ≤ 10 minutes on 2 CPU cores
     python -m experiments.compare --preset full   # longer sweep, 2 seeds per cell
+    python -m experiments.compare --preset full --tasks adding --lengths 200 --seeds 0   # one cell
 
 For each task × sequence length × model: train with Adam, then report the final held-out metric
 next to the task's trivial baseline. Writes results.json, config.json, metric_vs_length.png and
@@ -162,8 +163,17 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--lengths", nargs="+", type=int, help="run only these lengths of the preset's")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the preset's)")
     args = p.parse_args(argv)
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    if args.lengths:
+        preset["lengths"] = {t: [n for n in ns if n in args.lengths] for t, ns in preset["lengths"].items()}
+        if not any(preset["lengths"][t] for t in args.tasks):
+            p.error(f"--lengths {args.lengths}: none of the lengths of --tasks {args.tasks} in the "
+                    f"{args.preset} preset ({ {t: PRESETS[args.preset]['lengths'][t] for t in args.tasks} })")
+    if args.seeds:
+        preset["seeds"] = args.seeds
     out = run_dir("compare", args.out)
     config = save_config(out, {"preset": args.preset, **preset, "tasks": args.tasks, "models": args.models,
                                "optimizer": "adam(3e-3), clip 1.0, batch 32"})

@@ -17,8 +17,8 @@ def test_compare_quick(tmp_path):
     # copy has a per-position loss "mask" in its batches; a causal Transformer must not take it
     # for its attention mask
     runs = compare.main(["--preset", "quick", "--tasks", "adding", "copy", "recall", "--models", "lstm",
-                         "transformer", "--out", str(tmp_path)])
-    assert len(runs) == 6
+                         "transformer", "--seeds", "3", "--out", str(tmp_path)])
+    assert len(runs) == 6 and {r["seed"] for r in runs} == {3}
     out = next((tmp_path / "compare").iterdir())
     results = json.loads((out / "results.json").read_text())
     assert len(results["runs"]) == 6 and "| adding | T=10 |" in results["table"]
@@ -26,6 +26,13 @@ def test_compare_quick(tmp_path):
     adding = [r for r in runs if r["task"] == "adding"]
     assert all(0.1 < r["baseline"] < 0.25 for r in adding)  # ≈ 1/6
     assert all(r["curve"] and r["params"] > 0 for r in runs)
+
+
+def test_compare_refuses_lengths_outside_the_preset(tmp_path, capsys):
+    from experiments import compare
+    with pytest.raises(SystemExit):
+        compare.main(["--preset", "quick", "--tasks", "adding", "--lengths", "200", "--out", str(tmp_path)])
+    assert "none of the lengths" in capsys.readouterr().err
 
 
 def test_help_of_every_experiment():
