@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from .attention import Attention
 from .basic import Dense
-from .core import Layer, LayerError, layerclass
+from .core import Layer, LayerError, layerclass, unstacked
 from .embed import EmbedToken
 from .recurrent import LSTM, Bidirectional
 from .transformer import AddNorm, LearnedPositions, TransformerBlock
@@ -95,11 +95,12 @@ def translate(model: SequenceToSequence, params, sources, steps: int, start: int
         context = model.encode(params, source, length)
         side = model.context_side(context, length)
         if use_cache:
-            cache = model.decoder.init_cache(params["decoder"], steps, **side)
+            decoder = unstacked(model.decoder, params["decoder"])  # sliced once, not at every step
+            cache = model.decoder.init_cache(decoder, steps, **side)
 
             def step(carry, position):
                 token, cache = carry
-                hidden, cache = model.decoder.decode(params["decoder"], token, cache, position)
+                hidden, cache = model.decoder.decode(decoder, token, cache, position)
                 token = jnp.argmax(Dense(model.vocab).apply(params["head"], hidden)).astype(jnp.int32)
                 return (token, cache), token
             return jax.lax.scan(step, (jnp.int32(start), cache), jnp.arange(steps))[1]
