@@ -540,9 +540,10 @@ class Repeat(Combinator):
     def applications(self, params) -> list:
         """The params of each application in order: `params["stack"]` sliced (or, when
         `unstacked` has already sliced it, as it is), after `params["first"]` if any."""
-        stack = params["stack"]
-        apps = list(stack) if isinstance(stack, tuple) else [
-            jax.tree.map(lambda a: a[k], stack) for k in range(self.n - ("first" in params))]
+        stack, stacked = params["stack"], self.n - ("first" in params)
+        if isinstance(stack, tuple) and len(stack) != stacked:
+            raise LayerError(f"{self!r}: unstacked params hold {len(stack)} applications, expected {stacked}")
+        apps = list(stack) if isinstance(stack, tuple) else [jax.tree.map(lambda a: a[k], stack) for k in range(stacked)]
         return ([params["first"]] if "first" in params else []) + apps
 
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
@@ -557,6 +558,9 @@ class Repeat(Combinator):
 
     def _through(self, method, params, x, cache, *position):
         """The layer's `decode` or `prefill` n times, each application with its cache."""
+        if not isinstance(cache, tuple) or len(cache) != self.n:
+            raise LayerError(f"{self!r}: expected a cache of {self.n} applications (its `init_cache`), got "
+                             f"{len(cache) if isinstance(cache, tuple) else type(cache).__name__}")
         new = []
         for p, c in zip(self.applications(params), cache):
             x, c = getattr(self.layer, method)(p, x, c, *position)

@@ -284,6 +284,12 @@ def test_unstacked_params_decode_as_the_stacked_ones(lm, key):
     chex.assert_trees_all_equal(unstacked_out, stacked_out)
     chex.assert_trees_all_equal(unstacked_cache, stacked_cache)
     chex.assert_trees_all_equal(lm.decode(u, prompt[0], unstacked_cache, 5), lm.decode(p, prompt[0], stacked_cache, 5))
+    if isinstance(lm.body, dp.core.Repeat):  # a cache or params of another depth is an error, not a shorter model
+        fewer = {**unstacked_cache, "body": unstacked_cache["body"][:-1]}
+        with pytest.raises(dp.LayerError, match="expected a cache of"):
+            lm.decode(p, prompt[0], fewer, 5)
+        with pytest.raises(dp.LayerError, match="unstacked params hold"):
+            lm.decode({**u, "body": {"stack": u["body"]["stack"][:-1]}}, prompt[0], unstacked_cache, 5)
 
 
 def test_generation_errors(key):
