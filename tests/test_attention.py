@@ -290,6 +290,8 @@ def test_unstacked_params_decode_as_the_stacked_ones(lm, key):
             lm.decode(p, prompt[0], fewer, 5)
         with pytest.raises(dp.LayerError, match="unstacked params hold"):
             lm.decode({**u, "body": {"stack": u["body"]["stack"][:-1]}}, prompt[0], unstacked_cache, 5)
+        with pytest.raises(dp.LayerError, match=r"params\['body'\]\['stack'\]"):  # decoding's form is not apply's
+            lm.apply(u, prompt)
 
 
 def test_generation_errors(key):
