@@ -189,7 +189,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", choices=KINDS, default=list(KINDS))
     args = p.parse_args(argv)
     if args.quick:
-        width, batch, steps, sweep, sweep_batch, args.reps, args.rounds = 32, 4, 32, (16, 32), 4, 3, 1
+        width, batch, steps, sweep, sweep_batch, args.reps, args.rounds = 32, 4, 32, (16,), 4, 3, 1
     else:
         width, batch, steps, sweep, sweep_batch = 256, 32, 128, (64, 128, 256, 512, 1024), 16
     max_len = max(max(sweep), steps)

@@ -10,6 +10,7 @@ exactly the batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -138,7 +139,7 @@ LOSS_KEYS = frozenset({"inputs", "targets", "mask"})
 `dp.metrics` (which positions count), not an attention mask."""
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: jit caches per object, never across equal ones
+@dataclasses.dataclass(frozen=True)  # equal steps (same model, loss and optimiser objects) share jit's cache
 class TrainStep:
     """One optimisation step of `model` (a one-example layer, run on the batch by `dp.batched`),
     pure: `step(state, batch) -> (state, loss)`, the loss a device scalar.
@@ -150,6 +151,8 @@ class TrainStep:
     the forward and backward pass; params and optimiser state stay float32.
     mesh: a `jax.sharding.Mesh` for `compile`: the batch is sharded along its first axis, the
     state replicated (fsdp=True: each array split along its first axis the device count divides).
+    Steps compare equal when their fields do (the loss and optimiser by identity), and equal
+    steps share one compiled program per batch shape: `jax.jit` caches by the function's hash.
     """
 
     model: Layer
@@ -179,6 +182,11 @@ class TrainStep:
         return {**state, "params": optax.apply_updates(state["params"], updates),
                 "opt_state": opt_state, "step": state["step"] + 1}, value
 
+    def evaluate(self, metrics: tuple, params, batch) -> dict:
+        """{name: fn(outputs, batch)} for metrics = ((name, fn), ...), dropout off."""
+        outputs = self.outputs(params, batch)
+        return {name: fn(outputs, batch) for name, fn in metrics}
+
     def compile(self, state, batch):
         """(jit-compiled step with the state donated, the state placed for it, put(batch) that
         places a batch), sharded over `mesh` when there is one."""
@@ -188,6 +196,16 @@ class TrainStep:
         step = jax.jit(self, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, None))
         return step, jax.device_put(state, state_sharding), lambda b: jax.device_put(b, batch_sharding)
+
+
+@functools.lru_cache(maxsize=32)
+def _clipped(optimizer, clip_norm):
+    """clip_by_global_norm, then the optimiser: one object per pair, so equal train() calls
+    build equal TrainSteps (and compile once)."""
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
+
+
+_evaluate = jax.jit(TrainStep.evaluate, static_argnums=(0, 1))
 
 
 def _check_arguments(*, steps, keep, log_every, workdir, checkpoint_every, resume, eval_every):
@@ -248,18 +266,22 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
     the state go to workdir/checkpoints (last `keep` kept) and `resume=True` continues from the
     latest one. eval_data: batches averaged every `eval_every` steps and at the end, reporting
     the loss and `eval_metrics` {name: fn(outputs, batch)}.
+    Calls with the same model, loss and optimiser objects and equal settings compile the step
+    once per batch shape (see `TrainStep`).
     The loop reads losses from the device only every `log_every` steps (and before a
     checkpoint, an evaluation and the end), so the host never waits for each step; a non-finite
     loss then raises TrainingError naming the first step that had one, and nothing is saved after it.
     """
     _check_arguments(steps=steps, keep=keep, log_every=log_every, workdir=workdir,
                      checkpoint_every=checkpoint_every, resume=resume, eval_every=eval_every)
+    if eval_every and eval_data is None:
+        raise ArgumentError(f"train: eval_every={eval_every} needs eval_data= (the batches to evaluate on)")
     if eval_data is not None:
         eval_data = list(eval_data)
         if not eval_data:
             raise ArgumentError("train: eval_data is empty; give at least one batch, or eval_data=None")
     if clip_norm is not None:
-        optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
+        optimizer = _clipped(optimizer, clip_norm)
     train_step = TrainStep(model, loss, optimizer, compute_dtype, mesh, fsdp)
     data = _checked_data(data, batched(model).side_inputs, mesh)
     first = data(0)
@@ -268,9 +290,7 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
     else:  # the compiled step donates its state: train on a copy, so the caller's arrays stay usable
         params = jax.tree.map(jnp.copy, params)
     step_fn, state, put = train_step.compile(train_step.init(params, seed), first)
-    metric_fns = {"loss": loss, **(eval_metrics or {})}
-    evaluate = jax.jit(lambda params, batch: {n: f(train_step.outputs(params, batch), batch)
-                                              for n, f in metric_fns.items()})
+    evaluate = functools.partial(_evaluate, train_step, tuple({"loss": loss, **(eval_metrics or {})}.items()))
 
     workdir = Path(workdir) if workdir else None
     checkpoints = None

@@ -3,8 +3,9 @@ import jax
 import optax
 
 
-def fit(loss, params, optimizer, steps):
-    """Minimise loss(params, step) with an optax optimiser, one jit-compiled step at a time.
+def fit(loss, params, optimizer, steps, until=None, every=50):
+    """Minimise loss(params, step) with an optax optimiser, one jit-compiled step at a time, for
+    `steps` steps, or until `until(params)` holds (checked every `every` steps).
     Returns (params, the last step's loss)."""
     state = optimizer.init(params)
 
@@ -16,4 +17,6 @@ def fit(loss, params, optimizer, steps):
     value = None
     for i in range(steps):
         params, state, value = step(params, state, i)
+        if until is not None and (i + 1) % every == 0 and until(params):
+            break
     return params, value

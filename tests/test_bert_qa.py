@@ -107,6 +107,7 @@ def test_squad_metrics():
     assert bert_qa.overlap_baseline(example, 3) == "the crown of"
 
 
+@pytest.mark.slow
 def test_tiny_preset_runs_end_to_end(tmp_path):
     text = tmp_path / "play.txt"
     text.write_text(play(150))

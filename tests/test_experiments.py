@@ -1,17 +1,13 @@
 """Every experiment and benchmark runs end to end on tiny settings and writes what it promises."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).parent.parent
 
-
+@pytest.mark.slow
 def test_compare_quick(tmp_path):
     from experiments import compare
     # copy has a per-position loss "mask" in its batches; a causal Transformer must not take it
@@ -35,13 +31,18 @@ def test_compare_refuses_lengths_outside_the_preset(tmp_path, capsys):
     assert "none of the lengths" in capsys.readouterr().err
 
 
-def test_help_of_every_experiment():
-    for name in ("compare", "charlm", "seq2seq", "soft_programs", "lstm_counter", "vision", "bert_qa"):
-        out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--help"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0 and "usage" in out.stdout, (name, out.stderr[-500:])
+@pytest.mark.parametrize("name", ["experiments.compare", "experiments.charlm", "experiments.seq2seq",
+                                  "experiments.soft_programs", "experiments.lstm_counter", "experiments.vision",
+                                  "experiments.bert_qa", "benchmarks.sequence_models", "benchmarks.pretrained",
+                                  "benchmarks.kernels", "benchmarks.layers", "benchmarks.depth", "benchmarks.page_faults"])
+def test_help_of_every_experiment_and_benchmark(name, capsys):
+    module = __import__(name, fromlist=["main"])
+    with pytest.raises(SystemExit) as exit:
+        module.main(["--help"])
+    assert exit.value.code == 0 and "usage" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_charlm_trains_samples_and_resumes(tmp_path):
     from experiments import charlm
     text = tmp_path / "text.txt"
@@ -64,17 +65,34 @@ def test_default_corpus_ships_with_python():
     assert len(text) > 100_000 and " the " in text
 
 
-def test_lstm_counter_soft_programs_seq2seq_quick(tmp_path):
-    from experiments import lstm_counter, seq2seq, soft_programs
-    counter = lstm_counter.main(["--steps", "20", "--hidden", "4", "--length", "12", "--out", str(tmp_path)])
+def _wrote_a_plot_and_results(root, name):
+    out = next((root / name).iterdir())
+    assert any(p.suffix == ".png" for p in out.iterdir()) and (out / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_lstm_counter_smoke(tmp_path):
+    from experiments import lstm_counter
+    counter = lstm_counter.main(["--steps", "2", "--hidden", "4", "--length", "12", "--out", str(tmp_path)])
     assert -1 <= counter["best_correlation"] <= 1 and len(counter["correlations"]) == 4
-    runs = soft_programs.main(["--steps", "10", "--out", str(tmp_path)])
+    _wrote_a_plot_and_results(tmp_path, "lstm_counter")
+
+
+@pytest.mark.slow
+def test_soft_programs_smoke(tmp_path):
+    from experiments import soft_programs
+    runs = soft_programs.main(["--steps", "2", "--out", str(tmp_path)])
     assert {(r["program"], r["mode"]) for r in runs} == {(p, m) for p in ("if", "switch", "lookup") for m in ("soft", "annealed", "hard")}
-    results = seq2seq.main(["--steps", "5", "--max_len", "4", "--dim", "8", "--out", str(tmp_path)])
-    assert set(results) == {"lstm+attention", "transformer"}
-    for name in ("lstm_counter", "soft_programs", "seq2seq"):
-        out = next((tmp_path / name).iterdir())
-        assert any(p.suffix == ".png" for p in out.iterdir()) and (out / "results.json").exists()
+    _wrote_a_plot_and_results(tmp_path, "soft_programs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["lstm+attention", "transformer"])
+def test_seq2seq_smoke(model, tmp_path):
+    from experiments import seq2seq
+    results = seq2seq.main(["--steps", "2", "--max_len", "4", "--dim", "8", "--models", model, "--out", str(tmp_path)])
+    assert set(results) == {model} and set(results[model]["exact_match"]) == {3, 4}
+    _wrote_a_plot_and_results(tmp_path, "seq2seq")
 
 
 def test_soft_lookup_task_is_solvable_by_its_score():
@@ -86,10 +104,13 @@ def test_soft_lookup_task_is_solvable_by_its_score():
     np.testing.assert_array_equal(found, sp.targets("lookup", queries))
 
 
-@pytest.mark.parametrize("name", ["sequence_models", "depth", "kernels", "layers"])
-def test_benchmarks_quick(name, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("name, flags", [("sequence_models", ["--models", "rnn", "lstm"]),
+                                         ("sequence_models", ["--models", "transformer"]),
+                                         ("depth", []), ("kernels", []), ("layers", []), ("page_faults", [])])
+def test_benchmarks_quick(name, flags, tmp_path):
     module = __import__(f"benchmarks.{name}", fromlist=["main"])
-    results = module.main(["--quick", "--out", str(tmp_path)])
+    results = module.main(["--quick", "--out", str(tmp_path), *flags])
     assert (tmp_path / f"{name}_quick.json").exists() and (tmp_path / f"{name}_quick.md").exists()
     figure = {"sequence_models": "step_time_vs_T", "depth": "depth"}.get(name)
     assert figure is None or (tmp_path / f"{figure}_quick.png").exists()
