@@ -150,26 +150,46 @@ def sample(key, logits, *, temperature: float = 1.0, top_k: Optional[int] = None
     return jax.random.categorical(key, logits, -1)
 
 
-def generate(model: LanguageModel, params, prompts, steps: int, *, key=None,
-             use_cache: bool = True, **sampling):
+def generate(model: LanguageModel, params, prompts, steps: int, *, lengths=None, eos=None, pad_id: int = 0,
+             key=None, use_cache: bool = True, **sampling):
     """Continue each prompt by `steps` tokens: prompts int (B, P) → int (B, steps).
 
-    A jit-compiled `lax.scan`. With `use_cache=True` the model reads the prompt in one
-    `prefill` (a Transformer's KV cache written in one causal pass), then one token per step,
-    carrying its KV cache (Transformer) or state (RNN); with `use_cache=False` it recomputes
-    the whole prefix every step (the reference the cache must agree with). Sampling keywords
-    go to `sample` (greedy, temperature, top_k, top_p); without `key=` decoding is greedy.
+    Prompts of different lengths: a list of lists of ids, or a right-padded (B, P) array with
+    `lengths=` (B,) (the kit's convention for padding everywhere; `transformers` pads on the
+    left and passes an attention mask instead). Each row continues its own prompt exactly as if
+    it were generated alone: its tokens after its length are never read.
+    `eos` (an id or a list of ids): a row stops after emitting one; its later tokens are
+    `pad_id`, and the call returns `(tokens, lengths)`, lengths (B,) the tokens up to and
+    including the stop token (`steps` where none came). The loop still runs all `steps` (one
+    compiled program, no host sync per token).
+
+    A jit-compiled `lax.scan`. With `use_cache=True` the model reads the part of the prompts
+    that every row has in one `prefill` (a Transformer's KV cache written in one causal pass),
+    then one token per step (the rest of a longer prompt is fed, not sampled), carrying its KV
+    cache (Transformer) or state (RNN); with `use_cache=False` it recomputes the whole prefix
+    every step (the reference the cache must agree with). Sampling keywords go to `sample`
+    (greedy, temperature, top_k, top_p); without `key=` decoding is greedy. `key` is split into
+    one key per row, or is already (B,) keys: row i then samples as it would alone with key[i:i+1].
     """
-    prompts = jnp.asarray(prompts)
-    if prompts.ndim != 2 or prompts.shape[1] == 0 or not jnp.issubdtype(prompts.dtype, jnp.integer):
-        raise LayerError(f"generate: expected prompts (B, P) int with P ≥ 1, got {prompts.shape} {prompts.dtype}")
+    if not isinstance(model, LanguageModel):
+        raise ArgumentError(f"generate: expected a dp.LanguageModel (a causal model that reads its own output, e.g. "
+                            f"dp.gpt2), got {type(model).__name__}: {model!r}"[:400])
+    if sampling.get("top_k") is not None and not isinstance(sampling["top_k"], bool) \
+            and isinstance(sampling["top_k"], (int, np.integer)) and sampling["top_k"] > model.vocab:
+        raise ArgumentError(f"generate: top_k={sampling['top_k']} is larger than the vocabulary ({model.vocab})")
+    prompts, lengths = _prompts_and_lengths(prompts, lengths)
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
         raise ArgumentError(f"generate: steps must be an int >= 0, got {steps!r}")
     check_sampling(function="generate", **sampling)
     if not isinstance(prompts, jax.core.Tracer):
-        bad = np.asarray(prompts)[(np.asarray(prompts) < 0) | (np.asarray(prompts) >= model.vocab)]
+        valid = np.arange(prompts.shape[1]) < np.asarray(lengths)[:, None] if not isinstance(lengths, jax.core.Tracer) else True
+        ids = np.asarray(prompts)
+        bad = ids[((ids < 0) | (ids >= model.vocab)) & valid]
         if bad.size:
             raise LayerError(f"generate: expected prompt ids in [0, {model.vocab}), got {bad.tolist()[:5]}")
+    stops = () if eos is None else tuple(int(e) for e in np.atleast_1d(eos))
+    if any(not 0 <= e < model.vocab for e in stops + (pad_id,)):
+        raise ArgumentError(f"generate: eos and pad_id must be ids in [0, {model.vocab}), got eos={eos!r}, pad_id={pad_id!r}")
     if key is None:
         sampling = {**sampling, "greedy": True}
         key = jax.random.key(0)
@@ -178,42 +198,92 @@ def generate(model: LanguageModel, params, prompts, steps: int, *, key=None,
     if max_len is not None and total > max_len:
         raise LayerError(f"generate: prompt ({prompts.shape[1]}) + steps ({steps}) = {total} is "
                          f"longer than the model's positional table ({max_len})")
-    keys = jax.random.split(key, prompts.shape[0])
-    return _generate(model, params, prompts, steps, keys, tuple(sorted(sampling.items())), use_cache)
+    keys = _row_keys(key, prompts.shape[0])
+    # the prefix every row has is read in one prefill; unknown under jit: the first token only
+    shortest = 1 if isinstance(lengths, jax.core.Tracer) else int(np.min(lengths, initial=prompts.shape[1]))
+    tokens = _generate(model, params, prompts, lengths, steps, keys, tuple(sorted(sampling.items())), use_cache, shortest)
+    if not stops:
+        return tokens
+    stopped = jnp.isin(tokens, jnp.asarray(stops))
+    produced = jnp.where(stopped.any(-1), jnp.argmax(stopped, -1) + 1, steps)
+    return jnp.where(jnp.arange(steps) < produced[:, None], tokens, pad_id), produced
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 5, 6))
-def _generate(model, params, prompts, steps, keys, sampling, use_cache):
-    """Every prompt continued, compiled once per (model, shapes, steps, sampling, use_cache)."""
-    one = _cached if use_cache else _uncached
-    return jax.vmap(one, (None, None, 0, None, 0, None))(model, params, prompts, steps, keys, sampling)
+def _prompts_and_lengths(prompts, lengths):
+    """(B, P) int prompts and (B,) lengths in [1, P] from an array (+ lengths) or a list of lists."""
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
+        if lengths is not None:
+            raise ArgumentError("generate: lengths= is for a padded array; a list of prompts gives its own lengths")
+        lengths = np.array([len(p) for p in prompts])
+        padded = np.zeros((len(prompts), max(lengths, default=0)), np.int32)
+        for row, p in zip(padded, prompts):
+            row[:len(p)] = p
+        prompts = padded
+    prompts = jnp.asarray(prompts)
+    if prompts.ndim != 2 or prompts.shape[1] == 0 or not jnp.issubdtype(prompts.dtype, jnp.integer):
+        raise LayerError(f"generate: expected prompts (B, P) int with P ≥ 1 (or a list of lists of ids), "
+                         f"got {prompts.shape} {prompts.dtype}")
+    if lengths is None:
+        return prompts, np.full(prompts.shape[0], prompts.shape[1])
+    if not isinstance(lengths, jax.core.Tracer):
+        lengths = np.asarray(lengths)
+        if lengths.shape != prompts.shape[:1] or not np.issubdtype(lengths.dtype, np.integer) \
+                or ((lengths < 1) | (lengths > prompts.shape[1])).any():
+            raise ArgumentError(f"generate: lengths= must be {prompts.shape[0]} ints in [1, {prompts.shape[1]}] "
+                                f"(one per prompt), got {lengths.tolist()}")
+    return prompts, lengths
 
 
-def _cached(model, params, prompt, steps, key, sampling):
-    sampling = dict(sampling)
+def _row_keys(key, rows):
+    """One sampling key per row: `key` split, or `key` itself when it is (rows,) keys."""
+    key = jnp.asarray(key)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # raw uint32 keys, as jax.random.PRNGKey makes
+    if key.shape == (rows,):
+        return key
+    if key.shape != ():
+        raise ArgumentError(f"generate: key= must be one key or {rows} keys (one per prompt), got shape {key.shape}")
+    return jax.random.split(key, rows)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 6, 7, 8))
+def _generate(model, params, prompts, lengths, steps, keys, sampling, use_cache, shortest):
+    """Every prompt continued, compiled once per (model, shapes, steps, sampling, use_cache, shortest)."""
+    if steps == 0:
+        return jnp.zeros((prompts.shape[0], 0), jnp.int32)
+    one = functools.partial(_cached if use_cache else _uncached, model, steps=steps, sampling=dict(sampling),
+                            shortest=shortest)
+    return jax.vmap(one, (None, 0, 0, 0))(params, prompts, lengths, keys)
+
+
+def _cached(model, params, prompt, length, key, *, steps, sampling, shortest):
+    """Prefill the first `shortest` tokens, then one decode per position: the prompt's own
+    token while the position is inside it (length), a sampled one after."""
     params = unstacked(model, params)  # sliced once here, not at every step of the loop
-    cache = model.init_cache(params, prompt.shape[0] + steps)
-    logits, cache = model.prefill(params, prompt, cache)
+    total = prompt.shape[0] + steps
+    cache = model.init_cache(params, total)
+    logits, cache = model.prefill(params, prompt[:shortest], cache)
+    keys = jax.random.split(key, steps)
 
-    def write(carry, k):
-        cache, logits, position = carry
-        token = sample(k, logits, **sampling)
-        logits, cache = model.decode(params, token, cache, position)
-        return (cache, logits, position + 1), token
-    _, tokens = jax.lax.scan(write, (cache, logits[-1], prompt.shape[0]), jax.random.split(key, steps))
-    return tokens
+    def write(carry, position):
+        cache, logits = carry
+        sampled = sample(keys[jnp.clip(position - length, 0, steps - 1)], logits, **sampling)
+        token = jnp.where(position < length, prompt[jnp.minimum(position, prompt.shape[0] - 1)], sampled)
+        logits, cache = model.decode(params, token.astype(prompt.dtype), cache, position)
+        return (cache, logits), token
+    _, tokens = jax.lax.scan(write, (cache, logits[-1]), jnp.arange(shortest, total))
+    return jax.lax.dynamic_slice(tokens, (length - shortest,), (steps,))
 
 
-def _uncached(model, params, prompt, steps, key, sampling):
-    sampling = dict(sampling)
+def _uncached(model, params, prompt, length, key, *, steps, sampling, shortest):
     buffer = jnp.concatenate([prompt, jnp.zeros(steps, prompt.dtype)])
     per_position = dataclasses.replace(model, per_position=True)
 
-    def write(buffer, k_position):
-        k, position = k_position
+    def write(buffer, k_j):
+        k, j = k_j
+        position = length + j
         logits = per_position.apply(params, buffer)[position - 1]
         token = sample(k, logits, **sampling)
-        return buffer.at[position].set(token), token
-    positions = prompt.shape[0] + jnp.arange(steps)
-    _, tokens = jax.lax.scan(write, buffer, (jax.random.split(key, steps), positions))
+        return buffer.at[position].set(token.astype(buffer.dtype)), token
+    _, tokens = jax.lax.scan(write, buffer, (jax.random.split(key, steps), jnp.arange(steps)))
     return tokens

@@ -148,15 +148,29 @@ SUPPORTED = {"position_embedding_type": ("absolute",), "is_decoder": (False,), "
 """Fields diffprog reads only at these values (any other value is another model)."""
 
 
+IGNORED = frozenset({
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "pad_token_id",
+    "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id", "initializer_range", "use_cache",
+    "classifier_dropout", "gradient_checkpointing", "id2label", "label2id", "num_labels", "problem_type",
+    "finetuning_task", "task_specific_params", "tokenizer_class", "prefix", "return_dict", "output_hidden_states",
+    "output_attentions", "torchscript", "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder",
+    "n_ctx", "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+    "summary_first_dropout", "reorder_and_upcast_attn"})
+"""Fields of Hugging Face configs (config.json) that do not change what the model computes."""
+
+
 def read_config(function: str, defaults: dict, config, fields: dict) -> dict:
     """defaults ← config (a Hugging Face config object, or a dict of its fields) ← keyword
-    fields. Fields a Hugging Face config carries that do not change the computation
-    (`architectures`, `pad_token_id`, ...) are ignored; a keyword field diffprog does not know,
-    or a value it cannot express, is an ArgumentError naming the field."""
+    fields. Fields a Hugging Face config object carries that do not change the computation
+    (`architectures`, `pad_token_id`, ...) are ignored; a dict may hold those of IGNORED. Any
+    other field diffprog does not know (in a dict or as a keyword: a typo would otherwise be
+    dropped), or a value it cannot express, is an ArgumentError naming the field."""
     given = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
     if given.get("model_type", function) != function:
         raise ArgumentError(f"{function}: got the config of a {given['model_type']!r} model")
     unknown = sorted(set(fields) - set(defaults))
+    if not hasattr(config, "to_dict"):
+        unknown += sorted(set(given) - set(defaults) - IGNORED)
     if unknown:
         raise ArgumentError(f"{function}: unknown config field(s) {unknown}; it reads {sorted(defaults)}")
     merged = {**defaults, **{k: v for k, v in given.items() if k in defaults}, **fields}

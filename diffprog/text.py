@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+from .core import ArgumentError
+
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """BERT's special tokens; a trained WordPiece vocabulary gives them ids 0..4 in this order."""
 
@@ -25,7 +27,18 @@ def load_tokenizer(path):
         path = os.path.join(path, "tokenizer.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"load_tokenizer: no tokenizer.json at {path}")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception naming neither the file nor the call
+        raise ArgumentError(f"load_tokenizer: {path} is not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from e
+
+
+def _texts(function, texts):
+    """An iterable of strings; one string would be read character by character."""
+    if isinstance(texts, (str, bytes)):
+        raise ArgumentError(f"{function}: texts must be an iterable of strings (e.g. text.splitlines()), got one "
+                            f"{type(texts).__name__} of {len(texts)} characters, which would train on single characters")
+    return texts
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, lowercase: bool = True, min_frequency: int = 2):
@@ -40,7 +53,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, lowercase: boo
     tokenizer.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=list(WORDPIECE_SPECIALS), show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.train_from_iterator(_texts("train_wordpiece", texts), trainer)
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
@@ -57,5 +70,5 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int =
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.train_from_iterator(_texts("train_bpe", texts), trainer)
     return tokenizer

@@ -236,6 +236,43 @@ def test_cached_generation_equals_recomputation(body, key):
     chex.assert_trees_all_equal(sampled, dp.generate(lm, p, prompts, 9, key=key, temperature=0.7, top_k=4, use_cache=False))
 
 
+@pytest.mark.parametrize("body", LM_BODIES, ids=repr)
+def test_ragged_prompts_continue_as_each_prompt_alone(body, key):
+    """Prompts of different lengths (a list of lists, or padded ids with lengths=): each row's
+    tokens equal generating from that prompt alone, greedy and sampled with the row's key;
+    the padding is never read; the KV cache or state agrees with recomputation."""
+    lm = lm_of(body)
+    p = lm.init(key, jnp.zeros(4, jnp.int32))
+    prompts = [[3, 4], [5, 6, 7, 1, 2]]
+    keys = jax.random.split(jax.random.key(7), 2)
+    greedy = dp.generate(lm, p, prompts, 6)
+    sampled = dp.generate(lm, p, prompts, 6, key=keys, temperature=2.0)
+    for i, prompt in enumerate(prompts):
+        chex.assert_trees_all_equal(greedy[i], dp.generate(lm, p, [prompt], 6)[0])
+        chex.assert_trees_all_equal(sampled[i], dp.generate(lm, p, [prompt], 6, key=keys[i:i + 1], temperature=2.0)[0])
+    padded = jnp.array([[3, 4, 12, 12, 12], [5, 6, 7, 1, 2]])
+    chex.assert_trees_all_equal(dp.generate(lm, p, padded, 6, lengths=[2, 5]), greedy)
+    chex.assert_trees_all_equal(dp.generate(lm, p, padded, 6, lengths=[2, 5], use_cache=False), greedy)
+    chex.assert_trees_all_equal(dp.generate(lm, p, prompts, 6, key=keys, temperature=2.0, use_cache=False), sampled)
+
+
+def test_generation_stops_at_an_end_token(key):
+    """eos=: a row's tokens after its first stop token are pad_id, and its length counts the
+    tokens up to and including it (all the steps where none came)."""
+    lm = lm_of(LM_BODIES[0])
+    p = lm.init(key, jnp.zeros(4, jnp.int32))
+    prompts = jax.random.randint(key, (4, 3), 0, 13)
+    free = np.asarray(dp.generate(lm, p, prompts, 8, key=key, temperature=3.0))
+    stop = int(free[0, 2])
+    tokens, lengths = dp.generate(lm, p, prompts, 8, key=key, temperature=3.0, eos=[stop, 99 % 13], pad_id=12)
+    for row, n in zip(free, np.asarray(lengths)):
+        hits = np.flatnonzero(np.isin(row, [stop, 99 % 13]))
+        assert n == (hits[0] + 1 if hits.size else 8)
+    assert lengths[0] <= 3
+    expected = np.where(np.arange(8) < np.asarray(lengths)[:, None], free, 12)
+    np.testing.assert_array_equal(tokens, expected)
+
+
 PREFILLED = [
     # GPT-2's shape: pre-LN causal blocks (dropout, no key: off), learned positions, a final norm, an untied head
     dp.LanguageModel(13, 16, dp.TransformerBlock(16, 2, 32, causal=True, pre_norm=True, dropout=0.1) ** 3,

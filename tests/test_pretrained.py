@@ -99,6 +99,30 @@ def test_gpt2_logits_and_greedy_generation_equal_transformers():
     np.testing.assert_array_equal(dp.generate(model, params, prompt, 32), theirs[:, 6:].numpy())
 
 
+def test_gpt2_ragged_batch_and_stop_tokens_equal_transformers():
+    """Prompts of different lengths (transformers: left padding and an attention mask) and a
+    stop token (transformers: eos_token_id, then pad_token_id) give the same tokens."""
+    ref = reference("GPT2LMHeadModel", **GPT2)
+    model = dp.gpt2(ref.config)
+    params = dp.load_pretrained(model, state_dict(ref))
+    prompts = [[8, 9], [5, 6, 7, 1], [3, 4, 5]]
+    ids = torch.tensor([[0] * (4 - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (4 - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        theirs = ref.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                              pad_token_id=0)[:, 4:].numpy()
+    np.testing.assert_array_equal(dp.generate(model, params, prompts, 12), theirs)
+    stop = int(theirs[1, 3])
+    with torch.no_grad():
+        stopped = ref.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, eos_token_id=stop,
+                               pad_token_id=98)[:, 4:].numpy()
+    stopped = np.pad(stopped, ((0, 0), (0, 12 - stopped.shape[1])), constant_values=98)
+    tokens, lengths = dp.generate(model, params, prompts, 12, eos=stop, pad_id=98)
+    np.testing.assert_array_equal(tokens, stopped)
+    first = [np.flatnonzero(row == stop) for row in theirs]
+    assert lengths[1] <= 4 and list(lengths) == [int(f[0]) + 1 if f.size else 12 for f in first]
+
+
 def test_loads_safetensors_files_and_save_pretrained_directories(tmp_path):
     from safetensors.numpy import save_file
     ref = reference("GPT2LMHeadModel", **GPT2, tie_word_embeddings=False)
@@ -234,6 +258,7 @@ def test_wordpiece_and_bpe_tokenizers_trained_offline(tmp_path):
     assert dp.text.load_tokenizer(tmp_path).encode(question, paragraph).ids == enc.ids
 
 
+@pytest.mark.slow
 def test_benchmark_quick_compares_the_same_computation(tmp_path):
     from benchmarks import pretrained
     results = pretrained.main(["--quick", "--out", str(tmp_path)])
