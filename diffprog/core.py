@@ -128,6 +128,13 @@ class Layer:
         leaves = jax.tree.leaves(xs)
         if not leaves or jnp.ndim(leaves[0]) < 1:
             raise LayerError(f"{self!r}: expected a batch (B, ...), got {_describe(xs)}")
+        side = {k: _as_array(v) for k, v in side.items()}
+        rows = (xs.shape if isinstance(xs, Deferred) else jnp.shape(leaves[0]))[0]
+        for k, v in side.items():
+            for leaf in jax.tree.leaves(v) if k != "key" else ():
+                if jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] != rows:
+                    raise LayerError(f"{self!r}: side input {k}= has {jnp.shape(leaf)[0]} rows, the batch has "
+                                     f"{rows} (shape {tuple(jnp.shape(leaf))})")
         return _checked(self, self.forward_batch, params, xs, lambda: (example_spec(xs), {
             k: example_spec(v) for k, v in side.items() if k != "key"}), side)
 
@@ -667,6 +674,13 @@ def decode_steps(layer: Layer, params, xs, cache):
         return cache, y
     cache, ys = jax.lax.scan(step, cache, (xs, jnp.arange(xs.shape[0])))
     return ys, cache
+
+
+def _as_array(value):
+    """A side input given as a list of numbers (e.g. lengths=[5, 2]) as an array."""
+    if isinstance(value, list) and all(isinstance(e, (int, float, np.number)) for e in value):
+        return jnp.asarray(value)
+    return value
 
 
 def batched(layer: Layer) -> Batched:

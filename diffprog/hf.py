@@ -21,6 +21,7 @@ import numpy as np
 from .core import ArgumentError, LayerError, path_name
 from .generate import LanguageModel
 from .models import Bert, bert, gpt2
+from .torch_weights import numpy_array
 
 BUFFERS = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias)$")
 """Names of buffers some checkpoints store beside the weights (position indices, causal masks)."""
@@ -29,7 +30,7 @@ BUFFERS = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias)$")
 def read_state_dict(source) -> dict:
     """{name: numpy array} from a dict, a .safetensors file or a save_pretrained directory."""
     if isinstance(source, dict):
-        return {name: np.asarray(value) for name, value in source.items()}
+        return {name: numpy_array(value) for name, value in source.items()}
     from safetensors.numpy import load_file
     path = os.fspath(source)
     if os.path.isdir(path):

@@ -6,7 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from .core import Layer, layerclass
+from .core import ArgumentError, Layer, layerclass
 
 
 @layerclass
@@ -30,6 +30,9 @@ class FromFlax(Layer):
 
 def from_flax(module: nn.Module) -> FromFlax:
     """Lift a linen Module into a diffprog layer (`init`/`apply` on one example)."""
+    if not isinstance(module, nn.Module):
+        raise ArgumentError(f"from_flax: expected a flax.linen Module instance (e.g. nn.Dense(4)), got "
+                            f"{type(module).__name__}: {module!r}"[:300])
     return FromFlax(module)
 
 

@@ -20,7 +20,9 @@ def check_lengths(layer: Layer, lengths, steps: int, batch: int | None = None):
     """Validate a `lengths=` side input: the number of valid steps of one example (a scalar),
     or of each of `batch` examples (shape (batch,)).
 
-    Concrete values must lie in [1, T]; traced ones (under jit) are clipped into that range.
+    Values lie in [0, T]; 0 is an empty sequence (a recurrent layer keeps its initial state and
+    outputs zeros, attention reads no key and outputs 0, Collapse gives the zero vector).
+    Concrete values outside [0, T] are an error; traced ones (under jit) are clipped into it.
     """
     if lengths is None:
         return None
@@ -29,10 +31,10 @@ def check_lengths(layer: Layer, lengths, steps: int, batch: int | None = None):
         raise LayerError(f"{layer!r}: expected lengths= to be one int per example (shape {shape}), "
                          f"got shape {np.shape(lengths)} {jnp.result_type(lengths)}")
     if not isinstance(lengths, jax.core.Tracer):
-        bad = [int(n) for n in np.ravel(lengths) if not 1 <= n <= steps]
+        bad = [int(n) for n in np.ravel(lengths) if not 0 <= n <= steps]
         if bad:
-            raise LayerError(f"{layer!r}: expected lengths in [1, {steps}], got {bad[0]}")
-    return jnp.clip(lengths, 1, steps)
+            raise LayerError(f"{layer!r}: expected lengths in [0, {steps}], got {bad[0]}")
+    return jnp.clip(lengths, 0, steps)
 
 
 def valid_steps(steps: int, lengths) -> jax.Array:
@@ -46,7 +48,8 @@ class Collapse(Layer):
     """Summarise a sequence with one vector: Collapse : (T, d) → (d,).
 
     mode "first": x_1;  "last": x_L;  "mean": (1/L) Σ_{t ≤ L} x_t, where L = `lengths=` (the
-    number of valid steps, default T), so padding never leaks into the summary.
+    number of valid steps, default T), so padding never leaks into the summary. An empty
+    sequence (L = 0) collapses to the zero vector in every mode.
     """
 
     mode: str = "mean"
@@ -60,12 +63,16 @@ class Collapse(Layer):
     def forward(self, params, x, *, key=None, lengths=None):
         steps = check_sequence(self, x)
         lengths = check_lengths(self, lengths, steps)
+        if lengths is None:
+            return x[0] if self.mode == "first" else x[-1] if self.mode == "last" else x.mean(0)
         if self.mode == "first":
-            return x[0]
-        if self.mode == "last":
-            return x[-1] if lengths is None else x[lengths - 1]
-        mask = valid_steps(steps, lengths)[:, None]
-        return jnp.where(mask, x, 0).sum(0) / mask.sum()
+            summary = x[0]
+        elif self.mode == "last":
+            summary = x[jnp.maximum(lengths - 1, 0)]
+        else:
+            mask = valid_steps(steps, lengths)[:, None]
+            summary = jnp.where(mask, x, 0).sum(0) / jnp.maximum(mask.sum(), 1)
+        return jnp.where(lengths > 0, summary, jnp.zeros_like(summary))
 
     def __repr__(self):
         return f"Collapse({self.mode!r})"

@@ -68,7 +68,16 @@ def sharpen_mask(g, temperature=1.0, hard=False, axis=-1):
 
 
 def soft_if(g, T, F, *, temperature=1.0, hard=False):
-    """y = g ⊗ T + (1 − g) ⊗ F, element-wise: an `if` for each component of y independently."""
+    """y = g ⊗ T + (1 − g) ⊗ F, element-wise: an `if` for each component of y independently.
+    T and F of one shape; g of that shape, or one that broadcasts to it (a scalar: one choice
+    for every component)."""
+    try:
+        fits = jnp.shape(T) == jnp.shape(F) and jnp.broadcast_shapes(jnp.shape(g), jnp.shape(T)) == jnp.shape(T)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise LayerError(f"soft_if: expected T and F of one shape and g of a shape that broadcasts to it, got "
+                         f"g {jnp.shape(g)}, T {jnp.shape(T)}, F {jnp.shape(F)}")
     g = sharpen_gate(g, temperature, hard)
     return g * T + (1 - g) * F
 

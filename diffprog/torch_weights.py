@@ -30,13 +30,22 @@ class _StateDict(dict):
                           self.prefix + prefix)
 
 
+def numpy_array(value) -> np.ndarray:
+    """A numpy array of a state dict's value; a torch tensor in bfloat16 or float16 (which
+    numpy cannot hold or torch will not convert) becomes float32."""
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        value = value.detach().cpu()
+        return (value.float() if value.is_floating_point() else value).numpy()
+    return np.asarray(value)
+
+
 def _take(layer, state_dict, *names):
     missing = [n for n in names if n not in state_dict]
     if missing:
         raise LayerError(f"load_torch({layer!r}): state dict lacks {missing}; "
                          f"it has {sorted(state_dict)}")
     state_dict.read.update(state_dict.prefix + n for n in names)
-    return [jnp.asarray(np.asarray(state_dict[n]), jnp.float32) for n in names]
+    return [jnp.asarray(numpy_array(state_dict[n]), jnp.float32) for n in names]
 
 
 def _expect(layer, name, got, want):

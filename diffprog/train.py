@@ -102,6 +102,11 @@ class _Checkpoints:
         except Exception as e:
             raise CheckpointError(f"{path}: cannot restore checkpoint: unreadable metadata ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:300]})") from e
+        try:
+            saved = {part: saved[part] for part in ("params", "opt_state")}
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: cannot restore checkpoint: its metadata is missing or incomplete "
+                                  f"(found {type(saved).__name__}; was default/_METADATA deleted?)") from e
         describe = lambda tree: {path_name(p): f"{tuple(a.shape)} {a.dtype}"
                                  for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
         for part, whose in (("params", "the model"), ("opt_state", "the optimiser")):
@@ -177,10 +182,18 @@ class TrainStep:
 
     def __call__(self, state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        value, grads = jax.value_and_grad(lambda p: self.loss(self.outputs(p, batch, key), batch))(state["params"])
+        value, grads = jax.value_and_grad(lambda p: self.scalar_loss(self.outputs(p, batch, key), batch))(state["params"])
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         return {**state, "params": optax.apply_updates(state["params"], updates),
                 "opt_state": opt_state, "step": state["step"] + 1}, value
+
+    def scalar_loss(self, outputs, batch):
+        """loss(outputs, batch), checked to be one number (a per-example loss is an error)."""
+        value = self.loss(outputs, batch)
+        if jnp.shape(value) != ():
+            raise ArgumentError(f"train: the loss must return a scalar (e.g. a mean over the batch), got shape "
+                                f"{jnp.shape(value)} from {getattr(self.loss, '__name__', self.loss)!r}")
+        return value
 
     def evaluate(self, metrics: tuple, params, batch) -> dict:
         """{name: fn(outputs, batch)} for metrics = ((name, fn), ...), dropout off."""
@@ -299,7 +312,11 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
         if checkpoint_every:
             checkpoints = _Checkpoints(workdir / "checkpoints", keep)
             if resume and checkpoints.latest() is not None:
-                state = checkpoints.restore(checkpoints.latest(), state)
+                try:
+                    state = checkpoints.restore(checkpoints.latest(), state)
+                except CheckpointError:
+                    checkpoints.manager.close()  # orbax's threads, closed now rather than at exit
+                    raise
     start = int(state["step"])
     history, pending = [], []  # pending: (step, device loss) not yet read
 

@@ -30,7 +30,7 @@ SGD = optax.sgd(0.1)  # one object: the toy trains with one compiled step
 
 def train(**kw):
     kw = {"steps": 2, "quiet": True, **kw}
-    return dp.train(TOY, toy_loss, SGD, kw.pop("data", toy_data), **kw)
+    return dp.train(TOY, kw.pop("loss", toy_loss), SGD, kw.pop("data", toy_data), **kw)
 
 
 def lm():
@@ -78,6 +78,12 @@ MISUSES = [
     ("generate top_k larger than the vocabulary", lambda: dp.generate(lm(), lm_params(), [[1, 2]], 2, key=KEY, top_k=50), dp.ArgumentError, r"generate: top_k=50 is larger than the vocabulary \(11\)"),
     ("generate with a model that cannot generate", lambda: dp.generate(dp.bert(dict(vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8), head="masked_lm"), {}, [[1, 2]], 2), dp.ArgumentError, r"generate: expected a dp.LanguageModel .*got Bert"),
     ("generate bad sampling keyword value", lambda: dp.generate(lm(), lm_params(), jnp.zeros((1, 2), int), 2, key=KEY, top_k=0), dp.ArgumentError, r"generate: top_k must be"),
+    ("train: a per-example loss", lambda: train(loss=lambda out, batch: (out - batch["targets"]) ** 2), dp.ArgumentError, r"train: the loss must return a scalar .*got shape \(4, 1\)"),
+    ("apply_batch side input of another batch size", lambda: dp.SimpleRNN(4).apply_batch(dp.SimpleRNN(4).init(KEY, jnp.ones((5, 3))), jnp.ones((2, 5, 3)), lengths=jnp.array([5, 2, 1])), dp.LayerError, r"SimpleRNN\(4\): side input lengths= has 3 rows, the batch has 2"),
+    ("from_flax given a class", lambda: dp.from_flax(__import__("flax.linen", fromlist=["Dense"]).Dense), dp.ArgumentError, r"from_flax: expected a flax.linen Module instance"),
+    ("from_flax given a diffprog layer", lambda: dp.from_flax(dp.Dense(2)), dp.ArgumentError, r"from_flax: expected a flax.linen Module instance .*got Dense"),
+    ("soft_if T and F of different shapes", lambda: dp.soft.soft_if(jnp.float32(0.5), jnp.ones(3), jnp.ones(4)), dp.LayerError, r"soft_if: expected T and F of one shape .*T \(3,\), F \(4,\)"),
+    ("soft_if gate of another shape", lambda: dp.soft.soft_if(jnp.full(2, 0.5), jnp.ones(3), jnp.ones(3)), dp.LayerError, r"soft_if: .*got g \(2,\)"),
     # configs and tokenizers
     ("gpt2 config dict with a typo", lambda: dp.gpt2({"n_embd": 8, "n_layers": 2}), dp.ArgumentError, r"gpt2: unknown config field\(s\) \['n_layers'\]"),
     ("train_wordpiece on one string", lambda: dp.text.train_wordpiece("to be or not to be"), dp.ArgumentError, r"train_wordpiece: texts must be an iterable of strings .*got one str of 18 characters"),
@@ -230,6 +236,30 @@ def test_an_invalid_tokenizer_file_is_named(tmp_path):
     path.write_text('{"version": "1.0", "model": ')
     with pytest.raises(dp.ArgumentError, match=r"load_tokenizer: .*tokenizer.json is not a valid tokenizer.json"):
         dp.text.load_tokenizer(tmp_path)
+
+
+def test_apply_batch_converts_side_inputs_given_as_lists(key):
+    rnn = dp.SimpleRNN(4)
+    p = rnn.init(key, jnp.ones((5, 3)))
+    xs = jax.random.normal(key, (2, 5, 3))
+    np.testing.assert_array_equal(rnn.apply_batch(p, xs, lengths=[5, 2]), rnn.apply_batch(p, xs, lengths=jnp.array([5, 2])))
+
+
+def test_half_precision_torch_state_dicts_load_as_float32():
+    torch = pytest.importorskip("torch")
+    linear = torch.nn.Linear(3, 2)
+    full = dp.load_torch(dp.Dense(2), linear.state_dict())
+    for dtype in (torch.bfloat16, torch.float16):
+        half = dp.load_torch(dp.Dense(2), linear.to(dtype).state_dict())
+        assert half["weight"].dtype == jnp.float32
+        np.testing.assert_allclose(half["weight"], full["weight"], atol=1e-2)
+
+
+def test_a_checkpoint_without_its_metadata_is_a_checkpoint_error(tmp_path):
+    train(workdir=tmp_path, checkpoint_every=2, steps=2)
+    (tmp_path / "checkpoints" / "2" / "default" / "_METADATA").unlink()
+    with pytest.raises(dp.CheckpointError, match=r"checkpoints/2: cannot restore checkpoint: its metadata is missing"):
+        train(workdir=tmp_path, checkpoint_every=2, steps=4, resume=True)
 
 
 def test_train_converts_side_inputs_given_as_lists():

@@ -1,4 +1,6 @@
 """Recurrent layers against the notes' equations, variable lengths, Collapse, PyTorch parity."""
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -137,8 +139,8 @@ def test_batched_stacks_use_the_batch_path_and_check_their_input(key):
         lstm.apply_batch(q, jnp.ones((2, 5, 3)))
     with pytest.raises(dp.LayerError, match=r"lengths= to be one int per example \(shape \(2,\)\)"):
         lstm.apply_batch(q, jnp.ones((2, 5, 4)), lengths=jnp.array(3))
-    with pytest.raises(dp.LayerError, match=r"lengths in \[1, 5\], got 0"):
-        lstm.apply_batch(q, jnp.ones((2, 5, 4)), lengths=jnp.array([3, 0]))
+    with pytest.raises(dp.LayerError, match=r"lengths in \[0, 5\], got -1"):
+        lstm.apply_batch(q, jnp.ones((2, 5, 4)), lengths=jnp.array([3, -1]))
     with pytest.raises(dp.LayerError, match=r"expected a batch"):
         lstm.apply_batch(q, jnp.float32(1.0))
 
@@ -210,6 +212,34 @@ def test_collapse_modes_and_lengths(key):
         dp.Collapse("max")
 
 
+@pytest.mark.parametrize("layer", LAYERS, ids=repr)
+def test_a_length_of_zero_is_an_empty_sequence_with_and_without_jit(layer, key):
+    """lengths=0: the layer keeps its initial state and outputs zeros (example path, batch path
+    and kernel alike), Collapse gives zeros, attention over no key outputs 0 — eagerly and under
+    jit (where lengths was once clipped to 1 and computed a one-step result)."""
+    rnn = dataclasses.replace(layer, return_state=True)
+    xs = jax.random.normal(key, (2, 6, 3))
+    p = rnn.init(key, xs[0])
+    h0 = jax.random.normal(jax.random.key(1), (2, 5))
+    initial = (h0, 2 * h0) if isinstance(layer, dp.LSTM) else h0
+    lengths = jnp.array([0, 4])
+    for run in (rnn.apply_batch, jax.jit(rnn.apply_batch)):
+        ys, state = run(p, xs, lengths=lengths, initial_state=initial)
+        assert not ys[0].any()
+        np.testing.assert_allclose(state["h"][0], h0[0])
+        ys_4, _ = rnn.apply_batch(p, xs[1:, :4], initial_state=jax.tree.map(lambda a: a[1:], initial))
+        np.testing.assert_allclose(ys[1, :4], ys_4[0], atol=1e-5)
+    one = jax.jit(lambda p, x, n: rnn(p, x, lengths=n, initial_state=jax.tree.map(lambda a: a[0], initial)))
+    np.testing.assert_allclose(one(p, xs[0], 0)[1]["h"], h0[0])
+    for mode in ("first", "last", "mean"):
+        collapse = jax.jit(lambda x, n: dp.Collapse(mode)({}, x, lengths=n))
+        assert not collapse(xs[0], 0).any() and not dp.Collapse(mode)({}, xs[0], lengths=0).any()
+    attention = dp.Attention(1, cross=True)
+    q = attention.init(key, xs[0], context=xs[1])
+    read = jax.jit(lambda n: attention(q, xs[0], context=xs[1], context_lengths=n))
+    assert not read(0).any() and read(3).any()
+
+
 def test_recurrent_errors_are_clear(key):
     lstm = dp.LSTM(11)
     p = lstm.init(key, jnp.ones((5, 7)))
@@ -217,7 +247,7 @@ def test_recurrent_errors_are_clear(key):
         lstm(p, jnp.ones((5, 8)))
     with pytest.raises(dp.LayerError, match=r"LSTM\(11\): expected input \(T, 7\)"):
         lstm(p, jnp.ones(7))
-    with pytest.raises(dp.LayerError, match=r"lengths in \[1, 5\], got 6"):
+    with pytest.raises(dp.LayerError, match=r"lengths in \[0, 5\], got 6"):
         lstm(p, jnp.ones((5, 7)), lengths=6)
     with pytest.raises(dp.LayerError, match="non-empty sequence"):
         lstm(p, jnp.ones((0, 7)))
