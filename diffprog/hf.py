@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .core import ArgumentError, LayerError, path_name
+from .core import ArgumentError, LayerError, Repeat, path_name
 from .generate import LanguageModel
 from .models import Bert, bert, gpt2
 from .torch_weights import numpy_array
+from .transformer import TransformerBlock
 
 BUFFERS = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias)$")
 """Names of buffers some checkpoints store beside the weights (position indices, causal masks)."""
@@ -128,13 +129,17 @@ def gpt2_names(model: LanguageModel, layer: int) -> tuple[dict, dict]:
 
 
 def _kind(model):
-    """(prefix, names function, depth, path of the stacked blocks) of a model diffprog can load."""
+    """(prefix, names function, depth, path of the blocks' params) of a model diffprog can load.
+    The blocks' params are stacked under "stack" for depth > 1; `block ** 1` is the block, whose
+    params sit at the path itself."""
     if isinstance(model, Bert):
-        return "bert.", bert_names, model.depth, ("encoder", "stack")
+        return "bert.", bert_names, model.depth, ("encoder",) + (("stack",) if model.depth > 1 else ())
     body = getattr(model, "body", None)
+    block = body.layer if isinstance(body, Repeat) else body
     if (isinstance(model, LanguageModel) and model.final_norm and model.per_position and not model.head_bias
-            and getattr(getattr(body, "layer", None), "pre_norm", False)):
-        return "transformer.", gpt2_names, body.n, ("body", "stack")
+            and isinstance(block, TransformerBlock) and block.pre_norm):
+        depth = body.n if isinstance(body, Repeat) else 1
+        return "transformer.", gpt2_names, depth, ("body",) + (("stack",) if depth > 1 else ())
     raise ArgumentError(f"load_pretrained: {model!r} is not a model built by dp.bert or dp.gpt2")
 
 
@@ -167,8 +172,9 @@ def load_pretrained(model, source, *, fill=None, ignore: tuple = ()) -> dict:
 
     def leaf(path, spec):
         keys = tuple(getattr(k, "key", None) for k in path)
-        if keys[:2] == stack:
-            sources = [names[keys[2:]] for names in layer_names]
+        in_blocks = keys[:len(stack)] == stack
+        if in_blocks:
+            sources = [names[keys[len(stack):]] for names in layer_names]
         elif keys in head_names:
             sources = [head_names[keys]]
         else:
@@ -180,7 +186,7 @@ def load_pretrained(model, source, *, fill=None, ignore: tuple = ()) -> dict:
             missing.extend(absent)
             return None
         arrays = [load(*source) for source in sources]
-        value = np.stack(arrays) if keys[:2] == stack else arrays[0]
+        value = np.stack(arrays) if in_blocks and depth > 1 else arrays[0]
         if value.shape != spec.shape:
             names = sources[0][0] if len(sources) == 1 else f"{sources[0][0]} (and the other {len(sources) - 1} layers)"
             raise LayerError(f"load_pretrained: weight {names} gives params{path_name(path)} the shape {value.shape}, "

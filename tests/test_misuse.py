@@ -2,6 +2,7 @@
 the function or layer, what it expected and what it got. One row per misuse:
 (name, call, error type, message fragment). A change that makes one of them silent again, or
 its message vague, fails here."""
+import dataclasses
 import sys
 
 import jax
@@ -260,6 +261,34 @@ def test_a_checkpoint_without_its_metadata_is_a_checkpoint_error(tmp_path):
     (tmp_path / "checkpoints" / "2" / "default" / "_METADATA").unlink()
     with pytest.raises(dp.CheckpointError, match=r"checkpoints/2: cannot restore checkpoint: its metadata is missing"):
         train(workdir=tmp_path, checkpoint_every=2, steps=4, resume=True)
+
+
+@pytest.mark.parametrize("layer", [dp.SimpleRNN(5), dp.LSTM(5), dp.GRU(5)], ids=repr)
+def test_a_length_of_zero_is_an_empty_sequence_with_and_without_jit(layer):
+    """lengths=0: the layer keeps its initial state and outputs zeros (example path, batch path
+    and kernel alike), Collapse gives zeros, attention over no key outputs 0 — eagerly and under
+    jit (where lengths was once clipped to 1 and computed a one-step result)."""
+    rnn = dataclasses.replace(layer, return_state=True)
+    xs = jax.random.normal(KEY, (2, 6, 3))
+    p = rnn.init(KEY, xs[0])
+    h0 = jax.random.normal(jax.random.key(1), (2, 5))
+    initial = (h0, 2 * h0) if isinstance(layer, dp.LSTM) else h0
+    lengths = jnp.array([0, 4])
+    for run in (rnn.apply_batch, jax.jit(rnn.apply_batch)):
+        ys, state = run(p, xs, lengths=lengths, initial_state=initial)
+        assert not ys[0].any()
+        np.testing.assert_allclose(state["h"][0], h0[0])
+        ys_4, _ = rnn.apply_batch(p, xs[1:, :4], initial_state=jax.tree.map(lambda a: a[1:], initial))
+        np.testing.assert_allclose(ys[1, :4], ys_4[0], atol=1e-5)
+    one = jax.jit(lambda p, x, n: rnn(p, x, lengths=n, initial_state=jax.tree.map(lambda a: a[0], initial)))
+    np.testing.assert_allclose(one(p, xs[0], 0)[1]["h"], h0[0])
+    for mode in ("first", "last", "mean"):
+        collapse = jax.jit(lambda x, n: dp.Collapse(mode)({}, x, lengths=n))
+        assert not collapse(xs[0], 0).any() and not dp.Collapse(mode)({}, xs[0], lengths=0).any()
+    attention = dp.Attention(1, cross=True)
+    q = attention.init(KEY, xs[0], context=xs[1])
+    read = jax.jit(lambda n: attention(q, xs[0], context=xs[1], context_lengths=n))
+    assert not read(0).any() and read(3).any()
 
 
 def test_train_converts_side_inputs_given_as_lists():

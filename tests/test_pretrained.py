@@ -38,9 +38,10 @@ def batch():
     return ids, segments, lengths
 
 
+@pytest.mark.parametrize("layers", [2, 1])  # one layer: `block ** 1` is the block, no stack
 @pytest.mark.parametrize("head", sorted(HEADS))
-def test_bert_equals_transformers(head):
-    ref = reference(HEADS[head], **BERT)
+def test_bert_equals_transformers(head, layers):
+    ref = reference(HEADS[head], **{**BERT, "num_hidden_layers": layers})
     ids, segments, lengths = batch()
     mask = (np.arange(10)[None] < lengths[:, None]).astype(np.int64)
     with torch.no_grad():
@@ -84,8 +85,9 @@ def test_generate_compiles_once_per_model_and_shape():
     assert importlib.import_module("diffprog.generate")._generate._cache_size() == before
 
 
-def test_gpt2_logits_and_greedy_generation_equal_transformers():
-    ref = reference("GPT2LMHeadModel", **GPT2)
+@pytest.mark.parametrize("layers", [2, 1])
+def test_gpt2_logits_and_greedy_generation_equal_transformers(layers):
+    ref = reference("GPT2LMHeadModel", **{**GPT2, "n_layer": layers})
     ids, _, _ = batch()
     model = dp.gpt2(ref.config)
     params = dp.load_pretrained(model, state_dict(ref))

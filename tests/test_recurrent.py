@@ -1,6 +1,4 @@
 """Recurrent layers against the notes' equations, variable lengths, Collapse, PyTorch parity."""
-import dataclasses
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -210,34 +208,6 @@ def test_collapse_modes_and_lengths(key):
     chex.assert_trees_all_close(dp.Collapse("mean")({}, x, lengths=4), x[:4].mean(0), atol=1e-6)
     with pytest.raises(dp.LayerError, match="mode"):
         dp.Collapse("max")
-
-
-@pytest.mark.parametrize("layer", LAYERS, ids=repr)
-def test_a_length_of_zero_is_an_empty_sequence_with_and_without_jit(layer, key):
-    """lengths=0: the layer keeps its initial state and outputs zeros (example path, batch path
-    and kernel alike), Collapse gives zeros, attention over no key outputs 0 — eagerly and under
-    jit (where lengths was once clipped to 1 and computed a one-step result)."""
-    rnn = dataclasses.replace(layer, return_state=True)
-    xs = jax.random.normal(key, (2, 6, 3))
-    p = rnn.init(key, xs[0])
-    h0 = jax.random.normal(jax.random.key(1), (2, 5))
-    initial = (h0, 2 * h0) if isinstance(layer, dp.LSTM) else h0
-    lengths = jnp.array([0, 4])
-    for run in (rnn.apply_batch, jax.jit(rnn.apply_batch)):
-        ys, state = run(p, xs, lengths=lengths, initial_state=initial)
-        assert not ys[0].any()
-        np.testing.assert_allclose(state["h"][0], h0[0])
-        ys_4, _ = rnn.apply_batch(p, xs[1:, :4], initial_state=jax.tree.map(lambda a: a[1:], initial))
-        np.testing.assert_allclose(ys[1, :4], ys_4[0], atol=1e-5)
-    one = jax.jit(lambda p, x, n: rnn(p, x, lengths=n, initial_state=jax.tree.map(lambda a: a[0], initial)))
-    np.testing.assert_allclose(one(p, xs[0], 0)[1]["h"], h0[0])
-    for mode in ("first", "last", "mean"):
-        collapse = jax.jit(lambda x, n: dp.Collapse(mode)({}, x, lengths=n))
-        assert not collapse(xs[0], 0).any() and not dp.Collapse(mode)({}, xs[0], lengths=0).any()
-    attention = dp.Attention(1, cross=True)
-    q = attention.init(key, xs[0], context=xs[1])
-    read = jax.jit(lambda n: attention(q, xs[0], context=xs[1], context_lengths=n))
-    assert not read(0).any() and read(3).any()
 
 
 def test_recurrent_errors_are_clear(key):
