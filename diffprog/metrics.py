@@ -43,9 +43,10 @@ def _check_logits(function, logits, targets, mask):
     return outside
 
 
-def _mean(values, mask, outside):
+def _mean(values, mask, outside=None):
     """The mean over the counted positions; NaN if any of them has an id outside the classes."""
-    values = jnp.where(outside, jnp.nan, values)
+    if outside is not None:
+        values = jnp.where(outside, jnp.nan, values)
     if mask is None:
         return values.mean()
     mask = mask.astype(bool)
@@ -88,4 +89,4 @@ def exact_match(logits, targets, mask=None):
 def mse(predictions, targets, mask=None):
     """Mean squared error; predictions and targets of one shape."""
     _check("mse", targets, mask, **{"predictions shaped like the targets": (np.shape(predictions), np.shape(targets))})
-    return _mean(jnp.square(predictions.astype(jnp.float32) - targets), mask, False)
+    return _mean(jnp.square(predictions.astype(jnp.float32) - targets), mask)
