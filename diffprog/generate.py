@@ -174,17 +174,18 @@ def generate(model: LanguageModel, params, prompts, steps: int, *, lengths=None,
     if not isinstance(model, LanguageModel):
         raise ArgumentError(f"generate: expected a dp.LanguageModel (a causal model that reads its own output, e.g. "
                             f"dp.gpt2), got {type(model).__name__}: {model!r}"[:400])
-    if sampling.get("top_k") is not None and not isinstance(sampling["top_k"], bool) \
-            and isinstance(sampling["top_k"], (int, np.integer)) and sampling["top_k"] > model.vocab:
-        raise ArgumentError(f"generate: top_k={sampling['top_k']} is larger than the vocabulary ({model.vocab})")
     prompts, lengths = _prompts_and_lengths(prompts, lengths)
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
         raise ArgumentError(f"generate: steps must be an int >= 0, got {steps!r}")
     check_sampling(function="generate", **sampling)
+    if sampling.get("top_k") is not None and sampling["top_k"] > model.vocab:
+        raise ArgumentError(f"generate: top_k={sampling['top_k']} is larger than the vocabulary ({model.vocab})")
     if not isinstance(prompts, jax.core.Tracer):
-        valid = np.arange(prompts.shape[1]) < np.asarray(lengths)[:, None] if not isinstance(lengths, jax.core.Tracer) else True
         ids = np.asarray(prompts)
-        bad = ids[((ids < 0) | (ids >= model.vocab)) & valid]
+        bad = (ids < 0) | (ids >= model.vocab)
+        if not isinstance(lengths, jax.core.Tracer):  # the padding after a row's length may hold anything
+            bad &= np.arange(ids.shape[1]) < np.asarray(lengths)[:, None]
+        bad = ids[bad]
         if bad.size:
             raise LayerError(f"generate: expected prompt ids in [0, {model.vocab}), got {bad.tolist()[:5]}")
     stops = () if eos is None else tuple(int(e) for e in np.atleast_1d(eos))
