@@ -7,13 +7,15 @@
 """
 from .attention import Attention
 from .basic import (ACTIVATIONS, Activation, Dense, Dropout, FeedForward, Flatten, Gelu,
-                    LayerNorm, Relu, Sigmoid, Softmax, Step, Tanh, step)
+                    LayerNorm, RMSNorm, Relu, Sigmoid, Softmax, Step, Tanh, step)
+from .batching import Batched, batched
 from .conv import AvgPool, Conv, MaxPool
-from .core import (ArgumentError, Batched, Compose, Layer, LayerError, Pipeline, Remat, Repeat, batched, layerclass,
-                   serial, spec_of)
+from .checks import ArgumentError, LayerError, spec_of
+from .core import Compose, Layer, Pipeline, Remat, Repeat, find, layerclass, rewrite, serial, walk
 from .embed import EmbedToken
 from .generate import GenerateToken, LanguageModel, generate, sample
 from .interop import from_flax, to_flax
+from .lora import LowRank, low_rank, merge_low_rank
 from .memory import keep_freed_memory
 from .recurrent import GRU, LSTM, LSTM_GATES, Bidirectional, Recurrent, SimpleRNN
 from .seq2seq import SequenceToSequence, rnn_seq2seq, transformer_seq2seq, translate
@@ -21,6 +23,8 @@ from .sequence import Collapse
 from . import soft, text
 from .soft import Gated, SoftLookup, Switch
 from .summary import summary
+from .taps import Tapped, taps
+from .upgrade import upgrade_params
 from .torch_weights import load_torch
 from .transformer import AddNorm, EmbedSegment, LearnedPositions, SinusoidalPositions, TransformerBlock
 from .models import Bert, SelectSpan, bert, gpt2

@@ -181,38 +181,27 @@ class Attention(Combinator):
         shape = (self.heads, max_len, width // self.heads)
         return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
-    def decode(self, params, x_t, cache, position):
-        if self.cross:
-            return self.apply(params, x_t[None], **cache)[0], cache
-        self._check_decoding()
-        max_len = cache["key"].shape[1]
-        if not isinstance(position, jax.core.Tracer) and position >= max_len:
-            raise LayerError(f"{self!r}: position {position} is past the KV cache ({max_len})")
-        cache = self.write_cache(params, x_t[None], cache, position)
-        q = self.heads_of(params, x_t[None], "query")
-        keys, values = (cache[n].swapaxes(0, 1) for n in ("key", "value"))
-        out, _ = self.attend_explicitly(params, q, keys, values, (jnp.arange(max_len) <= position)[None], None)
-        y = affine(params["output"], out.reshape(-1))
-        # under jit a position past the cache is not known while tracing: NaN, never a valid-looking output
-        return jnp.where(position < max_len, y, jnp.nan), cache
-
-    def prefill(self, params, xs, cache):
-        """The first P steps (a prompt) at once: their keys and values written to the cache in
-        one pass, their outputs the causal attention over them (`apply`)."""
+    def decode(self, params, xs, cache, position):
+        """The chunk xs (P, d) at steps position..position+P-1: its keys and values projected
+        once and written to the cache, each query attending to the cache up to its own step."""
         if self.cross:
             return self.apply(params, xs, **cache), cache
-        self._check_decoding()
-        if xs.shape[0] > cache["key"].shape[1]:
-            raise LayerError(f"{self!r}: a prompt of {xs.shape[0]} steps is longer than the KV cache "
-                             f"({cache['key'].shape[1]})")
-        return self.apply(params, xs), self.write_cache(params, xs, cache, 0)
+        if not self.causal:
+            raise LayerError(f"{self!r}: step-by-step decoding needs causal self-attention")
+        steps, max_len = xs.shape[0], cache["key"].shape[1]
+        if not isinstance(position, jax.core.Tracer) and position + steps > max_len:
+            raise LayerError(f"{self!r}: steps {position}..{position + steps - 1} are past the KV cache ({max_len})")
+        cache = self.write_cache(params, xs, cache, position)
+        q = self.heads_of(params, xs, "query")
+        keys, values = (cache[n].swapaxes(0, 1) for n in ("key", "value"))
+        allowed = jnp.arange(max_len)[None] <= position + jnp.arange(steps)[:, None]
+        out, _ = self.attend_explicitly(params, q, keys, values, allowed, None)
+        y = affine(params["output"], out.reshape(steps, -1))
+        # under jit a chunk past the cache is not known while tracing: NaN, never a valid-looking output
+        return jnp.where(position + steps <= max_len, y, jnp.nan), cache
 
     def write_cache(self, params, xs, cache, position):
         """The keys and values of xs (P, d) written to the cache at steps position..position+P-1."""
         return {n: jax.lax.dynamic_update_slice_in_dim(
                     cache[n], self.heads_of(params, xs, n).swapaxes(0, 1).astype(cache[n].dtype), position, 1)
                 for n in ("key", "value")}
-
-    def _check_decoding(self):
-        if not self.causal:
-            raise LayerError(f"{self!r}: step-by-step decoding needs causal self-attention")

@@ -1,5 +1,7 @@
-"""Core vector layers: Dense, FeedForward, activations, Flatten, Dropout, LayerNorm."""
+"""Core vector layers: Dense, FeedForward, activations, Flatten, Dropout, LayerNorm, RMSNorm."""
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +125,10 @@ class Activation(Layer):
         self.expect(x, *[("d",) * r for r in range(8)])
         return activation_fn(self.fn)(x)
 
+    @property
+    def name(self):
+        return self.fn.capitalize()
+
     def __repr__(self):
         return self.fn.capitalize()
 
@@ -137,6 +143,10 @@ class FlattenLayer(Layer):
 
     def forward(self, params, x, **side):
         return jnp.reshape(x, (-1,))
+
+    @property
+    def name(self):
+        return "Flatten"
 
     def __repr__(self):
         return "Flatten"
@@ -187,3 +197,43 @@ class LayerNorm(PositionWise):
 
     def __repr__(self):
         return "LayerNorm" if self.eps == 1e-5 else f"LayerNorm(eps={self.eps})"
+
+
+@layerclass
+class RMSNorm(PositionWise):
+    """y = scale ⊗ x / sqrt(mean(x²) + eps) over the last axis: LayerNorm without centring and
+    without a bias (Llama's norm; `torch.nn.RMSNorm`). Type: (..., d) → (..., d).
+    Params: scale (d,) = 1.
+    """
+
+    eps: float = 1e-6
+
+    def init_params(self, key, spec, **side):
+        self.expect(spec, ("d",), ("T", "d"))
+        return {"scale": jnp.ones((spec.shape[-1],), jnp.float32)}
+
+    def width(self, params):
+        return params["scale"].shape[0]
+
+    def map(self, params, x):
+        return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps) * params["scale"]
+
+
+def norm_field():
+    """The `norm` field of a block that normalises (AddNorm, TransformerBlock, LanguageModel,
+    Bert): a layer (..., d) → (..., d); left out, `LayerNorm(eps)` (see `set_norm`)."""
+    return dataclasses.field(default=None, repr=False)
+
+
+def set_norm(layer) -> None:
+    """In `__post_init__`: a `norm` left out becomes `LayerNorm(layer.eps)`, a field value that
+    `dp.walk` and `dp.rewrite` see (replace it to change every norm of the block)."""
+    if layer.norm is None:
+        object.__setattr__(layer, "norm", LayerNorm(layer.eps))
+    elif not isinstance(layer.norm, Layer):
+        raise LayerError(f"{type(layer).__name__}: norm must be a layer (e.g. dp.RMSNorm()), got {layer.norm!r}")
+
+
+def norm_repr(layer) -> str:
+    """", norm=..." when the norm is not the default LayerNorm(eps), else ""."""
+    return "" if layer.norm == LayerNorm(layer.eps) else f", norm={layer.norm!r}"

@@ -13,13 +13,14 @@ the rest ignore it); other side inputs (`lengths=`, `mask=`, ...) are listed in 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import threading
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .checks import (ArgumentError, LayerError, _checked, _describe, _outermost, _pattern, check_hyperparameters,
+                     example_spec, spec_of)
 
 Params = Any  # a nested dict of arrays
 
@@ -27,72 +28,18 @@ layerclass = dataclasses.dataclass(frozen=True, repr=False)
 """Decorator for layer classes: frozen (immutable, hashable) dataclasses with notation reprs."""
 
 
-class ArgumentError(ValueError):
-    """A diffprog function or layer called with something it cannot use. The message names the
-    function or layer, what it expected and what it got."""
-
-
-class LayerError(ArgumentError):
-    """Bad input to a layer. The message names the layer, what it expected and what it got."""
-
-
-_POSITIVE_INTS = {"int": False, "Union[int, tuple]": False, "Union[int, tuple, None]": True}
-_UNIT_INTERVAL = ("dropout", "attention_dropout", "rate")  # probabilities in [0, 1)
-_POSITIVE_FLOATS = ("temperature", "eps")
-
-
-def check_hyperparameters(layer) -> None:
-    """Raise LayerError unless every size (a field annotated int, or int-or-tuple: sizes,
-    heads, strides, windows, kernels) is a positive int (or a tuple of them), every dropout
-    rate lies in [0, 1) and every temperature and epsilon is > 0."""
-    name = type(layer).__name__
-    for f in dataclasses.fields(layer):
-        value = getattr(layer, f.name)
-        bad = None
-        if f.type in _POSITIVE_INTS and not (value is None and _POSITIVE_INTS[f.type]):
-            entries = value if isinstance(value, tuple) and f.type != "int" else (value,)
-            if not entries or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
-                                      for v in entries):
-                bad = "a positive int" + ("" if f.type == "int" else " or a tuple of positive ints")
-        elif f.name in _UNIT_INTERVAL and not (isinstance(value, (int, float)) and 0 <= value < 1):
-            bad = "a number in [0, 1)"
-        elif f.name in _POSITIVE_FLOATS and not (isinstance(value, (int, float)) and value > 0):
-            bad = "a number > 0" + (" (hard choices are hard=True)" if f.name == "temperature" else "")
-        if bad:
-            raise LayerError(f"{name}: {f.name} must be {bad}, got {value!r}")
-
-
-def spec_of(x) -> Any:
-    """The `jax.ShapeDtypeStruct` of an array (or of every leaf of a pytree of arrays)."""
-    def one(a):
-        if isinstance(a, jax.ShapeDtypeStruct):
-            return a
-        return jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))
-    return jax.tree.map(one, x)
-
-
-def example_spec(batch) -> Any:
-    """`spec_of` one example of a batch: every leaf's leading (batch) axis dropped."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), spec_of(batch))
-
-
-def _describe(x) -> str:
-    s = spec_of(x)
-    if isinstance(s, jax.ShapeDtypeStruct):
-        return f"{tuple(s.shape)} {s.dtype}"
-    return repr(jax.tree.map(lambda a: f"{tuple(a.shape)} {a.dtype}", s))
-
-
-def _pattern(p) -> str:
-    return "(" + ", ".join(str(d) for d in p) + ("," if len(p) == 1 else "") + ")"
-
-
 class Layer:
-    """Base class. Subclasses are `@layerclass` dataclasses and define
+    """Base class. Subclasses are `@layerclass` dataclasses (see README, "Writing a layer").
 
-    - `init_params(key, spec) -> params` (spec: the ShapeDtypeStruct of one example),
-    - `forward(params, x, *, key=None, **side) -> y`,
-    - `side_inputs`: the names of the side inputs `forward` reads, besides `key`.
+    Required: `forward(params, x, *, key=None, **side) -> y` on one example.
+    Optional, when the layer needs them:
+    - `init_params(key, spec, **side) -> params` (spec: the ShapeDtypeStruct of one example;
+      default: no params, {});
+    - `side_inputs`: the names of the side inputs `forward` reads besides `key`;
+    - `forward_batch(params, xs, **side)`: a faster batch path than vmap (default vmap);
+    - `children() -> [(key, layer)]`: the sub-layers, for a layer built from others;
+    - `init_cache` / `decode`: for a layer that carries state through generation (default:
+      position-wise, no state).
     """
 
     side_inputs: frozenset = frozenset()
@@ -123,13 +70,11 @@ class Layer:
         A layer with a batch-level implementation (`forward_batch`) runs it instead: the
         position-wise layers as one array, the recurrent layers as one loop over (B, hidden)."""
         self._check_side(side)
-        if isinstance(xs, Deferred):
-            xs = xs if self.reads_deferred else xs.materialize()
         leaves = jax.tree.leaves(xs)
         if not leaves or jnp.ndim(leaves[0]) < 1:
             raise LayerError(f"{self!r}: expected a batch (B, ...), got {_describe(xs)}")
         side = {k: _as_array(v) for k, v in side.items()}
-        rows = (xs.shape if isinstance(xs, Deferred) else jnp.shape(leaves[0]))[0]
+        rows = jnp.shape(leaves[0])[0]
         for k, v in side.items():
             for leaf in jax.tree.leaves(v) if k != "key" else ():
                 if jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] != rows:
@@ -137,9 +82,6 @@ class Layer:
                                      f"{rows} (shape {tuple(jnp.shape(leaf))})")
         return _checked(self, self.forward_batch, params, xs, lambda: (example_spec(xs), {
             k: example_spec(v) for k, v in side.items() if k != "key"}), side)
-
-    reads_deferred = False
-    """True for a layer whose `forward_batch` takes a `Deferred` batch as it is (see there)."""
 
     def _check_side(self, side):
         unknown = set(side) - set(self.side_inputs) - {"key"}
@@ -177,28 +119,31 @@ class Layer:
         return jax.eval_shape(lambda x, side: self.apply(self.init(jax.random.key(0), x, **side), x, **side),
                               spec_of(x), spec_of(side))
 
+    # -- the layer tree ------------------------------------------------------------------
+    def children(self) -> list:
+        """The sub-layers: [(key, layer)], `key` the entry of this layer's params that holds the
+        sub-layer's params (None: the sub-layer's params are this layer's own, e.g. `Remat`).
+        `dp.walk` and `dp.rewrite` are built on it. A leaf layer has none."""
+        return []
+
+    def entry(self) -> "Layer | None":
+        """The sub-layer that receives this layer's input unchanged (the first stage of a
+        pipeline, the layer of `f ** n`), or None."""
+        return None
+
     # -- incremental decoding (generation) ---------------------------------------------
     def init_cache(self, params, max_len: int, dtype=jnp.float32, **side):
-        """State that `decode` carries from step to step ({} for position-wise layers).
+        """State that `decode` carries from chunk to chunk ({} for position-wise layers).
         Side inputs fixed for the whole decoding (e.g. `context=` of cross-attention) are
         given here and kept in the cache."""
         return {}
 
-    def decode(self, params, x_t, cache, position):
-        """One step of a sequence layer: x_t is step `position` of the input (one row of
-        (T, d), or one token id). Default: a position-wise layer, applied to x_t alone.
-        Returns (y_t, cache)."""
-        return self.apply(params, x_t[None])[0], cache
-
-    def prefill(self, params, xs, cache):
-        """Steps 0..P-1 of a decoding at once (a prompt): xs (P, ...) → (ys (P, ...), cache),
-        what `decode` at positions 0..P-1 returns (`decode_steps`, the reference). A layer
-        that keeps the default `decode` is position-wise and runs on all of xs; a layer with a
-        `decode` of its own runs it step by step unless it overrides `prefill` (causal
-        self-attention writes its KV cache in one pass)."""
-        if type(self).decode is Layer.decode:
-            return self.apply(params, xs), cache
-        return decode_steps(self, params, xs, cache)
+    def decode(self, params, xs, cache, position):
+        """Steps position..position+P-1 of a sequence layer at once: xs (P, ...) is that chunk
+        of the input (P ≥ 1: a whole prompt, or one new token); returns (ys (P, ...), cache).
+        The reference is `decode_steps`, one-step chunks in a scan; a chunk of P steps must
+        give the same outputs and cache. Default: a position-wise layer, applied to the chunk."""
+        return self.apply(params, xs), cache
 
     # -- the algebra -------------------------------------------------------------------
     def __matmul__(self, other: "Layer") -> "Layer":
@@ -211,7 +156,7 @@ class Layer:
         """`f ** n` is f^n: n applications of f with n independent parameter sets."""
         if not isinstance(n, int) or n < 1:
             raise LayerError(f"{self!r} ** {n!r}: the power must be an int >= 1")
-        return self if n == 1 else Repeat(self, n)
+        return Repeat(self, n)
 
     # -- errors and notation -----------------------------------------------------------
     def expect(self, x, *patterns, dtype: str = "float") -> None:
@@ -246,104 +191,13 @@ class Layer:
 
     @property
     def name(self) -> str:
-        """Short name used for this layer's key in a composition's params."""
-        return repr(self).split("(")[0]
+        """The name in this layer's key in a composition's params ("0_Dense"): its class,
+        never its hyperparameters, so that the params tree depends on the structure only."""
+        return type(self).__name__
 
 
 def _stages(layer: Layer) -> tuple:
     return layer.stages if isinstance(layer, Compose) else (layer,)
-
-
-_state = threading.local()
-
-
-class _outermost:
-    """`with _outermost() as outer:` — outer is True for the outermost init/apply of a call tree
-    (the layers inside a composition are not checked again)."""
-
-    def __enter__(self):
-        self.outer = not getattr(_state, "inside", False)
-        _state.inside = True
-        return self.outer
-
-    def __exit__(self, *exc):
-        if self.outer:
-            _state.inside = False
-
-
-def path_name(path) -> str:
-    """A pytree path as "['a'][0]['b']", the same for dicts, namedtuples and orbax metadata."""
-    def entry(k):
-        for attribute in ("key", "name", "idx"):
-            if hasattr(k, attribute):
-                return f"[{getattr(k, attribute)!r}]"
-        return str(k)
-    return "".join(entry(k) for k in path)
-
-
-def _leaf_kinds(tree) -> dict:
-    """{path: (shape, kind)} of a params tree; kind is "float", "int" or the dtype."""
-    def kind(dtype):
-        return "float" if jnp.issubdtype(dtype, jnp.floating) else "int" if jnp.issubdtype(dtype, jnp.integer) else str(dtype)
-    return {path_name(path): (tuple(np.shape(a)), kind(jnp.result_type(a)))
-            for path, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-@functools.lru_cache(maxsize=256)
-def _expected_params(layer, x_spec, side_spec):
-    spec = jax.tree.unflatten(x_spec[0], x_spec[1])
-    side = jax.tree.unflatten(side_spec[0], side_spec[1])
-    return _leaf_kinds(jax.eval_shape(lambda key: layer.init(key, spec, **side), jax.random.key(0)))
-
-
-def check_params(layer, params, x_spec, side_spec) -> None:
-    """Raise LayerError unless `params` has the structure, leaf shapes and kinds (float / int)
-    of `layer.init(key, x)` for an input like `x_spec`, naming the path of the first mismatch:
-    params of another configuration (Dense(8)'s in a Dense(4) model, a missing bias) never run
-    silently. It runs at the outermost apply, in Python, when the call is traced: under jit it is
-    part of tracing and costs nothing per step. (Floating dtypes may differ: a bf16 cast of the
-    params is the same params.)"""
-    flat = lambda tree: (jax.tree.structure(tree), tuple(jax.tree.leaves(tree)))
-    try:
-        expected = _expected_params(layer, flat(x_spec), flat(side_spec))
-    except TypeError:  # an unhashable layer or spec: compute without the cache
-        expected = _expected_params.__wrapped__(layer, flat(x_spec), flat(side_spec))
-    got = _leaf_kinds(params)
-    if got == expected:
-        return
-    for path in sorted(set(expected) | set(got)):
-        if expected.get(path) != got.get(path):
-            show = lambda v: "absent" if v is None else f"{v[0]} {v[1]}"
-            raise LayerError(f"{layer!r}: params{path} is {show(got.get(path))}, expected {show(expected.get(path))} "
-                             f"(params from another configuration?)")
-
-
-def _checked(layer, forward, params, x, specs, side):
-    """forward(params, x, **side); the outermost call then checks the params (`check_params`).
-    The layer's own input checks come first (their message names the input); a failure that is
-    not a LayerError is explained by a params mismatch when there is one."""
-    with _outermost() as outer:
-        if not outer:
-            return forward(params, x, **side)
-        try:
-            y = forward(params, x, **side)
-        except LayerError:
-            raise
-        except Exception as error:
-            check_params(layer, params, *specs())
-            raise error
-        check_params(layer, params, *specs())
-        return y
-
-
-class Deferred:
-    """A batch that a layer hands on unevaluated, because the next layer can compute from it
-    more cheaply than from its value (`dp.fusion.TokenVectors`: looked-up token vectors kept as
-    (table, ids)). `apply_batch` materializes it for every layer that does not read it
-    (`reads_deferred`)."""
-
-    def materialize(self):
-        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,13 +249,16 @@ class Pipeline(Combinator):
     pairs in running order; params, caches and the per-stage key are keyed by those names.
 
     Stage i gets `fold_in(key, i)` and the side inputs it lists in its `side_inputs`.
-    A `Deferred` batch passes through to the first stage as it is.
     """
-
-    reads_deferred = True
 
     def named_stages(self):
         raise NotImplementedError
+
+    def children(self):
+        return self.named_stages()
+
+    def entry(self):
+        return self.named_stages()[0][1]
 
     @property
     def side_inputs(self):
@@ -424,23 +281,17 @@ class Pipeline(Combinator):
         for i, (name, stage) in enumerate(self.named_stages()):
             x = run(stage, params[name], x, key=None if key is None else jax.random.fold_in(key, i),
                     **self._mine(stage, side))
-        return x.materialize() if isinstance(x, Deferred) else x
+        return x
 
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return {n: s.init_cache(params[n], max_len, dtype, **self._mine(s, side)) for n, s in self.named_stages()}
 
-    def decode(self, params, x_t, cache, position):
-        return self._through("decode", params, x_t, cache, position)
-
-    def prefill(self, params, xs, cache):
-        return self._through("prefill", params, xs, cache)
-
-    def _through(self, method, params, x, cache, *position):
-        """The stages' `decode` (one step) or `prefill` (P steps), in order, each with its cache."""
+    def decode(self, params, xs, cache, position):
+        """The stages' `decode`, in order, each with its cache."""
         cache = dict(cache)
         for name, stage in self.named_stages():
-            x, cache[name] = getattr(stage, method)(params[name], x, cache[name], *position)
-        return x, cache
+            xs, cache[name] = stage.decode(params[name], xs, cache[name], position)
+        return xs, cache
 
 
 @layerclass
@@ -455,6 +306,7 @@ class Compose(Pipeline):
     stages: tuple
 
     def names(self):
+        """The params keys: "{running index}_{stage.name}"."""
         return [f"{i}_{s.name}" for i, s in enumerate(self.stages)]
 
     def named_stages(self):
@@ -486,7 +338,7 @@ each application's residuals), with a compile time that only grows with n beyond
 
 @layerclass
 class Repeat(Combinator):
-    """f^n: n applications of `layer`, each with its own parameters.
+    """f^n: n applications of `layer`, each with its own parameters (n ≥ 1; `f ** 1` too).
 
     When `layer` maps its input shape to itself, the n parameter sets are stacked on a leading
     axis, params = {"stack": p} with every leaf of p shaped (n, ...), and
@@ -494,27 +346,34 @@ class Repeat(Combinator):
         x_k = layer(p[k], x_{k-1}),  k = 1..n,   computed by one jax.lax.scan over k,
 
     so the traced program and compile time do not grow with n (for n ≤ UNROLLED_UP_TO = 4 the
-    scan is unrolled, which runs faster). Decoding (`decode`, `prefill`) runs the n applications
-    one after another, each with its own cache (a tuple of n), so a step writes only its new
-    keys and values; `unstacked` slices the stack once per `dp.generate` call. When only the first
-    application changes the shape (FeedForward(64)^3 on a 10-vector), params =
-    {"first": p_1, "stack": p_2..n} and the first application runs outside the scan.
-    `key=` is folded with the application index k.
+    scan is unrolled, which runs faster), and a change of depth changes array shapes, not the
+    params tree. Decoding runs the n applications one after another, each with its own cache (a
+    tuple of n), so a step writes only its new keys and values; `unstacked` slices the stack once
+    per `dp.generate` call. When only the first application changes the shape
+    (FeedForward(64)^3 on a 10-vector), params = {"first": p_1, "stack": p_2..n} and the first
+    application runs outside the scan. `key=` is folded with the application index k.
     """
 
     layer: Layer
     n: int
-    reads_deferred = True
 
     @property
     def side_inputs(self):
         return self.layer.side_inputs
 
+    def children(self):
+        """("stack", layer): its params stacked on a leading axis; ("first", layer) when the first
+        application changes the shape (present in params only then)."""
+        return [("first", self.layer), ("stack", self.layer)]
+
+    def entry(self):
+        return self.layer
+
     def init_params(self, key, spec, **side):
         out = self.layer.out_spec(spec, **side)
         if _shapes(out) == _shapes(spec):
             return {"stack": self._stack(key, spec, self.n, side)}
-        if _shapes(self.layer.out_spec(out, **side)) != _shapes(out):
+        if self.n > 1 and _shapes(self.layer.out_spec(out, **side)) != _shapes(out):
             raise LayerError(f"{self!r}: {self.layer!r} maps {_describe(spec)} to "
                              f"{_describe(out)} and then to another shape; f ** n needs f to "
                              f"keep its shape after the first application (use dp.serial)")
@@ -526,11 +385,12 @@ class Repeat(Combinator):
 
     def route(self, run, params, x, *, key=None, **side):
         """The first application runs outside the scan when its params are separate ("first")
-        or when x is not a value the scan can carry (a `Deferred` batch)."""
+        or when x is not one array (a pytree that only the first application reads, e.g. the
+        token ids and table of `dp.fusion`)."""
         def sub_side(k):
             return side if key is None else {**side, "key": jax.random.fold_in(key, k)}
         first, stack = params.get("first"), params["stack"]
-        if first is None and isinstance(x, Deferred):
+        if first is None and not isinstance(x, jax.Array):
             first, stack = jax.tree.map(lambda a: a[0], stack), jax.tree.map(lambda a: a[1:], stack)
         done = 0 if first is None else 1
         if first is not None:
@@ -557,26 +417,21 @@ class Repeat(Combinator):
         """A tuple of n caches, one per application: decoding updates each in place."""
         return tuple(self.layer.init_cache(p, max_len, dtype, **side) for p in self.applications(params))
 
-    def decode(self, params, x_t, cache, position):
-        return self._through("decode", params, x_t, cache, position)
-
-    def prefill(self, params, xs, cache):
-        return self._through("prefill", params, xs, cache)
-
-    def _through(self, method, params, x, cache, *position):
-        """The layer's `decode` or `prefill` n times, each application with its cache."""
+    def decode(self, params, xs, cache, position):
+        """The layer's `decode` n times, each application with its cache."""
         if not isinstance(cache, tuple) or len(cache) != self.n:
             raise LayerError(f"{self!r}: expected a cache of {self.n} applications (its `init_cache`), got "
                              f"{len(cache) if isinstance(cache, tuple) else type(cache).__name__}")
         new = []
         for p, c in zip(self.applications(params), cache):
-            x, c = getattr(self.layer, method)(p, x, c, *position)
+            xs, c = self.layer.decode(p, xs, c, position)
             new.append(c)
-        return x, tuple(new)
+        return xs, tuple(new)
 
     @property
     def name(self):
-        return f"{self.layer.name}^{self.n}"
+        """"{layer.name}^n": the letter n, so that the key does not change with the depth."""
+        return f"{self.layer.name}^n"
 
     def __repr__(self):
         inner = repr(self.layer)
@@ -589,16 +444,21 @@ class Remat(Combinator):
     instead of stored (`jax.checkpoint`), trading compute for memory on long sequences.
     `Remat(TransformerBlock(...)) ** 24` checkpoints each block of the scan. `policy` is a
     `jax.checkpoint_policies` name (e.g. "dots_saveable": keep matmul results), or None
-    (save nothing). Params, side inputs and outputs are `layer`'s own.
+    (save nothing). Params, side inputs, outputs, caches and name are `layer`'s own.
     """
 
     layer: Layer
     policy: str = None
-    reads_deferred = True
 
     @property
     def side_inputs(self):
         return self.layer.side_inputs
+
+    def children(self):
+        return [(None, self.layer)]
+
+    def entry(self):
+        return self.layer
 
     def init_params(self, key, spec, **side):
         return self.layer.init(key, spec, **side)
@@ -610,69 +470,119 @@ class Remat(Combinator):
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return self.layer.init_cache(params, max_len, dtype, **side)
 
-    def decode(self, params, x_t, cache, position):
-        return self.layer.decode(params, x_t, cache, position)
-
-    def prefill(self, params, xs, cache):
-        return self.layer.prefill(params, xs, cache)
+    def decode(self, params, xs, cache, position):
+        return self.layer.decode(params, xs, cache, position)
 
     @property
     def name(self):
         return self.layer.name
 
 
-@layerclass
-class Batched(Layer):
-    """`layer` over a leading batch axis: (B, *example) → (B, *out), by `layer.apply_batch`.
+# -- the layer tree: walk and rewrite ---------------------------------------------------------
 
-    Built by `dp.batched(layer)`. `init` takes a batch and initialises `layer` from one
-    example of it; params are `layer`'s own. `key=` is split into B keys, one per example
-    (so dropout masks differ across examples); every other side input is batched along axis 0.
-    Without `key=` the result equals `jax.vmap(layer.apply)`; recurrent layers run faster this way.
+def walk(layer: Layer, params=None) -> Iterator[tuple]:
+    """Every layer in `layer`'s tree, itself first, depth first in `children()` order, as
+    (path, layer, params): `path` the tuple of params keys from the root to the layer's params
+    (`params[path[0]][path[1]]...`), and, when `params` are given, the layer's params (inside
+    `f ** n`, stacked: every leaf with a leading axis of n). With params, a child whose key the
+    params do not hold is left out (the "first" of an `f ** n` that keeps its shape).
+
+        for path, sub, p in dp.walk(model, params):
+            if isinstance(sub, dp.Attention): print(path, jax.tree.map(jnp.shape, p))
     """
+    yield (), layer, params
+    for key, child in layer.children():
+        if key is None:
+            yield from walk(child, params)
+        elif params is None:
+            yield from (((key,) + path, sub, None) for path, sub, _ in walk(child))
+        elif isinstance(params, dict) and key in params:
+            yield from (((key,) + path, sub, p) for path, sub, p in walk(child, params[key]))
 
-    layer: Layer
 
-    @property
-    def side_inputs(self):
-        return self.layer.side_inputs
+def find(layer: Layer, kind: type, params=None) -> list:
+    """The params paths of the layers of type `kind` (exactly) in `layer`'s tree, in `walk`
+    order: where a loader puts a checkpoint's weights, found by structure, not by key names."""
+    return [path for path, sub, _ in walk(layer, params) if type(sub) is kind]
 
-    def init_params(self, key, spec, **side):
-        if any(len(s.shape) < 1 for s in jax.tree.leaves(spec)):
-            raise LayerError(f"{self!r}: expected a batch (B, ...), got {_describe(spec)}")
-        return self.layer.init(key, example_spec(spec), **example_spec(side))
 
-    def forward(self, params, x, **side):
-        return self.layer.apply_batch(params, x, **side)
+def built_field():
+    """A field for the sub-layers a layer builds from its hyperparameters (a TransformerBlock's
+    attention and feed-forward): set in `__post_init__` (`set_built`), rebuilt by
+    `dataclasses.replace`, kept as edited by `dp.rewrite`. Not in the repr, compared as any field."""
+    return dataclasses.field(init=False, repr=False)
 
-    def __repr__(self):
-        return f"batched({self.layer!r})"
+
+def set_built(layer: Layer, name: str, value) -> None:
+    object.__setattr__(layer, name, value)
+
+
+def rewrite(layer: Layer, select: Callable[[Layer], bool], replace: Callable[[Layer], Layer]) -> Layer:
+    """`layer` with every sub-layer that `select` picks replaced by `replace(sub)`, top down (a
+    replaced layer is not searched further). The tree searched is the layers' fields: every
+    field that holds a layer, a tuple of layers (the stages of a composition) or of (name,
+    layer) pairs (the parts a TransformerBlock builds from its hyperparameters, `built_field`).
+    The result is a new layer; `layer` is unchanged. Params follow the structure: a replacement
+    with the same params (a wrapper, a layer of another kind with equal keys) reads the old
+    params as they are.
+
+        rms = dp.rewrite(model, lambda l: isinstance(l, dp.LayerNorm), lambda l: dp.RMSNorm(l.eps))
+    """
+    if select(layer):
+        return replace(layer)
+    if not dataclasses.is_dataclass(layer):
+        return layer
+    changes, built = {}, {}
+    for f in dataclasses.fields(layer):
+        value = getattr(layer, f.name)
+        if isinstance(value, Layer):
+            new = rewrite(value, select, replace)
+        elif isinstance(value, tuple) and value and all(isinstance(v, Layer) for v in value):
+            new = tuple(rewrite(v, select, replace) for v in value)
+        elif isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], Layer)
+                                                         for v in value):
+            new = tuple((k, rewrite(v, select, replace)) for k, v in value)
+        else:
+            continue
+        if any(a is not b for a, b in zip(jax.tree.leaves(new, is_leaf=_is_layer), jax.tree.leaves(value, is_leaf=_is_layer))):
+            (changes if f.init else built)[f.name] = new
+    if not changes and not built:
+        return layer
+    new = dataclasses.replace(layer, **changes)
+    for name, value in built.items():
+        set_built(new, name, value)
+    return new
+
+
+def _is_layer(x) -> bool:
+    return isinstance(x, Layer)
 
 
 def unstacked(layer: Layer, params):
-    """`params` with the stack of every `f ** n` inside `layer` (through `Pipeline` stages and
-    `Remat`) sliced into a tuple of n per-application trees, which `Repeat.decode` reads as they
-    are. `dp.generate` calls it once, before its loop: XLA does not hoist a slice out of a loop,
-    so inside it slicing the stack copies every weight at every token (GPT-2 small: 340 MB, a
-    third of a step). Layers it does not look into keep their stacks, sliced per step."""
+    """`params` with the stack of every `f ** n` inside `layer` sliced into a tuple of n
+    per-application trees, which `Repeat.decode` reads as they are. `dp.generate` calls it once,
+    before its loop: XLA does not hoist a slice out of a loop, so inside it slicing the stack
+    copies every weight at every token (GPT-2 small: 340 MB, a third of a step)."""
     if isinstance(layer, Repeat):
         apps = [unstacked(layer.layer, p) for p in layer.applications(params)]
         first = {"first": apps.pop(0)} if "first" in params else {}
         return {**first, "stack": tuple(apps)}
-    if isinstance(layer, Remat):
-        return unstacked(layer.layer, params)
-    if isinstance(layer, Pipeline):
-        return {**params, **{n: unstacked(s, params[n]) for n, s in layer.named_stages()}}
+    for key, child in layer.children():
+        if key is None:
+            params = unstacked(child, params)
+        elif isinstance(params, dict) and key in params:
+            params = {**params, key: unstacked(child, params[key])}
     return params
 
 
-def decode_steps(layer: Layer, params, xs, cache):
-    """`layer.decode` at positions 0..P-1 over xs (P, ...), as one lax.scan: (ys (P, ...), cache).
-    The reference every `prefill` computes."""
+def decode_steps(layer: Layer, params, xs, cache, position=0):
+    """The reference of every `decode`: `layer.decode` on one-step chunks at positions
+    position..position+P-1 of xs (P, ...), as one lax.scan: (ys (P, ...), cache)."""
     def step(cache, x_position):
-        y, cache = layer.decode(params, x_position[0], cache, x_position[1])
-        return cache, y
-    cache, ys = jax.lax.scan(step, cache, (xs, jnp.arange(xs.shape[0])))
+        x, t = x_position
+        y, cache = layer.decode(params, x[None], cache, t)
+        return cache, y[0]
+    cache, ys = jax.lax.scan(step, cache, (xs, position + jnp.arange(xs.shape[0])))
     return ys, cache
 
 
@@ -681,8 +591,3 @@ def _as_array(value):
     if isinstance(value, list) and all(isinstance(e, (int, float, np.number)) for e in value):
         return jnp.asarray(value)
     return value
-
-
-def batched(layer: Layer) -> Batched:
-    """vmap `layer` over a leading batch axis, splitting `key=` per example. See `Batched`."""
-    return Batched(layer)

@@ -5,8 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .core import Layer, LayerError, example_spec, layerclass
-from .fusion import TokenVectors
+from .core import Layer, LayerError, layerclass
 
 
 @layerclass
@@ -17,13 +16,10 @@ class EmbedToken(Layer):
     Out-of-range ids raise LayerError when the ids are concrete (eager mode). Under jit the
     ids are not known while tracing, so an out-of-range id yields a row of NaN instead of a
     silently clamped vector; the NaN reaches the loss, where `dp.train` reports it.
-    With `fuse=True`, a batch is handed on unevaluated (`dp.fusion.TokenVectors`), so that a
-    recurrent layer next projects the table instead of every vector; the values are the same.
     """
 
     vocab: int
     dim: int
-    fuse: bool = False
 
     def init_params(self, key, spec, **side):
         self.expect(spec, (), ("T",), dtype="int")
@@ -39,12 +35,6 @@ class EmbedToken(Layer):
     def forward(self, params, ids, **side):
         self.check(params, ids)
         return self.lookup(params["table"], ids)
-
-    def forward_batch(self, params, ids, **side):
-        if not self.fuse:
-            return super().forward_batch(params, ids, **side)
-        self.check(params, example_spec(ids))
-        return TokenVectors(self, params["table"], ids)
 
     def lookup(self, table, ids):
         """table[ids] for a table of any width; out-of-range ids are an error (concrete ids) or

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .basic import Dropout, LayerNorm, PositionWise, affine
+from .basic import Dropout, PositionWise, affine, norm_field, set_norm
 from .core import ArgumentError, Layer, LayerError, Pipeline, layerclass, unstacked
 from .embed import EmbedToken
+from .fusion import fuse_stages
 from .sequence import Collapse, check_lengths
 
 
@@ -50,8 +51,8 @@ class LanguageModel(Pipeline):
     to train causal models (the body must then be causal: a recurrent body, or a Transformer
     with causal=True). `positions` (e.g. LearnedPositions(max_len)) is added after the
     embedding, and `dropout` (active with `key=`) applies to their sum (GPT-2's embedding
-    dropout); `final_norm` applies a LayerNorm (epsilon `eps`) before GenerateToken (needed by
-    pre-LN bodies). The head reads the embedding's table (`tied=True`, weight tying) or a
+    dropout); `final_norm` applies `norm` (LayerNorm(eps) unless given) before GenerateToken
+    (needed by pre-LN bodies). `fuse` (default) applies `dp.fusion` to a recurrent body. The head reads the embedding's table (`tied=True`, weight tying) or a
     table of its own, and adds a bias per token with `head_bias=True`.
     Params: {"embed": {"table"}, "positions"?, "dropout"?, "body", "norm"?, "head"?}; "head" holds
     {"table"} when untied and {"bias"} with head_bias.
@@ -68,15 +69,24 @@ class LanguageModel(Pipeline):
     head_bias: bool = False
     eps: float = 1e-5
     dropout: float = 0.0
+    norm: Layer = norm_field()
     side_inputs = frozenset({"lengths"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        set_norm(self)
 
     def named_stages(self):
         """(name, layer) pairs from the embedding to the last hidden state."""
-        stages = [("embed", EmbedToken(self.vocab, self.dim, fuse=self.fuse))]
+        stages = [("embed", EmbedToken(self.vocab, self.dim))]
         stages += [("positions", self.positions)] if self.positions is not None else []
         stages += [("dropout", Dropout(self.dropout))] if self.dropout else []
         stages += [("body", self.body)]
-        return stages + ([("norm", LayerNorm(self.eps))] if self.final_norm else [])
+        stages += [("norm", self.norm)] if self.final_norm else []
+        return fuse_stages(stages) if self.fuse else stages
+
+    def children(self):
+        return self.named_stages() + ([("head", self.head)] if not self.tied or self.head_bias else [])
 
     @property
     def head(self) -> GenerateToken:
@@ -100,14 +110,10 @@ class LanguageModel(Pipeline):
             h = run(Collapse("last"), {}, h, **side)
         return run(self.head, self.head_params(params), h)
 
-    def decode(self, params, token, cache, position):
-        """Logits (vocab,) for the token after `token`, read at `position`; carries the cache."""
-        h, cache = super().decode(params, token, cache, position)
-        return self.head.apply(self.head_params(params), h), cache
-
-    def prefill(self, params, tokens, cache):
-        """Logits (P, vocab) after each of the first P tokens (a prompt), the cache filled."""
-        h, cache = super().prefill(params, tokens, cache)
+    def decode(self, params, tokens, cache, position):
+        """Logits (P, vocab) after each token of the chunk tokens (P,) read at steps
+        position..position+P-1 (a prompt, or one new token); carries the cache."""
+        h, cache = super().decode(params, tokens, cache, position)
         return self.head.apply(self.head_params(params), h), cache
 
     def __repr__(self):
@@ -164,7 +170,7 @@ def generate(model: LanguageModel, params, prompts, steps: int, *, lengths=None,
     compiled program, no host sync per token).
 
     A jit-compiled `lax.scan`. With `use_cache=True` the model reads the part of the prompts
-    that every row has in one `prefill` (a Transformer's KV cache written in one causal pass),
+    that every row has as one chunk of `decode` (a Transformer's KV cache written in one pass),
     then one token per step (the rest of a longer prompt is fed, not sampled), carrying its KV
     cache (Transformer) or state (RNN); with `use_cache=False` it recomputes the whole prefix
     every step (the reference the cache must agree with). Sampling keywords go to `sample`
@@ -200,7 +206,7 @@ def generate(model: LanguageModel, params, prompts, steps: int, *, lengths=None,
         raise LayerError(f"generate: prompt ({prompts.shape[1]}) + steps ({steps}) = {total} is "
                          f"longer than the model's positional table ({max_len})")
     keys = _row_keys(key, prompts.shape[0])
-    # the prefix every row has is read in one prefill; unknown under jit: the first token only
+    # the prefix every row has is read as one chunk; unknown under jit: the first token only
     shortest = 1 if isinstance(lengths, jax.core.Tracer) else int(np.min(lengths, initial=prompts.shape[1]))
     tokens = _generate(model, params, prompts, lengths, steps, keys, tuple(sorted(sampling.items())), use_cache, shortest)
     if not stops:
@@ -258,20 +264,20 @@ def _generate(model, params, prompts, lengths, steps, keys, sampling, use_cache,
 
 
 def _cached(model, params, prompt, length, key, *, steps, sampling, shortest):
-    """Prefill the first `shortest` tokens, then one decode per position: the prompt's own
-    token while the position is inside it (length), a sampled one after."""
+    """Decode the first `shortest` tokens as one chunk, then one token per position: the
+    prompt's own token while the position is inside it (length), a sampled one after."""
     params = unstacked(model, params)  # sliced once here, not at every step of the loop
     total = prompt.shape[0] + steps
     cache = model.init_cache(params, total)
-    logits, cache = model.prefill(params, prompt[:shortest], cache)
+    logits, cache = model.decode(params, prompt[:shortest], cache, 0)
     keys = jax.random.split(key, steps)
 
     def write(carry, position):
         cache, logits = carry
         sampled = sample(keys[jnp.clip(position - length, 0, steps - 1)], logits, **sampling)
         token = jnp.where(position < length, prompt[jnp.minimum(position, prompt.shape[0] - 1)], sampled)
-        logits, cache = model.decode(params, token.astype(prompt.dtype), cache, position)
-        return (cache, logits), token
+        logits, cache = model.decode(params, token.astype(prompt.dtype)[None], cache, position)
+        return (cache, logits[0]), token
     _, tokens = jax.lax.scan(write, (cache, logits[-1]), jnp.arange(shortest, total))
     return jax.lax.dynamic_slice(tokens, (length - shortest,), (steps,))
 

@@ -18,11 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .core import ArgumentError, LayerError, Repeat, path_name
-from .generate import LanguageModel
-from .models import Bert, bert, gpt2
+from .attention import Attention
+from .basic import Dense, FeedForward
+from .checks import path_name
+from .core import ArgumentError, LayerError, Repeat, find
+from .embed import EmbedToken
+from .generate import GenerateToken, LanguageModel
+from .models import Bert, SelectSpan, bert, gpt2
 from .torch_weights import numpy_array
-from .transformer import TransformerBlock
+from .transformer import EmbedSegment, LearnedPositions, TransformerBlock
 
 BUFFERS = re.compile(r"(^|\.)(position_ids|attn\.bias|attn\.masked_bias)$")
 """Names of buffers some checkpoints store beside the weights (position indices, causal masks)."""
@@ -73,73 +77,71 @@ def _norm(ours: tuple, theirs: str) -> dict:
     return {ours + ("scale",): (theirs + ".weight", None), ours + ("bias",): (theirs + ".bias", None)}
 
 
-def _block(attention: dict, attention_norm: dict, feedforward: dict, feedforward_norm: dict) -> dict:
-    """The TransformerBlock's params paths, each part's entries given relative to it."""
-    at = lambda root, part: {root + k: v for k, v in part.items()}
-    return {**at(("attention", "f", "0_Attention"), attention), **at(("attention", "norm"), attention_norm),
-            **at(("feedforward", "f"), feedforward), **at(("feedforward", "norm"), feedforward_norm)}
+def _block(block: TransformerBlock, attention: dict, attention_norm: str, hidden: str, output: str,
+           feedforward_norm: str, transpose: bool) -> dict:
+    """{params path in one block: (checkpoint name, transform)}: the attention's entries as given,
+    the two norms and the feed-forward's two Linear/Conv1D layers by their checkpoint names."""
+    (at,), (first_norm, second_norm) = find(block, Attention), find(block, type(block.norm))
+    (ff,), (out,) = find(block, FeedForward), find(block, Dense)
+    return {**{at + k: v for k, v in attention.items()}, **_norm(first_norm, attention_norm),
+            **_linear(ff, hidden, transpose), **_linear(out, output, transpose), **_norm(second_norm, feedforward_norm)}
 
 
-def bert_names(model: Bert, layer: int) -> tuple[dict, dict]:
+def bert_names(model: Bert, layer: int, expected) -> tuple[dict, dict]:
     """{params path: (Hugging Face name, transform)} for the embeddings and heads (layer=None)
-    or for encoder layer `layer`; and {name of a tied copy: the name it copies}."""
+    or for encoder layer `layer` (paths inside one block); and {name of a tied copy: the name it copies}."""
     if layer is not None:
         prefix = f"encoder.layer.{layer}."
-        return _block({**{(n,) + k: v for n in ("query", "key", "value")
-                          for k, v in _linear((), prefix + "attention.self." + n).items()},
-                       **_linear(("output",), prefix + "attention.output.dense")},
-                      _norm((), prefix + "attention.output.LayerNorm"),
-                      {**_linear(("0_FeedForward",), prefix + "intermediate.dense"),
-                       **_linear(("1_Dense",), prefix + "output.dense")},
-                      _norm((), prefix + "output.LayerNorm")), {}
-    e = ("embeddings",)
-    names = {e + ("0_EmbedToken", "table"): ("embeddings.word_embeddings.weight", None),
-             e + ("1_LearnedPositions", "table"): ("embeddings.position_embeddings.weight", None),
-             e + ("2_EmbedSegment", "table"): ("embeddings.token_type_embeddings.weight", None),
-             **_norm(e + ("3_LayerNorm",), "embeddings.LayerNorm")}
+        attention = {**{(n,) + k: v for n in ("query", "key", "value")
+                        for k, v in _linear((), prefix + "attention.self." + n).items()},
+                     **_linear(("output",), prefix + "attention.output.dense")}
+        return _block(model.block, attention, prefix + "attention.output.LayerNorm", prefix + "intermediate.dense",
+                      prefix + "output.dense", prefix + "output.LayerNorm", True), {}
+    (token,), (position,), (segment,) = (find(model, k, expected) for k in (EmbedToken, LearnedPositions, EmbedSegment))
+    norms = find(model, type(model.norm), expected)
+    names = {token + ("table",): ("embeddings.word_embeddings.weight", None),
+             position + ("table",): ("embeddings.position_embeddings.weight", None),
+             segment + ("table",): ("embeddings.token_type_embeddings.weight", None),
+             **_norm(norms[0], "embeddings.LayerNorm")}
     if model.head == "pooler":
-        names.update(_linear(("pooler", "1_FeedForward"), "pooler.dense"))
+        names.update(_linear(find(model, FeedForward, expected)[-1], "pooler.dense"))
     elif model.head == "masked_lm":
-        names.update({**_linear(("masked_lm", "0_FeedForward"), "cls.predictions.transform.dense"),
-                      **_norm(("masked_lm", "1_LayerNorm"), "cls.predictions.transform.LayerNorm"),
+        names.update({**_linear(find(model, FeedForward, expected)[-1], "cls.predictions.transform.dense"),
+                      **_norm(norms[-1], "cls.predictions.transform.LayerNorm"),
                       ("decoder", "bias"): ("cls.predictions.bias", None)})
         return names, {"cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",
                        "cls.predictions.decoder.bias": "cls.predictions.bias"}
     elif model.head == "question_answering":
-        names.update(_linear(("question_answering",), "qa_outputs"))
+        names.update(_linear(find(model, SelectSpan, expected)[0], "qa_outputs"))
     return names, {}
 
 
-def gpt2_names(model: LanguageModel, layer: int) -> tuple[dict, dict]:
+def gpt2_names(model: LanguageModel, layer: int, expected) -> tuple[dict, dict]:
     """As `bert_names`, for `dp.gpt2` (GPT2LMHeadModel; Conv1D weights are (in, out))."""
     if layer is not None:
-        prefix, d = f"h.{layer}.", model.dim
+        prefix = f"h.{layer}."
         split = lambda i: lambda w: np.split(w, 3, axis=-1)[i]
-        qkv = {(n, k): (prefix + "attn.c_attn." + k, split(i))
-               for i, n in enumerate(("query", "key", "value")) for k in ("weight", "bias")}
-        return _block({**qkv, **_linear(("output",), prefix + "attn.c_proj", False)}, _norm((), prefix + "ln_1"),
-                      {**_linear(("0_FeedForward",), prefix + "mlp.c_fc", False),
-                       **_linear(("1_Dense",), prefix + "mlp.c_proj", False)},
-                      _norm((), prefix + "ln_2")), {}
-    names = {("embed", "table"): ("wte.weight", None), ("positions", "table"): ("wpe.weight", None),
-             **_norm(("norm",), "ln_f")}
+        attention = {**{(n, k): (prefix + "attn.c_attn." + k, split(i))
+                        for i, n in enumerate(("query", "key", "value")) for k in ("weight", "bias")},
+                     **_linear(("output",), prefix + "attn.c_proj", False)}
+        return _block(model.body.layer, attention, prefix + "ln_1", prefix + "mlp.c_fc", prefix + "mlp.c_proj",
+                      prefix + "ln_2", False), {}
+    (token,), (position,) = find(model, EmbedToken, expected), find(model, LearnedPositions, expected)
+    names = {token + ("table",): ("wte.weight", None), position + ("table",): ("wpe.weight", None),
+             **_norm(find(model, type(model.norm), expected)[-1], "ln_f")}
     if not model.tied:
-        names[("head", "table")] = ("lm_head.weight", None)
+        names[find(model, GenerateToken, expected)[0] + ("table",)] = ("lm_head.weight", None)
     return names, ({"lm_head.weight": "wte.weight"} if model.tied else {})
 
 
-def _kind(model):
-    """(prefix, names function, depth, path of the blocks' params) of a model diffprog can load.
-    The blocks' params are stacked under "stack" for depth > 1; `block ** 1` is the block, whose
-    params sit at the path itself."""
+def _kind(model, expected):
+    """(prefix, names function, depth, path of the blocks' params) of a model diffprog can load."""
     if isinstance(model, Bert):
-        return "bert.", bert_names, model.depth, ("encoder",) + (("stack",) if model.depth > 1 else ())
+        return "bert.", bert_names, model.depth, find(model, TransformerBlock, expected)[0]
     body = getattr(model, "body", None)
-    block = body.layer if isinstance(body, Repeat) else body
     if (isinstance(model, LanguageModel) and model.final_norm and model.per_position and not model.head_bias
-            and isinstance(block, TransformerBlock) and block.pre_norm):
-        depth = body.n if isinstance(body, Repeat) else 1
-        return "transformer.", gpt2_names, depth, ("body",) + (("stack",) if depth > 1 else ())
+            and isinstance(body, Repeat) and isinstance(body.layer, TransformerBlock) and body.layer.pre_norm):
+        return "transformer.", gpt2_names, body.n, find(model, TransformerBlock, expected)[0]
     raise ArgumentError(f"load_pretrained: {model!r} is not a model built by dp.bert or dp.gpt2")
 
 
@@ -152,14 +154,14 @@ def load_pretrained(model, source, *, fill=None, ignore: tuple = ()) -> dict:
     otherwise: `fill=` params (e.g. `model.init(key, ids)`), or a key to initialise them with,
     supply the params the checkpoint lacks (a new head on a pretrained body), and `ignore=` name prefixes that may go unused (the
     pretraining heads "cls." of bert-base-uncased when loading the bare model)."""
-    prefix, names_of, depth, stack = _kind(model)
-    state = _normalise(read_state_dict(source), prefix)
     expected = jax.eval_shape(lambda key: model.init(key, jax.ShapeDtypeStruct((2,), np.int32)), jax.random.key(0))
+    prefix, names_of, depth, stack = _kind(model, expected)
+    state = _normalise(read_state_dict(source), prefix)
     if fill is not None and isinstance(fill, jax.Array) and jax.dtypes.issubdtype(fill.dtype, jax.dtypes.prng_key):
         fill = model.init(fill, jax.ShapeDtypeStruct((2,), np.int32))
     fill_leaves = {} if fill is None else {path_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(fill)[0]}
-    head_names, tied = names_of(model, None)
-    layer_names = [names_of(model, i)[0] for i in range(depth)]
+    head_names, tied = names_of(model, None, expected)
+    layer_names = [names_of(model, i, expected)[0] for i in range(depth)]
     used, missing = set(tied) & set(state), []
     for copy in used:  # a tied copy that differs is another (untied) model, not one to load silently
         if tied[copy] in state and not np.array_equal(state[copy], state[tied[copy]]):
@@ -186,7 +188,7 @@ def load_pretrained(model, source, *, fill=None, ignore: tuple = ()) -> dict:
             missing.extend(absent)
             return None
         arrays = [load(*source) for source in sources]
-        value = np.stack(arrays) if in_blocks and depth > 1 else arrays[0]
+        value = np.stack(arrays) if in_blocks else arrays[0]
         if value.shape != spec.shape:
             names = sources[0][0] if len(sources) == 1 else f"{sources[0][0]} (and the other {len(sources) - 1} layers)"
             raise LayerError(f"load_pretrained: weight {names} gives params{path_name(path)} the shape {value.shape}, "

@@ -24,6 +24,10 @@ class FromFlax(Layer):
     def forward(self, params, x, *, key=None, **side):
         return self.module.apply(params, x, rngs=None if key is None else {"dropout": key})
 
+    @property
+    def name(self):
+        return "from_flax"
+
     def __repr__(self):
         return f"from_flax({type(self.module).__name__})"
 

@@ -16,8 +16,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from .basic import Dense, Dropout, FeedForward, LayerNorm, PositionWise, affine
-from .core import ArgumentError, Pipeline, layerclass
+from .basic import Dense, Dropout, FeedForward, PositionWise, affine, norm_field, set_norm
+from .core import ArgumentError, Layer, Pipeline, built_field, layerclass, set_built
 from .embed import EmbedToken
 from .generate import GenerateToken, LanguageModel
 from .sequence import Collapse
@@ -61,7 +61,7 @@ class Bert(Pipeline):
     - "question_answering": SelectSpan, the start and end logits ((T,), (T,)) —
       `BertForQuestionAnswering`.
 
-    The depth blocks run as one lax.scan. Side inputs: `segments=` int[T] (which of `types`
+    Every norm is `norm` (LayerNorm(eps) unless given). The depth blocks run as one lax.scan. Side inputs: `segments=` int[T] (which of `types`
     segments each token is in; absent: all 0), `lengths=` (valid steps: padded keys are hidden
     from every query), `key=` (dropout). Params: {"embeddings", "encoder", and "pooler",
     "masked_lm" (+ "decoder": {"bias"}) or "question_answering"}; every head shares the
@@ -80,28 +80,43 @@ class Bert(Pipeline):
     dropout: float = 0.1
     attention_dropout: float = 0.1
     head: Optional[str] = "pooler"
+    norm: Layer = norm_field()
+    parts: tuple = built_field()
+    """(name, layer): the embeddings, the encoder and the head, as the fields build them
+    (`build`) or as `dp.rewrite` made them."""
 
     def __post_init__(self):
         super().__post_init__()
+        set_norm(self)
         if self.head not in BERT_HEADS:
             raise ArgumentError(f"Bert: head must be one of {BERT_HEADS}, got {self.head!r}")
+        set_built(self, "parts", self.build())
+
+    def build(self) -> tuple:
+        block = TransformerBlock(self.d, self.heads, self.ff, dropout=self.dropout, activation=self.activation,
+                                 eps=self.eps, attention_dropout=self.attention_dropout, norm=self.norm)
+        embeddings = (Dropout(self.dropout) @ self.norm @ EmbedSegment(self.types)
+                      @ LearnedPositions(self.max_len) @ EmbedToken(self.vocab, self.d))
+        head = {None: None, "pooler": FeedForward(self.d, "tanh") @ Collapse("first"),
+                "masked_lm": self.norm @ FeedForward(self.d, self.activation),
+                "question_answering": SelectSpan()}[self.head]
+        return (("embeddings", embeddings), ("encoder", block ** self.depth)) + ((self.head, head),) * (head is not None)
 
     @property
     def block(self) -> TransformerBlock:
-        return TransformerBlock(self.d, self.heads, self.ff, dropout=self.dropout, activation=self.activation,
-                                eps=self.eps, attention_dropout=self.attention_dropout)
+        """The encoder's block (the layer of its `block ** depth`)."""
+        return self.parts[1][1].layer
 
     def named_stages(self):
         """The body: the embeddings and the encoder."""
-        embeddings = (Dropout(self.dropout) @ LayerNorm(self.eps) @ EmbedSegment(self.types)
-                      @ LearnedPositions(self.max_len) @ EmbedToken(self.vocab, self.d))
-        return [("embeddings", embeddings), ("encoder", self.block ** self.depth)]
+        return list(self.parts[:2])
+
+    def children(self):
+        return list(self.parts)
 
     @property
     def head_layer(self):
-        return {None: None, "pooler": FeedForward(self.d, "tanh") @ Collapse("first"),
-                "masked_lm": LayerNorm(self.eps) @ FeedForward(self.d, self.activation),
-                "question_answering": SelectSpan()}[self.head]
+        return self.parts[2][1] if self.head is not None else None
 
     def init_params(self, key, spec, **side):
         params = super().init_params(key, spec, **side)
@@ -120,7 +135,8 @@ class Bert(Pipeline):
         if self.head == "pooler":
             return hidden, out
         if self.head == "masked_lm":
-            table = params["embeddings"]["0_EmbedToken"]["table"]
+            (name, embeddings), _ = self.named_stages()
+            table = params[name][embeddings.names()[0]]["table"]  # the token table: the first stage
             return run(GenerateToken(self.vocab, use_bias=True), {"table": table, **params["decoder"]}, out)
         return out
 

@@ -11,8 +11,8 @@ activation:
 in one matrix product, then a scan over time of h_{t-1} W_h, the biases and `activate`. One
 example runs `scan` itself; a batch (`apply_batch`, `dp.batched`) runs the same loop over (B,
 hidden) states through `dp.kernels.recurrence`, which chooses its backend (a written-out backward
-pass; on the CPU, the LSTM's C++ kernels). Right after `EmbedToken(..., fuse=True)` the input
-projection is a lookup in the projected table (`dp.fusion.TokenVectors`).
+pass; on the CPU, the LSTM's C++ kernels). Right after a token embedding, `dp.batched` makes the
+input projection a lookup in the projected table (`dp.fusion`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import numpy as np
 from . import kernels
 from .basic import lecun_normal
 from .core import Combinator, Layer, LayerError, example_spec, layerclass
-from .fusion import TokenVectors
 from .sequence import check_lengths, check_sequence, valid_steps
 
 orthogonal = jax.nn.initializers.orthogonal()
@@ -71,7 +70,6 @@ class Recurrent(Layer):
     """
 
     side_inputs = frozenset({"lengths", "initial_state"})
-    reads_deferred = True
     kernel = None
     """The name of this layer's C++ kernel in `dp.kernels.recurrence`, or None."""
 
@@ -90,9 +88,11 @@ class Recurrent(Layer):
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return self.initial_carry(dtype)
 
-    def decode(self, params, x_t, cache, position):
-        carry, out = self.cell(params, cache, x_t)
-        return out["h"], carry
+    def decode(self, params, xs, cache, position):
+        """The loop over the chunk xs (P, d), from the carry in the cache."""
+        weights = self.weights(params)
+        carry, outs = self.scan(weights, xs @ weights.w_x, cache, None)
+        return outs["h"], carry
 
     def forward(self, params, xs, *, key=None, lengths=None, initial_state=None):
         weights = self.weights(params)
@@ -104,23 +104,18 @@ class Recurrent(Layer):
         return self._result(outs, carry)
 
     def forward_batch(self, params, xs, *, key=None, lengths=None, initial_state=None):
-        """(B, T, d) → (B, T, hidden): the time-major loop over (B, hidden) states
-        (`dp.kernels.recurrence`). On `TokenVectors` (B, T) with vocab ≤ B·T, the input
-        projection is x_t W_x = (E W_x)[id_t]: one (vocab × d)·(d × G) product instead of
-        (B·T × d)·(d × G), and its gradient a scatter-add over the ids."""
+        """(B, T, d) → (B, T, hidden): the time-major loop over (B, hidden) states."""
         weights = self.weights(params)
-        if isinstance(xs, TokenVectors) and xs.vocab > xs.ids.size:
-            xs = xs.materialize()
-        spec = xs.example_spec() if isinstance(xs, TokenVectors) else example_spec(xs)
-        steps = check_sequence(self, spec, weights.w_x.shape[0])
-        batch = xs.shape[0]
+        check_sequence(self, example_spec(xs), weights.w_x.shape[0])
+        return self.run_batch(weights, jnp.swapaxes(xs, 0, 1), xs.dtype, lengths, initial_state)
+
+    def run_batch(self, weights: Weights, inputs, dtype, lengths=None, initial_state=None):
+        """The loop over inputs (T, B, d) by `dp.kernels.recurrence` (or over their projections
+        x W_x (T, B, G) when weights.w_x is None); outputs batch-major as `forward_batch`'s."""
+        steps, batch = inputs.shape[:2]
         lengths = check_lengths(self, lengths, steps, batch=batch)
-        carry = self._initial(initial_state, jnp.result_type(spec.dtype, weights.w_h.dtype), (batch,))
+        carry = self._initial(initial_state, jnp.result_type(dtype, weights.w_h.dtype), (batch,))
         valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths
-        if isinstance(xs, TokenVectors):
-            inputs, weights = xs.project(weights.w_x, time_major=True), weights._replace(w_x=None)
-        else:
-            inputs = jnp.swapaxes(xs, 0, 1)
         carry, outs = kernels.recurrence(self, weights, inputs, carry, valid)
         return self._result(jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), outs), carry)
 

@@ -100,8 +100,8 @@ def translate(model: SequenceToSequence, params, sources, steps: int, start: int
 
             def step(carry, position):
                 token, cache = carry
-                hidden, cache = model.decoder.decode(decoder, token, cache, position)
-                token = jnp.argmax(Dense(model.vocab).apply(params["head"], hidden)).astype(jnp.int32)
+                hidden, cache = model.decoder.decode(decoder, token[None], cache, position)
+                token = jnp.argmax(Dense(model.vocab).apply(params["head"], hidden[0])).astype(jnp.int32)
                 return (token, cache), token
             return jax.lax.scan(step, (jnp.int32(start), cache), jnp.arange(steps))[1]
 

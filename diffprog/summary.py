@@ -6,7 +6,8 @@ import math
 import jax
 import jax.extend.core as jex
 
-from .core import Compose, Layer, _describe, spec_of
+from .checks import _describe, spec_of
+from .core import Layer, Pipeline
 
 
 def product_flops(jaxpr: jex.Jaxpr) -> int:
@@ -34,14 +35,15 @@ def product_flops(jaxpr: jex.Jaxpr) -> int:
 
 
 def summary(model: Layer, x, *, print_fn=print) -> str:
-    """A table with one row per stage of `model` (one example `x`), returned and printed.
+    """A table with one row per stage of `model` (one example `x`; the stages of a pipeline:
+    a composition, a TransformerBlock, a LanguageModel's embedding, body and norm), returned and printed.
 
     Columns: stage (the notes' notation), input → output (shape dtype), parameter count, and
     the FLOPs of the stage's forward pass in its matrix products and convolutions
     (`product_flops`; element-wise work is not counted). Scans count every step: a recurrent
     layer's T steps, the n applications of `f ** n`.
     """
-    stages = model.stages if isinstance(model, Compose) else (model,)
+    stages = [stage for _, stage in model.named_stages()] if isinstance(model, Pipeline) else [model]
     spec = spec_of(x)
     rows, total_params, total_flops = [], 0, 0
     for stage in stages:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .attention import Attention
-from .basic import Dense, LayerNorm
+from .basic import Dense, FeedForward, LayerNorm, RMSNorm
 from .conv import Conv
-from .core import Layer, LayerError
+from .core import Layer, LayerError, find
 from .embed import EmbedToken
 from .recurrent import GRU, LSTM, SimpleRNN
 from .transformer import TransformerBlock
@@ -98,6 +99,12 @@ def _(layer: LayerNorm, sd):
 
 
 @_convert.register
+def _(layer: RMSNorm, sd):  # nn.RMSNorm(d, eps=layer.eps)
+    (w,) = _take(layer, sd, "weight")
+    return {"scale": w}
+
+
+@_convert.register
 def _(layer: EmbedToken, sd):
     (w,) = _take(layer, sd, "weight")
     _expect(layer, "weight (vocab, dim)", w.shape, (layer.vocab, layer.dim))
@@ -148,10 +155,21 @@ def _(layer: Attention, sd):  # nn.MultiheadAttention(batch_first=True)
 @_convert.register
 def _(layer: TransformerBlock, sd):  # nn.TransformerEncoderLayer(batch_first=True, relu)
     sub = sd.sub
-    attention = _convert(Attention(layer.heads), sub("self_attn."))
-    return {"attention": {"f": {"0_Attention": attention, "1_Dropout": {}},
-                          "norm": _convert(LayerNorm(), sub("norm1."))},
-            "feedforward": {"f": {"0_FeedForward": _convert(Dense(layer.ff), sub("linear1.")),
-                                  "1_Dense": _convert(Dense(layer.d), sub("linear2.")),
-                                  "2_Dropout": {}},
-                            "norm": _convert(LayerNorm(), sub("norm2."))}}
+    (attention,), (first_norm, second_norm) = find(layer, Attention), find(layer, type(layer.norm))
+    (hidden,), (output,) = find(layer, FeedForward), find(layer, Dense)
+    return placed(layer, jax.ShapeDtypeStruct((1, layer.d), jnp.float32), {
+        attention: _convert(Attention(layer.heads), sub("self_attn.")), first_norm: _convert(layer.norm, sub("norm1.")),
+        hidden: _convert(Dense(layer.ff), sub("linear1.")), output: _convert(Dense(layer.d), sub("linear2.")),
+        second_norm: _convert(layer.norm, sub("norm2."))})
+
+
+def placed(layer: Layer, spec, parts: dict) -> dict:
+    """`layer`'s params tree (as `init` makes it for `spec`) holding the params `parts` gives at
+    each of its paths; every other entry must be empty (a dropout's {})."""
+    def build(tree, path):
+        if path in parts:
+            return parts[path]
+        if not isinstance(tree, dict):
+            raise LayerError(f"load_torch({layer!r}): nothing converts params{''.join(f'[{k!r}]' for k in path)}")
+        return {k: build(v, path + (k,)) for k, v in tree.items()}
+    return build(jax.eval_shape(lambda key: layer.init(key, spec), jax.random.key(0)), ())

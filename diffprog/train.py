@@ -25,7 +25,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from .core import ArgumentError, Layer, batched, example_spec, path_name
+from .batching import batched
+from .checks import ArgumentError, example_spec, path_name
+from .core import Layer
 
 Batch = dict
 

@@ -9,32 +9,40 @@ import jax.numpy as jnp
 import numpy as np
 
 from .attention import Attention
-from .basic import Dense, Dropout, FeedForward, LayerNorm, activation_fn
-from .core import Combinator, Layer, LayerError, Pipeline, layerclass
+from .basic import Dense, Dropout, FeedForward, activation_fn, norm_field, norm_repr, set_norm
+from .core import Combinator, Layer, LayerError, Pipeline, built_field, layerclass, set_built
 from .embed import EmbedToken
 from .sequence import check_sequence
 
 
 @layerclass
 class AddNorm(Combinator):
-    """AddNorm(f, x) = LayerNorm(x + f(x)) (post-LN, the notes); with pre_norm=True,
-    x + f(LayerNorm(x)) (pre-LN). Type: (T, d) → (T, d) when f is. Params: {"f", "norm"}.
-    `eps` is the LayerNorm's. Side inputs go to f.
+    """AddNorm(f, x) = Norm(x + f(x)) (post-LN, the notes); with pre_norm=True,
+    x + f(Norm(x)) (pre-LN). Type: (T, d) → (T, d) when f is. Params: {"f", "norm"}.
+    `norm` is LayerNorm(eps) unless given (e.g. dp.RMSNorm()). Side inputs go to f.
     """
 
     f: Layer
     pre_norm: bool = False
     eps: float = 1e-5
+    norm: Layer = norm_field()
+
+    def __post_init__(self):
+        super().__post_init__()
+        set_norm(self)
 
     @property
     def side_inputs(self):
         return self.f.side_inputs
 
+    def children(self):
+        return [("f", self.f), ("norm", self.norm)]
+
     def init_params(self, key, spec, **side):
-        return {"f": self.f.init(key, spec, **side), "norm": LayerNorm(self.eps).init(key, spec)}
+        return {"f": self.f.init(key, spec, **side), "norm": self.norm.init(key, spec)}
 
     def route(self, run, params, x, **side):
-        norm = lambda v: run(LayerNorm(self.eps), params["norm"], v)
+        norm = lambda v: run(self.norm, params["norm"], v)
         if self.pre_norm:
             return x + run(self.f, params["f"], norm(x), **side)
         return norm(x + run(self.f, params["f"], x, **side))
@@ -42,24 +50,18 @@ class AddNorm(Combinator):
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return self.f.init_cache(params["f"], max_len, dtype, **side)
 
-    def decode(self, params, x_t, cache, position):
-        return self._residual(lambda x, c: self.f.decode(params["f"], x, c, position), params, x_t, cache)
-
-    def prefill(self, params, xs, cache):
-        return self._residual(lambda x, c: self.f.prefill(params["f"], x, c), params, xs, cache)
-
-    def _residual(self, f, params, x, cache):
-        """x + f(norm(x)) (pre-LN) or norm(x + f(x)), f(x, cache) -> (y, cache) one step or P."""
-        norm = lambda v: LayerNorm(self.eps).apply(params["norm"], v)
+    def decode(self, params, xs, cache, position):
+        """x + f(norm(x)) (pre-LN) or norm(x + f(x)) on the chunk, f decoding with its cache."""
+        norm = lambda v: self.norm.apply(params["norm"], v)
         if self.pre_norm:
-            y, cache = f(norm(x), cache)
-            return x + y, cache
-        y, cache = f(x, cache)
-        return norm(x + y), cache
+            y, cache = self.f.decode(params["f"], norm(xs), cache, position)
+            return xs + y, cache
+        y, cache = self.f.decode(params["f"], xs, cache, position)
+        return norm(xs + y), cache
 
     def __repr__(self):
         options = (", pre_norm=True" if self.pre_norm else "") + (f", eps={self.eps}" if self.eps != 1e-5 else "")
-        return f"AddNorm({self.f!r}{options})"
+        return f"AddNorm({self.f!r}{options}{norm_repr(self)})"
 
 
 @layerclass
@@ -79,15 +81,14 @@ class LearnedPositions(Layer):
                              f"positional table ({self.max_len})")
         return x + params["table"][: x.shape[0]]
 
-    def decode(self, params, x_t, cache, position):
-        if not isinstance(position, jax.core.Tracer) and position >= self.max_len:
-            raise LayerError(f"{self!r}: position {position} is past the positional table ({self.max_len})")
-        row = jax.lax.dynamic_index_in_dim(params["table"], position, keepdims=False)
+    def decode(self, params, xs, cache, position):
+        steps = position + jnp.arange(xs.shape[0])
+        if not isinstance(position, jax.core.Tracer) and position + xs.shape[0] > self.max_len:
+            raise LayerError(f"{self!r}: steps {position}..{position + xs.shape[0] - 1} are past the positional "
+                             f"table ({self.max_len})")
+        rows = params["table"][jnp.minimum(steps, self.max_len - 1)]
         # under jit a position past the table is not known while tracing: NaN, never a clamped row
-        return x_t + jnp.where(position < self.max_len, row, jnp.nan), cache
-
-    def prefill(self, params, xs, cache):
-        return self.apply(params, xs), cache
+        return xs + jnp.where((steps < self.max_len)[:, None], rows, jnp.nan), cache
 
 
 @layerclass
@@ -128,11 +129,12 @@ class SinusoidalPositionsLayer(Layer):
         check_sequence(self, x)
         return x + sinusoid(jnp.arange(x.shape[0]), x.shape[-1]).astype(x.dtype)
 
-    def decode(self, params, x_t, cache, position):
-        return x_t + sinusoid(jnp.asarray(position), x_t.shape[-1]).astype(x_t.dtype), cache
+    def decode(self, params, xs, cache, position):
+        return xs + sinusoid(position + jnp.arange(xs.shape[0]), xs.shape[-1]).astype(xs.dtype), cache
 
-    def prefill(self, params, xs, cache):
-        return self.apply(params, xs), cache
+    @property
+    def name(self):
+        return "SinusoidalPositions"
 
     def __repr__(self):
         return "SinusoidalPositions"
@@ -147,7 +149,8 @@ class TransformerBlock(Pipeline):
 
     FeedForward here is the Transformer's two-matrix version, Dense(d) ∘ FeedForward(ff,
     activation) ("relu"; BERT's is "gelu", GPT-2's "gelu_tanh"). `causal` masks the future;
-    `pre_norm` switches the AddNorms to pre-LN (GPT-2), `eps` is their LayerNorms' epsilon;
+    `pre_norm` switches the AddNorms to pre-LN (GPT-2); `norm` is their norm, LayerNorm(eps)
+    unless given (e.g. dp.RMSNorm());
     `use_bias=False` drops the biases of every projection. With `key=` given, `dropout` applies
     to the output of each attention and of the feed-forward (the residual path) and
     `attention_dropout` to the attention weights α. `cross=True` makes
@@ -168,26 +171,30 @@ class TransformerBlock(Pipeline):
     eps: float = 1e-5
     use_bias: bool = True
     attention_dropout: float = 0.0
+    norm: Layer = norm_field()
+    parts: tuple = built_field()
+    """The (name, AddNorm) stages the fields build (`build`), or what `dp.rewrite` made of them."""
 
     def __post_init__(self):
         super().__post_init__()
+        set_norm(self)
         if self.d % self.heads:
-            raise LayerError(f"{self!r}: width d={self.d} is not divisible by heads={self.heads}")
+            raise LayerError(f"TransformerBlock({self.d}, {self.heads}, {self.ff}): width d={self.d} is not divisible by heads={self.heads}")
         activation_fn(self.activation, "TransformerBlock")
+        set_built(self, "parts", self.build())
 
-    @property
-    def parts(self):
-        """The block's AddNorm stages in running order."""
-        wrap = lambda f: AddNorm(Dropout(self.dropout) @ f, self.pre_norm, self.eps)
+    def build(self) -> tuple:
+        """The block's (name, AddNorm) stages in running order, from its fields."""
+        wrap = lambda f: AddNorm(Dropout(self.dropout) @ f, self.pre_norm, self.eps, self.norm)
         attention = lambda **kind: Attention(self.heads, **kind, dropout=self.attention_dropout, use_bias=self.use_bias)
         parts = {"attention": wrap(attention(causal=self.causal))}
         if self.cross:
             parts["cross_attention"] = wrap(attention(cross=True))
         parts["feedforward"] = wrap(Dense(self.d, self.use_bias) @ FeedForward(self.ff, self.activation, self.use_bias))
-        return parts
+        return tuple(parts.items())
 
     def named_stages(self):
-        return list(self.parts.items())
+        return list(self.parts)
 
     def init_params(self, key, spec, **side):
         check_sequence(self, spec, self.d)
@@ -196,3 +203,9 @@ class TransformerBlock(Pipeline):
     def route(self, run, params, x, **side):
         check_sequence(self, run.example(x), self.d)
         return super().route(run, params, x, **side)
+
+    def __repr__(self):
+        text = super().__repr__()[:-1] + norm_repr(self) + ")"
+        if self.parts == self.build():
+            return text
+        return text + "[" + ", ".join(f"{name}: {part!r}" for name, part in self.parts) + "]"  # edited by dp.rewrite

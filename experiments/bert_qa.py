@@ -25,6 +25,7 @@ with Python (pydoc_data), so it runs offline.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import string
 import time
@@ -294,13 +295,8 @@ def question_attention(model, params, arrays: dict, n: int):
     """The last block's attention weights of example n, averaged over heads: (T, T), T its length."""
     length = int(arrays["lengths"][n])
     ids, segments = jnp.asarray(arrays["inputs"][n, :length]), jnp.asarray(arrays["segments"][n, :length])
-    (_, embeddings), _ = model.named_stages()
-    h = embeddings.apply(params["embeddings"], ids, segments=segments)
-    encoder = params["encoder"]  # TransformerBlock^depth: {"stack": leaves (depth, ...)}, one block's params at depth 1
-    layers = [jax.tree.map(lambda a: a[i], encoder["stack"]) for i in range(model.depth)] if model.depth > 1 else [encoder]
-    for layer in layers[:-1]:
-        h = model.block.apply(layer, h)
-    _, weights = dp.Attention(model.heads, return_weights=True).apply(layers[-1]["attention"]["f"]["0_Attention"], h)
+    *_, last = dp.taps(model, params, ids, lambda layer: isinstance(layer, dp.Attention), segments=segments)
+    _, weights = dataclasses.replace(last.layer, return_weights=True).apply(last.params, last.input)
     return np.asarray(weights.mean(0))
 
 

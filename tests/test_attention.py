@@ -283,29 +283,56 @@ PREFILLED = [
 
 
 @pytest.mark.parametrize("lm", PREFILLED, ids=lambda lm: repr(lm.body))
-def test_prefill_equals_decoding_step_by_step(lm, key):
-    """`prefill` reads a prompt at once (the KV caches written in one causal pass, position-wise
-    layers on all steps); it returns what `decode` at positions 0..P-1 returns, and the same cache."""
+def test_a_chunk_decodes_as_its_steps(lm, key):
+    """`decode` reads a chunk of P steps at once (a prompt: the KV caches written in one pass,
+    position-wise layers on all steps); it returns what one-step chunks in a scan
+    (`dp.core.decode_steps`, the reference) return, and the same cache, from position 0 and from
+    the middle of a sequence."""
     prompt = jax.random.randint(key, (7,), 0, 13)
     p = lm.init(key, prompt)
     cache = lm.init_cache(p, 12)
-    fast, fast_cache = jax.jit(lm.prefill)(p, prompt, cache)
+    fast, fast_cache = jax.jit(lm.decode)(p, prompt, cache, 0)
     reference, reference_cache = jax.jit(functools.partial(dp.core.decode_steps, lm))(p, prompt, cache)
     chex.assert_shape(fast, (7, 13))
     chex.assert_trees_all_close(fast, reference, atol=1e-5)
     chex.assert_trees_all_close(fast_cache, reference_cache, atol=1e-5)
+    first, half = lm.decode(p, prompt[:3], cache, 0)  # two chunks: 3 steps, then 4 from position 3
+    rest, halves = lm.decode(p, prompt[3:], half, 3)
+    chex.assert_trees_all_close(jnp.concatenate([first, rest]), reference, atol=1e-5)
+    chex.assert_trees_all_close(halves, reference_cache, atol=1e-5)
     # and they continue alike: the next step from either cache
-    step = lambda c: lm.decode(p, prompt[0], c, 7)[0]
+    step = lambda c: lm.decode(p, prompt[:1], c, 7)[0]
     chex.assert_trees_all_close(step(fast_cache), step(reference_cache), atol=1e-5)
-    with pytest.raises(dp.LayerError, match="longer than the KV cache"):
-        lm.prefill(p, prompt, lm.init_cache(p, 6))
+    with pytest.raises(dp.LayerError, match="past the KV cache"):
+        lm.decode(p, prompt, lm.init_cache(p, 6), 0)
+
+
+STATEFUL = [dp.SimpleRNN(8), dp.LSTM(8), dp.GRU(8), dp.Attention(2, causal=True),
+            dp.AddNorm(dp.Attention(2, causal=True), pre_norm=True, norm=dp.RMSNorm()), dp.LearnedPositions(9),
+            dp.SinusoidalPositions, dp.TransformerBlock(8, 2, 16, causal=True) ** 2,
+            dp.Remat(dp.LSTM(8)) @ dp.TransformerBlock(8, 2, 16, causal=True, pre_norm=True)]
+
+
+@pytest.mark.parametrize("layer", STATEFUL, ids=repr)
+def test_every_stateful_layer_decodes_a_chunk_as_its_steps(layer, key):
+    """For each layer that carries state through generation, a chunk of P steps equals P
+    one-step chunks (`decode_steps`): outputs, and caches, at position 0 and mid-sequence; and
+    the outputs are those of `apply` on the whole sequence (causal layers)."""
+    xs = jax.random.normal(key, (6, 8))
+    p = layer.init(key, xs)
+    cache = layer.init_cache(p, 9)
+    ys, c = layer.decode(p, xs[:4], cache, 0)
+    ys2, c2 = layer.decode(p, xs[4:], c, 4)
+    steps, steps_cache = dp.core.decode_steps(layer, p, xs, cache)
+    chex.assert_trees_all_close(jnp.concatenate([ys, ys2]), steps, layer(p, xs), atol=1e-5)
+    chex.assert_trees_all_close(c2, steps_cache, atol=1e-5)
 
 
 @pytest.mark.parametrize("lm", PREFILLED + [dp.LanguageModel(13, 16, (dp.TransformerBlock(16, 2, 32, causal=True) ** 2) ** 2)],
                          ids=lambda lm: repr(lm.body))
 def test_unstacked_params_decode_as_the_stacked_ones(lm, key):
     """`dp.core.unstacked` (what `dp.generate` decodes with) slices every stack of `f ** n` into a
-    tuple of its n applications' params; prefill and decode give the same logits and caches."""
+    tuple of its n applications' params; a chunk and a step decode to the same logits and caches."""
     prompt = jax.random.randint(key, (5,), 0, 13)
     p = lm.init(key, prompt)
     u = dp.core.unstacked(lm, p)
@@ -316,17 +343,17 @@ def test_unstacked_params_decode_as_the_stacked_ones(lm, key):
             chex.assert_trees_all_equal(one, dp.core.unstacked(lm.body.layer, jax.tree.map(lambda a: a[k], p["body"]["stack"])))
         if isinstance(lm.body.layer, dp.core.Repeat):
             assert isinstance(stack[0]["stack"], tuple) and len(stack[0]["stack"]) == 2
-    stacked_out, stacked_cache = lm.prefill(p, prompt, lm.init_cache(p, 8))
-    unstacked_out, unstacked_cache = lm.prefill(u, prompt, lm.init_cache(u, 8))
+    stacked_out, stacked_cache = lm.decode(p, prompt, lm.init_cache(p, 8), 0)
+    unstacked_out, unstacked_cache = lm.decode(u, prompt, lm.init_cache(u, 8), 0)
     chex.assert_trees_all_equal(unstacked_out, stacked_out)
     chex.assert_trees_all_equal(unstacked_cache, stacked_cache)
-    chex.assert_trees_all_equal(lm.decode(u, prompt[0], unstacked_cache, 5), lm.decode(p, prompt[0], stacked_cache, 5))
+    chex.assert_trees_all_equal(lm.decode(u, prompt[:1], unstacked_cache, 5), lm.decode(p, prompt[:1], stacked_cache, 5))
     if isinstance(lm.body, dp.core.Repeat):  # a cache or params of another depth is an error, not a shorter model
         fewer = {**unstacked_cache, "body": unstacked_cache["body"][:-1]}
         with pytest.raises(dp.LayerError, match="expected a cache of"):
-            lm.decode(p, prompt[0], fewer, 5)
+            lm.decode(p, prompt[:1], fewer, 5)
         with pytest.raises(dp.LayerError, match="unstacked params hold"):
-            lm.decode({**u, "body": {"stack": u["body"]["stack"][:-1]}}, prompt[0], unstacked_cache, 5)
+            lm.decode({**u, "body": {"stack": u["body"]["stack"][:-1]}}, prompt[:1], unstacked_cache, 5)
         with pytest.raises(dp.LayerError, match=r"params\['body'\]\['stack'\]"):  # decoding's form is not apply's
             lm.apply(u, prompt)
 

@@ -1,4 +1,5 @@
 """The layer protocol and the composition algebra."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -33,9 +34,19 @@ def test_composition_is_associative(key):
     assert left == right == dp.serial(h, g, f)
 
 
-def test_power_one_is_the_layer_itself(key):
+def test_power_one_is_a_stack_of_one(key):
+    """`f ** 1` computes f and has the params tree of every depth: a change of depth changes
+    the arrays' leading axis, not the tree (also when the first application changes the shape)."""
     f = dp.FeedForward(3)
-    assert f ** 1 is f
+    x = jnp.linspace(-1, 1, 3)
+    one, three = (f ** 1).init(key, x), (f ** 3).init(key, x)
+    assert jax.tree.structure(one) == jax.tree.structure(three)
+    chex.assert_shape(one["stack"]["weight"], (1, 3, 3))
+    chex.assert_trees_all_close((f ** 1)(one, x), f(jax.tree.map(lambda a: a[0], one["stack"]), x))
+    wide = (dp.FeedForward(8) ** 1).init(key, x)  # shape-changing: "first" and a stack of none
+    assert jax.tree.structure(wide) == jax.tree.structure((dp.FeedForward(8) ** 3).init(key, x))
+    chex.assert_shape(wide["stack"]["weight"], (0, 8, 8))
+    chex.assert_trees_all_close((dp.FeedForward(8) ** 1)(wide, x), dp.FeedForward(8)(wide["first"], x))
     with pytest.raises(dp.LayerError):
         f ** 0
 
@@ -185,3 +196,81 @@ def test_importing_diffprog_loads_no_c_library():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_keep_freed_memory_is_accepted_by_glibc():
     assert dp.keep_freed_memory() is True
+
+
+def test_walk_gives_every_sub_layer_with_its_params_path(key):
+    """`dp.walk` lists every layer of the tree with the path of its params; the params found at
+    that path are the ones it yields (stacked under f ** n); `dp.find` gives the paths of a kind."""
+    model = dp.Dense(3) @ dp.AddNorm(dp.Attention(2)) ** 2 @ dp.Remat(dp.LSTM(4)) @ dp.EmbedToken(7, 4)
+    ids = jnp.arange(5) % 7
+    p = model.init(key, ids)
+    walked = list(dp.walk(model, p))
+    for path, layer, params in walked:
+        at = p
+        for k in path:
+            at = at[k]
+        assert at is params
+    assert [(path, type(layer).__name__) for path, layer, _ in walked] == [
+        ((), "Compose"), (("0_EmbedToken",), "EmbedToken"), (("1_LSTM",), "Remat"), (("1_LSTM",), "LSTM"),
+        (("2_AddNorm^n",), "Repeat"), (("2_AddNorm^n", "stack"), "AddNorm"), (("2_AddNorm^n", "stack", "f"), "Attention"),
+        (("2_AddNorm^n", "stack", "norm"), "LayerNorm"), (("3_Dense",), "Dense")]
+    chex.assert_shape(dict((path, q) for path, _, q in walked)[("2_AddNorm^n", "stack", "norm")]["scale"], (2, 4))
+    assert dp.find(model, dp.Attention, p) == [("2_AddNorm^n", "stack", "f")] and dp.find(model, dp.GRU, p) == []
+    # without params: the structure alone (f ** n lists the "first" it would have if f changed the shape)
+    assert [path for path, _, _ in dp.walk(model)][4:7] == [("2_AddNorm^n",), ("2_AddNorm^n", "first"), ("2_AddNorm^n", "first", "f")]
+
+
+def test_rewrite_replaces_what_the_predicate_selects(key):
+    """`dp.rewrite` swaps every LayerNorm, also those a TransformerBlock builds from its `norm`
+    field, for an RMSNorm: the result is the model written with RMSNorm, the original unchanged;
+    the params follow the new structure (no norm bias)."""
+    model = dp.Dense(5) @ dp.TransformerBlock(8, 2, 16) ** 2 @ dp.AddNorm(dp.Dense(8))
+    rms = dp.rewrite(model, lambda l: isinstance(l, dp.LayerNorm), lambda l: dp.RMSNorm(l.eps))
+    assert rms == dp.Dense(5) @ dp.TransformerBlock(8, 2, 16, norm=dp.RMSNorm(1e-5)) ** 2 @ dp.AddNorm(dp.Dense(8), norm=dp.RMSNorm(1e-5))
+    assert "norm=RMSNorm(eps=1e-05)" in repr(rms) and "RMSNorm" not in repr(model)
+    assert len(dp.find(model, dp.LayerNorm, model.init(key, jax.random.normal(key, (6, 8))))) == 3
+    x = jax.random.normal(key, (6, 8))
+    p = rms.init(key, x)
+    norms = [q for _, l, q in dp.walk(rms, p) if isinstance(l, dp.RMSNorm)]
+    assert len(norms) == 3 and all(set(q) == {"scale"} for q in norms)
+    chex.assert_shape(rms(p, x), (6, 5))
+    # a layer swapped for one with the same params reads the old params as they are
+    remat = dp.rewrite(dp.Dense(2) @ dp.LSTM(4), lambda l: isinstance(l, dp.LSTM), lambda l: dp.Remat(l))
+    assert remat == dp.Dense(2) @ dp.Remat(dp.LSTM(4))
+
+
+def test_params_of_diffprog_0_1_convert_or_are_refused(key):
+    """0.1 keyed f ** n by its depth and did not stack f ** 1: such params are refused with an
+    error that names the converter, which turns them into today's params exactly."""
+    model = dp.Dense(3) @ dp.LSTM(4) ** 2 @ dp.FeedForward(4) ** 1 @ dp.EmbedToken(7, 4)
+    ids = jnp.arange(5) % 7
+    p = model.init(key, ids)
+    old = {"0_EmbedToken": p["0_EmbedToken"], "1_FeedForward": jax.tree.map(lambda a: a[0], p["1_FeedForward^n"]["stack"]),
+           "2_LSTM^2": p["2_LSTM^n"], "3_Dense": p["3_Dense"]}
+    with pytest.raises(dp.LayerError, match=r"upgrade_params"):
+        model(old, ids)
+    chex.assert_trees_all_equal(dp.upgrade_params(model, old, ids), p)
+    with pytest.raises(dp.LayerError, match="not diffprog 0.1 params"):
+        dp.upgrade_params(model, {"0_EmbedToken": p["0_EmbedToken"]}, ids)
+
+
+def test_taps_read_a_layer_inside_the_model(key):
+    """`dp.taps` gives each call of a selected layer with its params and input, in running order
+    (inside f ** n and Remat too): the last block's attention weights computed from its tap are
+    those of the block run by hand on the hidden state before it."""
+    block = dp.TransformerBlock(8, 2, 16)
+    model = dp.Dense(3) @ dp.Remat(block) ** 3 @ dp.LearnedPositions(6)
+    x = jax.random.normal(key, (5, 8))
+    p = model.init(key, x)
+    found = dp.taps(model, p, x, lambda l: isinstance(l, dp.Attention))
+    assert [t.path for t in found] == [("1_TransformerBlock^n", "stack", "attention", "f", "0_Attention")] * 3
+    stack = p["1_TransformerBlock^n"]["stack"]
+    h = dp.LearnedPositions(6)(p["0_LearnedPositions"], x)
+    for k, t in enumerate(found):
+        one = jax.tree.map(lambda a: a[k], stack)
+        chex.assert_trees_all_close(t.input, h, atol=1e-6)
+        chex.assert_trees_all_equal(t.params, one["attention"]["f"]["0_Attention"])
+        h = block(one, h)
+    _, alpha = dataclasses.replace(found[-1].layer, return_weights=True).apply(found[-1].params, found[-1].input)
+    chex.assert_shape(alpha, (2, 5, 5))
+    chex.assert_trees_all_close(alpha.sum(-1), jnp.ones((2, 5)), atol=1e-6)

@@ -201,6 +201,19 @@ def test_to_flax_wraps_a_layer(key):
     chex.assert_trees_all_close(module.apply(variables, x), layer(params, x))
 
 
+def test_rmsnorm_equation(key):
+    """RMSNorm(x) = scale ⊗ x / sqrt(mean(x²) + eps), no centring, no bias; gradients match
+    finite differences."""
+    x = 3 + 2 * jax.random.normal(key, (4, 8))
+    norm = dp.RMSNorm(1e-5)
+    assert jax.tree.map(jnp.shape, norm.init(key, x)) == {"scale": (8,)}
+    p = {"scale": jnp.arange(8.0)}
+    chex.assert_trees_all_close(norm(p, x), x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * p["scale"], atol=1e-5)
+    grads_ok(norm, p, x)
+    with pytest.raises(dp.LayerError, match=r"RMSNorm\(eps=1e-05\): expected input \(8,\) or \(T, 8\)"):
+        norm(p, jnp.ones((4, 7)))
+
+
 def test_load_torch_with_hand_made_arrays(key):
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=3).astype(np.float32)
@@ -224,7 +237,10 @@ def test_load_torch_matches_real_modules():
         (torch.nn.Conv2d(3, 5, 3, stride=2, padding=1), dp.Conv(5, stride=2, padding=((1, 1), (1, 1))),
          lambda m, x: m(torch.tensor(x).permute(2, 0, 1)[None])[0].permute(1, 2, 0), x[0]),
         (torch.nn.LayerNorm(3), dp.LayerNorm(), lambda m, x: m(torch.tensor(x)), x[0, 0]),
+        (torch.nn.RMSNorm(3, eps=1e-6), dp.RMSNorm(1e-6), lambda m, x: m(torch.tensor(x)), x[0, 0]),
     ]
+    with torch.no_grad():
+        cases[-1][0].weight.normal_()  # a scale that is not all ones
     for module, layer, run, xi in cases:
         sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
         with torch.no_grad():

@@ -198,18 +198,24 @@ def test_decoding_past_the_kv_cache_under_jit_is_nan():
     """Eagerly an error; under jit the position is unknown while tracing, so the step returns NaN
     (never logits that look valid)."""
     block = dp.Attention(2, causal=True)
-    x = jnp.ones(8)
-    p = block.init(KEY, x[None])
+    x = jnp.ones((1, 8))
+    p = block.init(KEY, x)
     cache = block.init_cache(p, 3)
-    with pytest.raises(dp.LayerError, match=r"position 3 is past the KV cache \(3\)"):
+    with pytest.raises(dp.LayerError, match=r"steps 3..3 are past the KV cache \(3\)"):
         block.decode(p, x, cache, 3)
+    with pytest.raises(dp.LayerError, match=r"steps 2..3 are past the KV cache \(3\)"):
+        block.decode(p, jnp.ones((2, 8)), cache, 2)
     y, _ = jax.jit(block.decode)(p, x, cache, 3)
+    assert np.isnan(y).all()
+    y, _ = jax.jit(block.decode)(p, jnp.ones((2, 8)), cache, 2)  # a chunk that runs past the cache
     assert np.isnan(y).all()
     y, _ = jax.jit(block.decode)(p, x, cache, 2)
     assert np.isfinite(y).all()
     positions = dp.LearnedPositions(3)
-    q = positions.init(KEY, x[None])
+    q = positions.init(KEY, x)
     assert np.isnan(jax.jit(positions.decode)(q, x, {}, 3)[0]).all()
+    rows = jax.jit(positions.decode)(q, jnp.ones((2, 8)), {}, 2)[0]
+    assert np.isfinite(rows[0]).all() and np.isnan(rows[1]).all()
 
 
 def test_train_reports_a_batch_that_does_not_divide_the_devices_at_any_step():
@@ -348,5 +354,5 @@ def test_the_params_check_adds_nothing_to_the_compiled_program(monkeypatch):
     ids = jnp.zeros((2, 5), int)
     params = model.init(KEY, ids)
     checked = jax.jit(model.apply).lower(params, ids).as_text()
-    monkeypatch.setattr(dp.core, "check_params", lambda *args: None)
+    monkeypatch.setattr(dp.checks, "check_params", lambda *args: None)
     assert jax.jit(lambda p, x: model.apply(p, x)).lower(params, ids).as_text().replace("jit__lambda", "jit_apply") == checked

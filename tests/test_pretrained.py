@@ -38,7 +38,7 @@ def batch():
     return ids, segments, lengths
 
 
-@pytest.mark.parametrize("layers", [2, 1])  # one layer: `block ** 1` is the block, no stack
+@pytest.mark.parametrize("layers", [2, 1])  # one layer: `block ** 1` is a stack of one
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_bert_equals_transformers(head, layers):
     ref = reference(HEADS[head], **{**BERT, "num_hidden_layers": layers})
@@ -212,7 +212,7 @@ def test_block_keywords_change_exactly_what_they_name():
     block = dp.TransformerBlock(8, 2, 16, use_bias=False, activation="gelu_tanh", eps=1e-3)
     params = block.init(jax.random.key(1), x)
     assert not [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-                if "bias" in dp.core.path_name(p) and "norm" not in dp.core.path_name(p)]
+                if "bias" in dp.checks.path_name(p) and "norm" not in dp.checks.path_name(p)]
     # the post-LN equation with these choices, written out
     attention = params["attention"]["f"]["0_Attention"]
     a = dp.Attention(2, use_bias=False)(attention, x)

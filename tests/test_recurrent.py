@@ -147,23 +147,23 @@ def test_batched_stacks_use_the_batch_path_and_check_their_input(key):
 @pytest.mark.parametrize("vocab,dim", [(6, 3), (6, 5), (40, 5)],
                          ids=["table projected", "table projected, stacked", "tokens projected"])
 def test_recurrent_after_an_embedding_projects_the_table(layer, vocab, dim, key):
-    """On a batch, `layer ** 2 @ EmbedToken(fuse=True)` computes layer 1's input projection as
-    (E W_x)[ids] when the vocabulary is not larger than the batch's tokens: the same values and
-    gradients as the unfused model (fuse=False) and as vmap of the per-example model;
-    out-of-range ids still give NaN rows. (dim 5 = hidden: the two layers' params are stacked
-    and the first application leaves the scan.)"""
-    fused = layer ** 2 @ dp.EmbedToken(vocab, dim, fuse=True)
-    plain = layer ** 2 @ dp.EmbedToken(vocab, dim)
+    """On a batch, `dp.batched(layer ** 2 @ EmbedToken)` (the fusion is on by default) computes
+    layer 1's input projection as (E W_x)[ids] when the vocabulary is not larger than the batch's
+    tokens: the same values and gradients as the unfused model (fuse=False) and as vmap of the
+    per-example model; out-of-range ids still give NaN rows. (dim 5 = hidden: the two layers'
+    params are stacked and the first application leaves the scan.)"""
+    model = layer ** 2 @ dp.EmbedToken(vocab, dim)
     ids = jax.random.randint(key, (3, 4), 0, vocab)
-    p = fused.init(key, ids[0])
-    net = dp.batched(fused)
+    p = model.init(key, ids[0])
+    net = dp.batched(model)
+    assert dp.fusion.fuse(model) != model and jax.tree.structure(dp.fusion.fuse(model).init(key, ids[0])) == jax.tree.structure(p)
     gates = {dp.SimpleRNN: 5, dp.LSTM: 20, dp.GRU: 15}[type(layer)]
-    projects_table = lambda model: f"f32[{vocab},{gates}] = dot_general" in str(jax.make_jaxpr(dp.batched(model))(p, ids))
-    assert projects_table(fused) == (vocab <= ids.size) and not projects_table(plain)
+    projects_table = lambda net: f"f32[{vocab},{gates}] = dot_general" in str(jax.make_jaxpr(net)(p, ids))
+    assert projects_table(net) == (vocab <= ids.size) and not projects_table(dp.batched(model, fuse=False))
     for side in [{}, {"lengths": jnp.array([4, 1, 3])}]:
-        by_vmap = lambda p: jax.vmap(lambda i, s: fused.apply(p, i, **s))(ids, side)
+        by_vmap = lambda p: jax.vmap(lambda i, s: model.apply(p, i, **s))(ids, side)
         by_batch = lambda p: net(p, ids, **side)
-        unfused = lambda p: dp.batched(plain)(p, ids, **side)
+        unfused = lambda p: dp.batched(model, fuse=False)(p, ids, **side)
         chex.assert_trees_all_close(jax.jit(by_batch)(p), by_vmap(p), jax.jit(unfused)(p), atol=1e-5)
         loss = lambda run: lambda p: jnp.sum(jnp.sin(run(p)))
         chex.assert_trees_all_close(jax.jit(jax.grad(loss(by_batch)))(p), jax.grad(loss(by_vmap))(p),
@@ -229,7 +229,7 @@ def test_stacks_compose_like_the_notes(key):
     body = dp.LSTM(16) ** 3 @ dp.EmbedToken(20, 8)
     assert repr(body) == "LSTM(16)^3 ∘ EmbedToken(20, 8)"
     p = body.init(key, jnp.zeros(9, jnp.int32))
-    chex.assert_shape(p["1_LSTM^3"]["stack"]["remember"]["w_h"], (2, 16, 16))
+    chex.assert_shape(p["1_LSTM^n"]["stack"]["remember"]["w_h"], (2, 16, 16))
     chex.assert_shape(body(p, jnp.arange(9) % 20), (9, 16))
 
 

@@ -30,7 +30,7 @@ def test_training_reduces_loss_writes_metrics_and_is_reproducible(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == list(range(1, 41)) and all(l["tokens_per_s"] > 0 for l in lines)
     other = dp.train(train_toy.MODEL, train_toy.loss, train_toy.OPTIMIZER, train_toy.data, steps=3, seed=4, quiet=True)
-    assert not np.allclose(other.params["0_FeedForward^2"]["first"]["weight"], a.params["0_FeedForward^2"]["first"]["weight"])
+    assert not np.allclose(other.params["0_FeedForward^n"]["first"]["weight"], a.params["0_FeedForward^n"]["first"]["weight"])
 
 
 @pytest.mark.slow
@@ -175,4 +175,4 @@ def test_params_given_to_train_stay_usable():
                      quiet=True) for _ in range(2)]
     chex.assert_trees_all_equal(params, before)
     chex.assert_trees_all_equal(runs[0].params, runs[1].params)
-    assert not np.allclose(runs[0].params["0_FeedForward^2"]["first"]["weight"], before["0_FeedForward^2"]["first"]["weight"])
+    assert not np.allclose(runs[0].params["0_FeedForward^n"]["first"]["weight"], before["0_FeedForward^n"]["first"]["weight"])
