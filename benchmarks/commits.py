@@ -80,8 +80,9 @@ def main(argv=None):
     table = (f"A = {args.base}, B = {args.head}; {info['cpu']}, {info['cores']} cores; {args.rounds} rounds, "
              f"median of {args.reps} calls each{' (--quick)' if args.quick else ''}\n\n"
              + markdown_table(["case", "A ms", "B ms", "B / A", "spread of B / A"], rows))
-    write("commits", {"base": args.base, "head": args.head, "results": results, "machine": info}, table, args.out,
-          args.quick)
+    out = {"base": args.base, "head": args.head, "results": results, "machine": info}
+    write("commits", out, table, args.out, args.quick)
+    return out
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from .basic import (ACTIVATIONS, Activation, Dense, Dropout, FeedForward, Flatte
 from .batching import Batched, batched
 from .conv import AvgPool, Conv, MaxPool
 from .checks import ArgumentError, LayerError, spec_of
-from .core import Compose, Layer, Pipeline, Remat, Repeat, find, layerclass, rewrite, serial, walk
+from .core import Compose, Layer, Pipeline, Remat, Repeat, Wrapper, find, layerclass, rewrite, serial, walk
 from .embed import EmbedToken
 from .generate import GenerateToken, LanguageModel, generate, sample
 from .interop import from_flax, to_flax

@@ -4,12 +4,12 @@ from __future__ import annotations
 import jax
 
 from .checks import LayerError, _describe, example_spec
-from .core import Layer, layerclass
+from .core import Layer, Wrapper, layerclass
 from .fusion import fuse
 
 
 @layerclass
-class Batched(Layer):
+class Batched(Wrapper):
     """`layer` over a leading batch axis: (B, *example) → (B, *out), by `layer.apply_batch`.
 
     Built by `dp.batched(layer)`. `init` takes a batch and initialises `layer` from one
@@ -22,13 +22,6 @@ class Batched(Layer):
 
     layer: Layer
     fuse: bool = True
-
-    @property
-    def side_inputs(self):
-        return self.layer.side_inputs
-
-    def children(self):
-        return [(None, self.layer)]
 
     def init_params(self, key, spec, **side):
         if any(len(s.shape) < 1 for s in jax.tree.leaves(spec)):

@@ -438,17 +438,10 @@ class Repeat(Combinator):
         return f"({inner})^{self.n}" if isinstance(self.layer, Compose) else f"{inner}^{self.n}"
 
 
-@layerclass
-class Remat(Combinator):
-    """`layer` with rematerialisation: its activations are recomputed in the backward pass
-    instead of stored (`jax.checkpoint`), trading compute for memory on long sequences.
-    `Remat(TransformerBlock(...)) ** 24` checkpoints each block of the scan. `policy` is a
-    `jax.checkpoint_policies` name (e.g. "dots_saveable": keep matmul results), or None
-    (save nothing). Params, side inputs, outputs, caches and name are `layer`'s own.
-    """
-
-    layer: Layer
-    policy: str = None
+class Wrapper(Layer):
+    """A layer around another, its field `layer`, whose params, side inputs, name, decoding and
+    one sub-layer (at the same params path) are the wrapped layer's; a subclass changes how it
+    runs (Remat, dp.batched, the fusion's halves, LowRank, ...)."""
 
     @property
     def side_inputs(self):
@@ -463,10 +456,6 @@ class Remat(Combinator):
     def init_params(self, key, spec, **side):
         return self.layer.init(key, spec, **side)
 
-    def route(self, run, params, x, **side):
-        policy = None if self.policy is None else getattr(jax.checkpoint_policies, self.policy)
-        return jax.checkpoint(lambda p, x, s: run(self.layer, p, x, **s), policy=policy)(params, x, side)
-
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return self.layer.init_cache(params, max_len, dtype, **side)
 
@@ -476,6 +465,23 @@ class Remat(Combinator):
     @property
     def name(self):
         return self.layer.name
+
+
+@layerclass
+class Remat(Wrapper, Combinator):
+    """`layer` with rematerialisation: its activations are recomputed in the backward pass
+    instead of stored (`jax.checkpoint`), trading compute for memory on long sequences.
+    `Remat(TransformerBlock(...)) ** 24` checkpoints each block of the scan. `policy` is a
+    `jax.checkpoint_policies` name (e.g. "dots_saveable": keep matmul results), or None
+    (save nothing). Params, side inputs, outputs, caches and name are `layer`'s own.
+    """
+
+    layer: Layer
+    policy: str = None
+
+    def route(self, run, params, x, **side):
+        policy = None if self.policy is None else getattr(jax.checkpoint_policies, self.policy)
+        return jax.checkpoint(lambda p, x, s: run(self.layer, p, x, **s), policy=policy)(params, x, side)
 
 
 # -- the layer tree: walk and rewrite ---------------------------------------------------------

@@ -16,10 +16,9 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from .checks import example_spec
-from .core import Compose, Layer, layerclass, rewrite
+from .core import Compose, Layer, Wrapper, layerclass, rewrite
 from .embed import EmbedToken
 from .recurrent import Recurrent
 from .sequence import check_sequence
@@ -57,47 +56,30 @@ class TokenVectors:
 
 
 @layerclass
-class TableEmbedding(Layer):
-    """`embed`, whose batch path hands on `TokenVectors` instead of the looked-up vectors.
-    Params, name and one-example path are the embedding's."""
+class TableEmbedding(Wrapper):
+    """`layer` (an EmbedToken), whose batch path hands on `TokenVectors` instead of the looked-up
+    vectors. Params, name and one-example path are the embedding's."""
 
-    embed: EmbedToken
-
-    def init_params(self, key, spec, **side):
-        return self.embed.init_params(key, spec)
+    layer: EmbedToken
 
     def forward(self, params, ids, **side):
-        return self.embed.forward(params, ids)
+        return self.layer.forward(params, ids)
 
     def forward_batch(self, params, ids, **side):
-        self.embed.check(params, example_spec(ids))
-        return TokenVectors(self.embed, ids, params["table"])
-
-    def children(self):
-        return [(None, self.embed)]
-
-    @property
-    def name(self):
-        return self.embed.name
+        self.layer.check(params, example_spec(ids))
+        return TokenVectors(self.layer, ids, params["table"])
 
     def __repr__(self):
-        return repr(self.embed)
+        return repr(self.layer)
 
 
 @layerclass
-class TableProjection(Layer):
+class TableProjection(Wrapper):
     """`layer` (recurrent), reading `TokenVectors` by projecting the table when vocab ≤ B·T (else
     the looked-up vectors). Params, name, side inputs, decoding and one-example path are the
     layer's."""
 
     layer: Recurrent
-
-    @property
-    def side_inputs(self):
-        return self.layer.side_inputs
-
-    def init_params(self, key, spec, **side):
-        return self.layer.init_params(key, spec, **side)
 
     def forward(self, params, xs, **side):
         return self.layer.forward(params, xs, **side)
@@ -112,19 +94,6 @@ class TableProjection(Layer):
         check_sequence(self.layer, spec, weights.w_x.shape[0])
         return self.layer.run_batch(weights._replace(w_x=None), xs.project(weights.w_x), spec.dtype, lengths,
                                     initial_state)
-
-    def children(self):
-        return [(None, self.layer)]
-
-    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
-        return self.layer.init_cache(params, max_len, dtype, **side)
-
-    def decode(self, params, xs, cache, position):
-        return self.layer.decode(params, xs, cache, position)
-
-    @property
-    def name(self):
-        return self.layer.name
 
     def __repr__(self):
         return repr(self.layer)

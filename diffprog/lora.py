@@ -17,14 +17,14 @@ import jax.numpy as jnp
 
 from .attention import Attention
 from .checks import LayerError
-from .core import Layer, layerclass, rewrite, walk
+from .core import Layer, Wrapper, layerclass, rewrite, walk
 
 ADAPTERS = "low_rank"
 """The params entry of a `LowRank` layer that holds its adapters: {target: {"A", "B"}}."""
 
 
 @layerclass
-class LowRank(Layer):
+class LowRank(Wrapper):
     """`layer` with each target's weight W replaced by W + (α/r) A B (see the module).
 
     targets: the entries of `layer`'s params that hold a {"weight" (d_in, d_out)} (for
@@ -38,15 +38,8 @@ class LowRank(Layer):
     alpha: float = 1.0
     targets: tuple = ("query", "key", "value", "output")
 
-    @property
-    def side_inputs(self):
-        return self.layer.side_inputs
-
-    def children(self):
-        return [(None, self.layer)]
-
     def init_params(self, key, spec, **side):
-        params = self.layer.init_params(key, spec, **side)
+        params = self.layer.init(key, spec, **side)
         return {**params, ADAPTERS: self.adapters(key, params)}
 
     def adapters(self, key, params) -> dict:
@@ -81,10 +74,6 @@ class LowRank(Layer):
 
     def decode(self, params, xs, cache, position):
         return self.layer.decode(self.merged(params), xs, cache, position)
-
-    @property
-    def name(self):
-        return self.layer.name
 
     def __repr__(self):
         return f"LowRank({self.layer!r}, {self.rank}, alpha={self.alpha})"

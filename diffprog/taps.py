@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 
 from .checks import _outermost, check_params, spec_of
-from .core import Combinator, Layer, Remat, Repeat, layerclass, rewrite, walk
+from .core import Combinator, Layer, Remat, Repeat, Wrapper, layerclass, rewrite, walk
 
 
 class Tapped(NamedTuple):
@@ -29,56 +29,28 @@ class Tapped(NamedTuple):
 
 
 @layerclass
-class _Tap(Layer):
+class _Tap(Wrapper):
     """`layer`, recording (slot, params, input) of each call into `record`."""
 
     layer: Layer
     slot: Any  # an index from 0 (not a size)
     record: list = dataclasses.field(compare=False, hash=False)
 
-    @property
-    def side_inputs(self):
-        return self.layer.side_inputs
-
-    def children(self):
-        return [(None, self.layer)]
-
-    def init_params(self, key, spec, **side):
-        return self.layer.init_params(key, spec, **side)
-
     def forward(self, params, x, **side):
         self.record.append((self.slot, params, x))
         return self.layer.apply(params, x, **side)
 
-    @property
-    def name(self):
-        return self.layer.name
-
 
 @layerclass
-class _Unrolled(Combinator):
-    """`repeat` (f ** n) with its applications run one after another in Python."""
+class _Unrolled(Wrapper, Combinator):
+    """`layer` (an f ** n) with its applications run one after another in Python."""
 
-    repeat: Repeat
-
-    @property
-    def side_inputs(self):
-        return self.repeat.side_inputs
-
-    def children(self):
-        return self.repeat.children()
-
-    def init_params(self, key, spec, **side):
-        return self.repeat.init_params(key, spec, **side)
+    layer: Repeat
 
     def route(self, run, params, x, *, key=None, **side):
-        for k, p in enumerate(self.repeat.applications(params)):
-            x = run(self.repeat.layer, p, x, **side, **({} if key is None else {"key": jax.random.fold_in(key, k)}))
+        for k, p in enumerate(self.layer.applications(params)):
+            x = run(self.layer.layer, p, x, **side, **({} if key is None else {"key": jax.random.fold_in(key, k)}))
         return x
-
-    @property
-    def name(self):
-        return self.repeat.name
 
 
 def taps(model: Layer, params, x, select: Callable[[Layer], bool], **side) -> list:

@@ -9,6 +9,8 @@ depth; plots the best cell next to the depth for one string.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,9 +40,11 @@ def main(argv=None):
                       eval_data=[held_out], eval_every=args.steps // 5, description="lstm_counter",
                       eval_metrics={"accuracy": lambda o, b: dp.metrics.accuracy(o, b["targets"], b["mask"])})
     params = result.params
-    inspect = dp.LSTM(args.hidden, return_gates=True)
-    embed = jax.vmap(lambda ids: dp.EmbedToken(2, 8)(params["0_EmbedToken"], ids))(held_out["inputs"])
-    _, trace = jax.vmap(lambda x: inspect(params["1_LSTM"], x))(embed)
+    # the LSTM's gates and cell states: the model up to the LSTM (the same params keys), the LSTM
+    # asked for its gates
+    inspect = dp.rewrite(dp.serial(*model.stages[:-1]), lambda l: isinstance(l, dp.LSTM),
+                         lambda l: dataclasses.replace(l, return_gates=True))
+    _, trace = jax.vmap(lambda ids: inspect({k: params[k] for k in inspect.names()}, ids))(held_out["inputs"])
     cells = np.asarray(trace["cell"]).reshape(-1, args.hidden)
     depth = np.asarray(held_out["targets"]).ravel()
     correlation = np.array([np.corrcoef(cells[:, j], depth)[0, 1] for j in range(args.hidden)])

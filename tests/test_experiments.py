@@ -115,3 +115,15 @@ def test_benchmarks_quick(name, flags, tmp_path):
     figure = {"sequence_models": "step_time_vs_T", "depth": "depth"}.get(name)
     assert figure is None or (tmp_path / f"{figure}_quick.png").exists()
     assert results["machine"]["cores"] >= 1
+
+
+@pytest.mark.slow
+def test_commits_guard_times_two_versions_interleaved(tmp_path):
+    """benchmarks.commits checks out a commit beside the working tree and times a user-written
+    model in each, in fresh processes: both figures positive, the ratio their quotient."""
+    from benchmarks import commits
+    out = commits.main(["HEAD", ".", "--quick", "--rounds", "1", "--reps", "2", "--cases", "lstm_forward",
+                        "--out", str(tmp_path)])
+    r = out["results"]["lstm_forward"]
+    assert r["a_s"] > 0 and r["b_s"] > 0 and abs(r["ratio"] - r["b_s"] / r["a_s"]) < 1e-9
+    assert "lstm_forward" in (tmp_path / "commits_quick.md").read_text()
