@@ -24,21 +24,23 @@ def timing_arguments(doc: str, quick_help: str):
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    vector = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve") if f in flags]
     versions = {"jax": jax.__version__}
     for name in ("flax", "optax", "torch"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
             pass
-    return {"cores": os.cpu_count(), "cpu": cpu, "backend": jax.default_backend(),
+    return {"cores": os.cpu_count(), "cpu": cpu, "vector_extensions": vector, "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "python": platform.python_version(), **versions}
 
 
