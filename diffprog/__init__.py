@@ -6,7 +6,7 @@
     y = model(params, x)
 """
 from .attention import Attention
-from .basic import (ACTIVATIONS, Activation, Dense, Dropout, FeedForward, Flatten, Gelu,
+from .basic import (ACTIVATIONS, Activation, Dense, Dropout, FeedForward, Flatten, GatedFeedForward, Gelu,
                     LayerNorm, RMSNorm, Relu, Sigmoid, Softmax, Step, Tanh, step)
 from .batching import Batched, batched
 from .conv import AvgPool, Conv, MaxPool
@@ -27,7 +27,8 @@ from .taps import Tapped, taps
 from .upgrade import upgrade_params
 from .torch_weights import load_torch
 from .transformer import AddNorm, EmbedSegment, LearnedPositions, SinusoidalPositions, TransformerBlock
-from .models import Bert, SelectSpan, bert, gpt2
+from .models import Bert, SelectSpan, bert, gpt2, llama, mamba
+from .ssm import SelectiveSSM
 from .hf import from_pretrained, load_pretrained
 
 from . import metrics

@@ -34,8 +34,13 @@ class Attention(Combinator):
     (T, S) where True means "may attend". A query whose every key is masked reads nothing: its
     output (before W_o) and its α row are 0, and so are their gradients. `return_weights=True` returns (y, α (heads, T, S)).
     `dropout` on α is active when `key=` is given.
-    Params: query/key/value {weight (d, heads·head_dim), bias}, output {weight, bias} (no
-    biases with use_bias=False), and "score" for the general/concat scores.
+    Grouped-query attention (`kv_heads` < heads, Llama's): the keys and values have kv_heads
+    heads, each read by heads / kv_heads query heads. Rotary positions (`rotary=θ`, RoPE, Llama's
+    θ = 10000): q_t and k_s are rotated by angles t·θ^(−2i/head_dim) before the score (the
+    halves-rotation of Hugging Face's Llama), so that q_t·k_s depends on t − s.
+    Params: query {weight (d, heads·head_dim), bias}, key/value {weight (d, kv_heads·head_dim),
+    bias}, output {weight, bias} (no biases with use_bias=False), and "score" for the
+    general/concat scores.
     """
 
     heads: int
@@ -45,10 +50,23 @@ class Attention(Combinator):
     dropout: float = 0.0
     return_weights: bool = False
     use_bias: bool = True
+    kv_heads: Optional[int] = None
+    rotary: Optional[float] = None
 
     def __post_init__(self):
         super().__post_init__()
         score_layer(self.score)
+        if self.kv_heads is not None and not (isinstance(self.kv_heads, int) and 1 <= self.kv_heads <= self.heads
+                                              and self.heads % self.kv_heads == 0):
+            raise LayerError(f"Attention({self.heads}): kv_heads must be an int that divides heads={self.heads}, "
+                             f"got {self.kv_heads!r}")
+        if self.rotary is not None and not (isinstance(self.rotary, (int, float)) and self.rotary > 0):
+            raise LayerError(f"Attention({self.heads}): rotary (RoPE's θ) must be a number > 0, got {self.rotary!r}")
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // (self.kv_heads or self.heads)
 
     @property
     def side_inputs(self):
@@ -64,21 +82,42 @@ class Attention(Combinator):
         kq, kk, kv, ko, ks = jax.random.split(key, 5)
         memory = side.get("context", spec) if self.cross else spec  # (S, d_c): keys and values read it
         check_sequence(self, memory)
-        params = {name: Dense(d, self.use_bias).init(k, source) for name, k, source in
-                  (("query", kq, spec), ("key", kk, memory), ("value", kv, memory), ("output", ko, spec))}
+        kv_width = d // self.groups
+        params = {name: Dense(width, self.use_bias).init(k, source) for name, width, k, source in
+                  (("query", d, kq, spec), ("key", kv_width, kk, memory), ("value", kv_width, kv, memory),
+                   ("output", d, ko, spec))}
         if self.score != "dot":
             one = jax.ShapeDtypeStruct((head_dim,), spec.dtype)
             params["score"] = score_layer(self.score).init(
                 ks, (one, jax.ShapeDtypeStruct((1, head_dim), spec.dtype)))
         return params
 
-    def heads_of(self, params, x, name):
-        """The `name` projection of x (..., T, d) split into heads: (..., T, heads, head_dim)."""
-        return self.split_heads(affine(params[name], x))
+    def heads_of(self, params, x, name, position=None):
+        """The `name` projection of x (..., T, d) split into heads, (..., T, heads, head_dim)
+        (keys and values: kv_heads), rotated for steps position.. (queries and keys, with `rotary`)."""
+        y = self.split_heads(affine(params[name], x), params)
+        return self.rotate(y, position) if name in ("query", "key") and position is not None else y
 
-    def split_heads(self, y):
-        """(..., T, heads·head_dim) → (..., T, heads, head_dim)."""
-        return y.reshape(y.shape[:-1] + (self.heads, -1))
+    def split_heads(self, y, params):
+        """(..., T, n·head_dim) → (..., T, n, head_dim), head_dim that of the queries."""
+        head_dim = params["query"]["weight"].shape[1] // self.heads
+        return y.reshape(y.shape[:-1] + (-1, head_dim))
+
+    def rotate(self, y, position):
+        """RoPE: y (..., T, n, head_dim) at steps position..position+T-1 rotated pairwise, the
+        halves (y_i, y_{i+D/2}) by the angle step·θ^(−2i/D) (nothing without `rotary`)."""
+        if self.rotary is None:
+            return y
+        half = y.shape[-1] // 2
+        steps = position + jnp.arange(y.shape[-3])
+        angles = steps[:, None] * (1.0 / self.rotary ** (np.arange(half, dtype=np.float32) * 2 / y.shape[-1]))
+        cos, sin = (jnp.concatenate([f(angles)] * 2, -1)[:, None, :] for f in (jnp.cos, jnp.sin))
+        turned = jnp.concatenate([-y[..., half:], y[..., :half]], -1)
+        return (y * cos + turned * sin).astype(y.dtype)
+
+    def shared(self, kv):
+        """Keys or values (..., S, kv_heads, head_dim) repeated for the query heads that read them."""
+        return kv if self.groups == 1 else jnp.repeat(kv, self.groups, axis=-2)
 
     def route(self, run, params, x, *, key=None, **side):
         """The projections over all positions at once (B·T on a batch); the attention itself
@@ -97,7 +136,11 @@ class Attention(Combinator):
         else:  # self-attention: the three projections as one matrix product
             names = ("query", "key", "value")
             fused = {k: jnp.concatenate([params[n][k] for n in names], -1) for k in params["query"]}
-            q, k, v = (self.split_heads(a) for a in jnp.split(affine(fused, x), 3, -1))
+            width = params["query"]["weight"].shape[1]
+            q, k, v = (self.split_heads(a, params) for a in
+                       jnp.split(affine(fused, x), [width, width + params["key"]["weight"].shape[1]], -1))
+            q, k = self.rotate(q, 0), self.rotate(k, 0)
+        k, v = self.shared(k), self.shared(v)
         side = {n: v for n, v in side.items() if n != "context"}
         if self.fused(key, side):
             out, weights = kernels.self_attention(q, k, v, self.causal), None
@@ -171,14 +214,14 @@ class Attention(Combinator):
 
     # -- incremental decoding: a KV cache (causal self-attention) or the fixed context --
     def init_cache(self, params, max_len, dtype=jnp.float32, context=None, context_lengths=None, **side):
-        """Cross-attention: the context. Causal self-attention: keys and values (heads, max_len,
+        """Cross-attention: the context. Causal self-attention: keys and values (kv_heads, max_len,
         head_dim), head-major so that a step's two products read them without a transpose."""
         if self.cross:
             if context is None:
                 raise LayerError(f"{self!r}: decoding with cross-attention needs context= in init_cache")
             return {"context": context, **({} if context_lengths is None else {"context_lengths": context_lengths})}
-        width = params["key"]["weight"].shape[1]
-        shape = (self.heads, max_len, width // self.heads)
+        head_dim = params["query"]["weight"].shape[1] // self.heads
+        shape = (params["key"]["weight"].shape[1] // head_dim, max_len, head_dim)
         return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
     def decode(self, params, xs, cache, position):
@@ -192,8 +235,8 @@ class Attention(Combinator):
         if not isinstance(position, jax.core.Tracer) and position + steps > max_len:
             raise LayerError(f"{self!r}: steps {position}..{position + steps - 1} are past the KV cache ({max_len})")
         cache = self.write_cache(params, xs, cache, position)
-        q = self.heads_of(params, xs, "query")
-        keys, values = (cache[n].swapaxes(0, 1) for n in ("key", "value"))
+        q = self.heads_of(params, xs, "query", position)
+        keys, values = (self.shared(cache[n].swapaxes(0, 1)) for n in ("key", "value"))
         allowed = jnp.arange(max_len)[None] <= position + jnp.arange(steps)[:, None]
         out, _ = self.attend_explicitly(params, q, keys, values, allowed, None)
         y = affine(params["output"], out.reshape(steps, -1))
@@ -201,7 +244,7 @@ class Attention(Combinator):
         return jnp.where(position + steps <= max_len, y, jnp.nan), cache
 
     def write_cache(self, params, xs, cache, position):
-        """The keys and values of xs (P, d) written to the cache at steps position..position+P-1."""
+        """The keys (rotated) and values of xs (P, d) written to the cache at steps position..position+P-1."""
         return {n: jax.lax.dynamic_update_slice_in_dim(
-                    cache[n], self.heads_of(params, xs, n).swapaxes(0, 1).astype(cache[n].dtype), position, 1)
+                    cache[n], self.heads_of(params, xs, n, position).swapaxes(0, 1).astype(cache[n].dtype), position, 1)
                 for n in ("key", "value")}

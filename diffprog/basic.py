@@ -27,6 +27,7 @@ ACTIVATIONS = {
     "gelu": lambda x: x * (1 + erf(x * np.float32(np.sqrt(0.5)))) / 2,  # x Φ(x), as PyTorch's GELU and BERT
     # (via erf: XLA:CPU runs jax.nn.gelu(approximate=False), which uses erfc, ~2x slower)
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # the tanh approximation (GPT-2)
+    "silu": jax.nn.silu,  # x σ(x) (Llama's and Mamba's)
     "step": step,
     "softmax": jax.nn.softmax,
     "identity": lambda x: x,
@@ -110,6 +111,38 @@ class FeedForward(PositionWise):
 
     def map(self, params, x):
         return activation_fn(self.activation)(affine(params, x))
+
+
+@layerclass
+class GatedFeedForward(PositionWise):
+    """GatedFeedForward(x) = activation(W_gate x + b_gate) ⊗ (W_up x + b_up): a FeedForward whose
+    output is gated by a second projection (GLU; with activation "silu", SwiGLU, Llama's).
+
+    Type: (d,) → (out,) (also (T, d) → (T, out)). Params: gate, up, each {weight (d, out),
+    bias (out,) unless use_bias=False}. The two products run as one.
+    """
+
+    out: int
+    activation: str = "silu"
+    use_bias: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        activation_fn(self.activation, "GatedFeedForward")
+
+    def init_params(self, key, spec, **side):
+        self.expect(spec, ("d",), ("T", "d"))
+        kg, ku = jax.random.split(key)
+        return {"gate": Dense(self.out, self.use_bias).init_params(kg, spec),
+                "up": Dense(self.out, self.use_bias).init_params(ku, spec)}
+
+    def width(self, params):
+        return params["gate"]["weight"].shape[0]
+
+    def map(self, params, x):
+        both = {k: jnp.concatenate([params["gate"][k], params["up"][k]], -1) for k in params["gate"]}
+        gate, up = jnp.split(affine(both, x), 2, -1)
+        return activation_fn(self.activation)(gate) * up
 
 
 @layerclass

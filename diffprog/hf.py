@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .attention import Attention
-from .basic import Dense, FeedForward
+from .basic import Dense, FeedForward, GatedFeedForward
 from .checks import path_name
 from .core import ArgumentError, LayerError, Repeat, find
 from .embed import EmbedToken
 from .generate import GenerateToken, LanguageModel
-from .models import Bert, SelectSpan, bert, gpt2
+from .models import Bert, SelectSpan, bert, gpt2, llama, mamba
+from .ssm import SelectiveSSM
 from .torch_weights import numpy_array
 from .transformer import EmbedSegment, LearnedPositions, TransformerBlock
 
@@ -134,15 +135,60 @@ def gpt2_names(model: LanguageModel, layer: int, expected) -> tuple[dict, dict]:
     return names, ({"lm_head.weight": "wte.weight"} if model.tied else {})
 
 
+def _top(model: LanguageModel, expected, tied_name: str, names: dict) -> tuple[dict, dict]:
+    """A causal LM's embedding, final norm (RMSNorm: scale only) and untied head."""
+    (token,) = find(model, EmbedToken, expected)
+    norm = find(model, type(model.norm), expected)[-1]
+    out = {token + ("table",): (names["embed"], None), norm + ("scale",): (names["norm"], None)}
+    if not model.tied:
+        out[find(model, GenerateToken, expected)[0] + ("table",)] = ("lm_head.weight", None)
+    return out, ({"lm_head.weight": tied_name} if model.tied else {})
+
+
+def llama_names(model: LanguageModel, layer: int, expected) -> tuple[dict, dict]:
+    """As `bert_names`, for `dp.llama` (LlamaForCausalLM; Linear weights (out, in), no biases)."""
+    if layer is None:
+        return _top(model, expected, "embed_tokens.weight", {"embed": "embed_tokens.weight", "norm": "norm.weight"})
+    block, prefix, flip = model.body.layer, f"layers.{layer}.", (lambda w: w.T)
+    (at,), (first_norm, second_norm) = find(block, Attention), find(block, type(block.norm))
+    (gated,), (down,) = find(block, GatedFeedForward), find(block, Dense)
+    return {**{at + (ours, "weight"): (f"{prefix}self_attn.{theirs}_proj.weight", flip)
+               for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v"), ("output", "o"))},
+            first_norm + ("scale",): (prefix + "input_layernorm.weight", None),
+            second_norm + ("scale",): (prefix + "post_attention_layernorm.weight", None),
+            gated + ("gate", "weight"): (prefix + "mlp.gate_proj.weight", flip),
+            gated + ("up", "weight"): (prefix + "mlp.up_proj.weight", flip),
+            down + ("weight",): (prefix + "mlp.down_proj.weight", flip)}, {}
+
+
+def mamba_names(model: LanguageModel, layer: int, expected) -> tuple[dict, dict]:
+    """As `bert_names`, for `dp.mamba` (MambaForCausalLM; the convolution's weight (I, 1, K))."""
+    if layer is None:
+        return _top(model, expected, "embeddings.weight", {"embed": "embeddings.weight", "norm": "norm_f.weight"})
+    block, prefix, flip = model.body.layer, f"layers.{layer}.", (lambda w: w.T)
+    (mixer,), (norm,) = find(block, SelectiveSSM), find(block, type(block.norm))
+    mixed = {("in_proj", "weight"): ("in_proj.weight", flip), ("conv", "kernel"): ("conv1d.weight", lambda w: w[:, 0, :].T),
+             ("conv", "bias"): ("conv1d.bias", None), ("x_proj", "weight"): ("x_proj.weight", flip),
+             ("dt_proj", "weight"): ("dt_proj.weight", flip), ("dt_proj", "bias"): ("dt_proj.bias", None),
+             ("A_log",): ("A_log", None), ("D",): ("D", None), ("out_proj", "weight"): ("out_proj.weight", flip)}
+    return {**{mixer + ours: (prefix + "mixer." + theirs, t) for ours, (theirs, t) in mixed.items()},
+            norm + ("scale",): (prefix + "norm.weight", None)}, {}
+
+
 def _kind(model, expected):
     """(prefix, names function, depth, path of the blocks' params) of a model diffprog can load."""
     if isinstance(model, Bert):
         return "bert.", bert_names, model.depth, find(model, TransformerBlock, expected)[0]
     body = getattr(model, "body", None)
-    if (isinstance(model, LanguageModel) and model.final_norm and model.per_position and not model.head_bias
-            and isinstance(body, Repeat) and isinstance(body.layer, TransformerBlock) and body.layer.pre_norm):
-        return "transformer.", gpt2_names, body.n, find(model, TransformerBlock, expected)[0]
-    raise ArgumentError(f"load_pretrained: {model!r} is not a model built by dp.bert or dp.gpt2")
+    if isinstance(model, LanguageModel) and model.final_norm and model.per_position and isinstance(body, Repeat):
+        block = body.layer
+        if isinstance(block, TransformerBlock) and block.pre_norm and block.gated and not model.head_bias:
+            return "model.", llama_names, body.n, find(model, TransformerBlock, expected)[0]
+        if isinstance(block, TransformerBlock) and block.pre_norm and not model.head_bias:
+            return "transformer.", gpt2_names, body.n, find(model, TransformerBlock, expected)[0]
+        if find(block, SelectiveSSM) and not model.head_bias:
+            return "backbone.", mamba_names, body.n, find(model, type(block), expected)[0]
+    raise ArgumentError(f"load_pretrained: {model!r} is not a model built by dp.bert, dp.gpt2, dp.llama or dp.mamba"[:600])
 
 
 def load_pretrained(model, source, *, fill=None, ignore: tuple = ()) -> dict:
@@ -209,12 +255,14 @@ def load_pretrained(model, source, *, fill=None, ignore: tuple = ()) -> dict:
 
 def from_pretrained(directory, head="pooler", **load) -> tuple:
     """(model, params) from a `save_pretrained` directory (config.json + model.safetensors) of a
-    BERT (`head` as in `dp.bert`) or GPT-2; `load` keywords go to `load_pretrained`."""
+    BERT (`head` as in `dp.bert`), GPT-2, Llama or Mamba; `load` keywords go to `load_pretrained`."""
     with open(os.path.join(os.fspath(directory), "config.json")) as f:
         config = json.load(f)
     kind = config.get("model_type")
-    if kind not in ("bert", "gpt2"):
+    builders = {"bert": lambda: bert(config, head), "gpt2": lambda: gpt2(config), "llama": lambda: llama(config),
+                "mamba": lambda: mamba(config)}
+    if kind not in builders:
         raise ArgumentError(f"from_pretrained: config.json of {directory} has model_type={kind!r}; "
-                            f"diffprog loads 'bert' and 'gpt2'")
-    model = bert(config, head) if kind == "bert" else gpt2(config)
+                            f"diffprog loads {sorted(builders)}")
+    model = builders[kind]()
     return model, load_pretrained(model, directory, **load)

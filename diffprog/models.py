@@ -11,19 +11,21 @@ the one diffprog builds (relative positions, an unknown activation, a decoder) i
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from .basic import Dense, Dropout, FeedForward, PositionWise, affine, norm_field, set_norm
+from .basic import Dense, Dropout, FeedForward, PositionWise, RMSNorm, affine, norm_field, set_norm
 from .core import ArgumentError, Layer, Pipeline, built_field, layerclass, set_built
 from .embed import EmbedToken
 from .generate import GenerateToken, LanguageModel
 from .sequence import Collapse
-from .transformer import EmbedSegment, LearnedPositions, TransformerBlock
+from .ssm import SelectiveSSM
+from .transformer import AddNorm, EmbedSegment, LearnedPositions, TransformerBlock
 
-ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu"}
 """Hugging Face `hidden_act` / `activation_function` names → diffprog activations."""
 
 
@@ -159,8 +161,23 @@ GPT2_CONFIG = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n
                    add_cross_attention=False, tie_word_embeddings=True)
 """`GPT2Config`'s defaults (GPT-2 small) for the fields that decide the computation."""
 
+LLAMA_CONFIG = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu", rms_norm_eps=1e-6,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_theta=None, rope_scaling=None,
+                    attention_bias=False, mlp_bias=False, attention_dropout=0.0, pretraining_tp=1,
+                    tie_word_embeddings=False)
+"""`LlamaConfig`'s defaults (Llama 2 7B's shape) for the fields that decide the computation
+(`rope_theta` / `rope_scaling`: the fields of configs written before `rope_parameters`)."""
+
+MAMBA_CONFIG = dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=32, layer_norm_epsilon=1e-5,
+                    expand=2, conv_kernel=4, intermediate_size=None, time_step_rank="auto", use_bias=False,
+                    use_conv_bias=True, hidden_act="silu", tie_word_embeddings=True)
+"""`MambaConfig`'s defaults for the fields that decide the computation."""
+
 SUPPORTED = {"position_embedding_type": ("absolute",), "is_decoder": (False,), "add_cross_attention": (False,),
-             "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,)}
+             "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,), "rope_scaling": (None,),
+             "attention_bias": (False,), "mlp_bias": (False,), "pretraining_tp": (1,), "use_bias": (False,),
+             "use_conv_bias": (True,)}
 """Fields diffprog reads only at these values (any other value is another model)."""
 
 
@@ -171,7 +188,9 @@ IGNORED = frozenset({
     "finetuning_task", "task_specific_params", "tokenizer_class", "prefix", "return_dict", "output_hidden_states",
     "output_attentions", "torchscript", "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder",
     "n_ctx", "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
-    "summary_first_dropout", "reorder_and_upcast_attn"})
+    "summary_first_dropout", "reorder_and_upcast_attn", "max_position_embeddings", "residual_in_fp32", "time_step_scale",
+    "time_step_min", "time_step_max", "time_step_init_scheme", "time_step_floor", "rescale_prenorm_residual",
+    "use_mambapy", "use_associative_scan", "layer_types"})
 """Fields of Hugging Face configs (config.json) that do not change what the model computes."""
 
 
@@ -227,3 +246,51 @@ def gpt2(config=None, **fields) -> LanguageModel:
     return LanguageModel(c["vocab_size"], d, block ** c["n_layer"], positions=LearnedPositions(c["n_positions"]),
                          final_norm=True, per_position=True, tied=c["tie_word_embeddings"],
                          eps=c["layer_norm_epsilon"], dropout=c["embd_pdrop"])
+
+
+def llama(config=None, **fields) -> LanguageModel:
+    """Llama (`LlamaForCausalLM`, the "Transformer++") from a `LlamaConfig` (or a dict of its
+    fields; keyword fields override it):
+
+        Llama = GenerateToken ∘ RMSNorm ∘ TransformerBlock(causal, pre-norm, RMSNorm, rotary,
+                grouped-query, SwiGLU, no biases)^L ∘ EmbedToken
+
+    int[T] → (T, vocab), the next-token logits after every prefix; `dp.generate` decodes it
+    with a KV cache of kv_heads heads."""
+    c = read_config("llama", LLAMA_CONFIG, config, fields)
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    rope = dict(c["rope_parameters"] or {})
+    if rope.get("rope_type", "default") != "default":
+        raise ArgumentError(f"llama: config field rope_parameters={rope!r} is not supported (diffprog builds rope_type 'default')")
+    if c["head_dim"] not in (None, d // heads):
+        raise ArgumentError(f"llama: config field head_dim={c['head_dim']} is not supported (diffprog builds "
+                            f"hidden_size / num_attention_heads = {d // heads})")
+    kv_heads = c["num_key_value_heads"] if c["num_key_value_heads"] not in (None, heads) else None
+    norm = RMSNorm(c["rms_norm_eps"])
+    block = TransformerBlock(d, heads, c["intermediate_size"], causal=True, pre_norm=True, dropout=0.0,
+                             activation=ACTIVATIONS[c["hidden_act"]], gated=True, use_bias=False, kv_heads=kv_heads,
+                             rotary=float(rope.get("rope_theta") or c["rope_theta"] or 10000.0), norm=norm,
+                             attention_dropout=c["attention_dropout"])
+    return LanguageModel(c["vocab_size"], d, block ** c["num_hidden_layers"], final_norm=True, norm=norm,
+                         per_position=True, tied=c["tie_word_embeddings"])
+
+
+def mamba(config=None, **fields) -> LanguageModel:
+    """Mamba (`MambaForCausalLM`) from a `MambaConfig` (or a dict of its fields; keyword fields
+    override it):
+
+        Mamba = GenerateToken ∘ RMSNorm ∘ (x + SelectiveSSM(RMSNorm(x)))^L ∘ EmbedToken
+
+    int[T] → (T, vocab); `dp.generate` decodes it carrying each layer's state and convolution
+    window."""
+    c = read_config("mamba", MAMBA_CONFIG, config, fields)
+    d = c["hidden_size"]
+    if c["intermediate_size"] not in (None, c["expand"] * d):
+        raise ArgumentError(f"mamba: config field intermediate_size={c['intermediate_size']} is not expand · "
+                            f"hidden_size = {c['expand'] * d}")
+    rank = c["time_step_rank"]
+    rank = None if rank == "auto" or rank == math.ceil(d / 16) else int(rank)
+    norm = RMSNorm(c["layer_norm_epsilon"])
+    block = AddNorm(SelectiveSSM(c["state_size"], c["expand"], c["conv_kernel"], rank), pre_norm=True, norm=norm)
+    return LanguageModel(c["vocab_size"], d, block ** c["num_hidden_layers"], final_norm=True, norm=norm,
+                         per_position=True, tied=c["tie_word_embeddings"])

@@ -4,12 +4,14 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .attention import Attention
-from .basic import Dense, Dropout, FeedForward, activation_fn, norm_field, norm_repr, set_norm
+from .basic import Dense, Dropout, FeedForward, GatedFeedForward, activation_fn, norm_field, norm_repr, set_norm
 from .core import Combinator, Layer, LayerError, Pipeline, built_field, layerclass, set_built
 from .embed import EmbedToken
 from .sequence import check_sequence
@@ -150,7 +152,11 @@ class TransformerBlock(Pipeline):
     FeedForward here is the Transformer's two-matrix version, Dense(d) ∘ FeedForward(ff,
     activation) ("relu"; BERT's is "gelu", GPT-2's "gelu_tanh"). `causal` masks the future;
     `pre_norm` switches the AddNorms to pre-LN (GPT-2); `norm` is their norm, LayerNorm(eps)
-    unless given (e.g. dp.RMSNorm());
+    unless given (e.g. dp.RMSNorm()); `gated=True` makes the feed-forward Dense(d) ∘
+    GatedFeedForward(ff, activation) (SwiGLU with "silu"); `kv_heads` and `rotary` are the
+    attention's (grouped-query attention, rotary positions). The Llama block ("Transformer++") is
+    TransformerBlock(d, heads, ff, causal=True, pre_norm=True, activation="silu", gated=True,
+    use_bias=False, kv_heads=..., rotary=10000.0, norm=dp.RMSNorm(eps));
     `use_bias=False` drops the biases of every projection. With `key=` given, `dropout` applies
     to the output of each attention and of the feed-forward (the residual path) and
     `attention_dropout` to the attention weights α. `cross=True` makes
@@ -172,6 +178,9 @@ class TransformerBlock(Pipeline):
     use_bias: bool = True
     attention_dropout: float = 0.0
     norm: Layer = norm_field()
+    gated: bool = False
+    kv_heads: Optional[int] = None
+    rotary: Optional[float] = None
     parts: tuple = built_field()
     """The (name, AddNorm) stages the fields build (`build`), or what `dp.rewrite` made of them."""
 
@@ -187,10 +196,11 @@ class TransformerBlock(Pipeline):
         """The block's (name, AddNorm) stages in running order, from its fields."""
         wrap = lambda f: AddNorm(Dropout(self.dropout) @ f, self.pre_norm, self.eps, self.norm)
         attention = lambda **kind: Attention(self.heads, **kind, dropout=self.attention_dropout, use_bias=self.use_bias)
-        parts = {"attention": wrap(attention(causal=self.causal))}
+        parts = {"attention": wrap(attention(causal=self.causal, kv_heads=self.kv_heads, rotary=self.rotary))}
         if self.cross:
             parts["cross_attention"] = wrap(attention(cross=True))
-        parts["feedforward"] = wrap(Dense(self.d, self.use_bias) @ FeedForward(self.ff, self.activation, self.use_bias))
+        hidden = (GatedFeedForward if self.gated else FeedForward)(self.ff, self.activation, self.use_bias)
+        parts["feedforward"] = wrap(Dense(self.d, self.use_bias) @ hidden)
         return tuple(parts.items())
 
     def named_stages(self):

@@ -310,7 +310,10 @@ def test_a_chunk_decodes_as_its_steps(lm, key):
 STATEFUL = [dp.SimpleRNN(8), dp.LSTM(8), dp.GRU(8), dp.Attention(2, causal=True),
             dp.AddNorm(dp.Attention(2, causal=True), pre_norm=True, norm=dp.RMSNorm()), dp.LearnedPositions(9),
             dp.SinusoidalPositions, dp.TransformerBlock(8, 2, 16, causal=True) ** 2,
-            dp.Remat(dp.LSTM(8)) @ dp.TransformerBlock(8, 2, 16, causal=True, pre_norm=True)]
+            dp.Remat(dp.LSTM(8)) @ dp.TransformerBlock(8, 2, 16, causal=True, pre_norm=True),
+            dp.Attention(4, causal=True, kv_heads=2, rotary=10000.0), dp.SelectiveSSM(state=4),
+            dp.TransformerBlock(8, 4, 16, causal=True, pre_norm=True, activation="silu", gated=True, use_bias=False,
+                                kv_heads=2, rotary=10000.0, norm=dp.RMSNorm())]
 
 
 @pytest.mark.parametrize("layer", STATEFUL, ids=repr)
