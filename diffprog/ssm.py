@@ -11,7 +11,7 @@ import numpy as np
 
 from . import kernels
 from .basic import affine, lecun_normal
-from .core import Layer, LayerError, layerclass
+from .core import Layer, LayerError, example_spec, layerclass
 from .sequence import check_lengths, check_sequence, valid_steps
 
 
@@ -76,25 +76,37 @@ class SelectiveSSM(Layer):
         ys, _ = self.mix(params, xs, self.init_cache(params, 0, xs.dtype))
         return ys if lengths is None else jnp.where(valid_steps(steps, lengths)[:, None], ys, 0)
 
+    def forward_batch(self, params, xs, *, key=None, lengths=None):
+        """(B, T, d) → (B, T, d) as one array: the projections over all B·T positions, one scan
+        over T of (B, I, N) states (vmap would take B weight gradients and sum them)."""
+        steps = check_sequence(self, example_spec(xs), params["in_proj"]["weight"].shape[0])
+        lengths = check_lengths(self, lengths, steps, batch=xs.shape[0])
+        ys, _ = self.mix(params, xs, self.init_cache(params, 0, xs.dtype, batch=xs.shape[:1]))
+        return ys if lengths is None else jnp.where((jnp.arange(steps) < lengths[:, None])[..., None], ys, 0)
+
     def mix(self, params, xs, cache):
-        """The equations above for xs (P, d), continuing from `cache` {"conv": the K − 1 inputs
-        of the convolution before xs, "state": h}: (out (P, d), the cache after xs)."""
+        """The equations above for xs (..., P, d), continuing from `cache` {"conv": the K − 1
+        inputs of the convolution before xs, "state": h}: (out (..., P, d), the cache after xs)."""
         u, z = jnp.split(affine(params["in_proj"], xs), 2, -1)
-        window = jnp.concatenate([cache["conv"].astype(u.dtype), u])  # (K − 1 + P, I)
-        kernel, steps = params["conv"]["kernel"], xs.shape[0]
-        u = jax.nn.silu(sum(kernel[j] * window[j:j + steps] for j in range(self.conv)) + params["conv"]["bias"])
+        window = jnp.concatenate([cache["conv"].astype(u.dtype), u], -2)  # (..., K − 1 + P, I)
+        kernel, steps = params["conv"]["kernel"], xs.shape[-2]
+        u = jax.nn.silu(sum(kernel[j] * window[..., j:j + steps, :] for j in range(self.conv)) + params["conv"]["bias"])
         rank = params["dt_proj"]["weight"].shape[0]
         delta, b, c = jnp.split(affine(params["x_proj"], u), [rank, rank + self.state], -1)
-        delta = jax.nn.softplus(affine(params["dt_proj"], delta))  # (P, I)
-        a = jnp.exp(delta[..., None] * -jnp.exp(params["A_log"]))  # (P, I, N)
-        y, h = kernels.selective_scan(a, (delta * u)[..., None] * b[:, None, :], c, cache["state"].astype(a.dtype))
-        out = affine(params["out_proj"], (y + params["D"] * u) * jax.nn.silu(z))
-        return out, {"conv": window[window.shape[0] - (self.conv - 1):], "state": h}
+        delta = jax.nn.softplus(affine(params["dt_proj"], delta))  # (..., P, I)
+        a = jnp.exp(delta[..., None] * -jnp.exp(params["A_log"]))  # (..., P, I, N)
+        b = (delta * u)[..., None] * b[..., None, :]
+        time_first = lambda v, axis: jnp.moveaxis(v, axis, 0)
+        y, h = kernels.selective_scan(time_first(a, -3), time_first(b, -3), time_first(c, -2),
+                                      cache["state"].astype(a.dtype))
+        out = affine(params["out_proj"], (jnp.moveaxis(y, 0, -2) + params["D"] * u) * jax.nn.silu(z))
+        return out, {"conv": window[..., window.shape[-2] - (self.conv - 1):, :], "state": h}
 
-    def init_cache(self, params, max_len, dtype=jnp.float32, **side):
-        """The K − 1 convolution inputs before the first step (0) and h_{−1} = 0."""
+    def init_cache(self, params, max_len, dtype=jnp.float32, batch=(), **side):
+        """The K − 1 convolution inputs before the first step (0) and h_{−1} = 0 (for `batch` rows)."""
         inner = params["D"].shape[0]
-        return {"conv": jnp.zeros((self.conv - 1, inner), dtype), "state": jnp.zeros((inner, self.state), jnp.float32)}
+        return {"conv": jnp.zeros(batch + (self.conv - 1, inner), dtype),
+                "state": jnp.zeros(batch + (inner, self.state), jnp.float32)}
 
     def decode(self, params, xs, cache, position):
         return self.mix(params, xs, cache)

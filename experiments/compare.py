@@ -1,4 +1,4 @@
-"""SimpleRNN vs LSTM vs Transformer on generated tasks that probe long-range dependence.
+"""SimpleRNN vs LSTM vs Transformer vs Mamba vs Transformer++ on generated tasks that probe long-range dependence.
 
     python -m experiments.compare                 # default preset, ≤ 10 minutes on 2 CPU cores
     python -m experiments.compare --preset full   # longer sweep, 2 seeds per cell
@@ -41,28 +41,43 @@ TASKS = {
     "copy": Task(lambda k, b, n: tasks.copy(k, b, n), 10, 10, True, "accuracy", "delay"),
     "parens": Task(lambda k, b, n: tasks.parens(k, b, n), 2, 9, True, "accuracy", "T"),
     "recall": Task(lambda k, b, n: tasks.recall(k, b, n), 0, 16, False, "accuracy", "pairs"),
+    "selective_copy": Task(lambda k, b, n: tasks.selective_copy(k, b, n), 10, 10, True, "accuracy", "T"),
+    "mqar": Task(lambda k, b, n: tasks.mqar(k, b, n), 32, 16, True, "accuracy", "pairs"),
 }
 
 PRESETS = {
-    "quick": {"lengths": {"adding": [10], "copy": [4], "parens": [8], "recall": [2]},
-              "steps": {"adding": 20, "copy": 20, "parens": 20, "recall": 20}, "seeds": [0], "width": 16},
-    "default": {"lengths": {"adding": [20, 100], "copy": [5, 20], "parens": [16, 64], "recall": [4, 8]},
-                "steps": {"adding": 800, "copy": 500, "parens": 600, "recall": 600}, "seeds": [0], "width": 48},
+    "quick": {"lengths": {"adding": [10], "copy": [4], "parens": [8], "recall": [2], "selective_copy": [8], "mqar": [2]},
+              "steps": {"adding": 20, "copy": 20, "parens": 20, "recall": 20, "selective_copy": 20, "mqar": 20},
+              "seeds": [0], "width": 16},
+    "default": {"lengths": {"adding": [50], "copy": [20], "parens": [64], "recall": [8], "selective_copy": [32],
+                            "mqar": [8]},
+                "steps": {"adding": 600, "copy": 500, "parens": 400, "recall": 600, "selective_copy": 600, "mqar": 800},
+                "seeds": [0], "width": 48},
     "full": {"lengths": {"adding": [25, 50, 100, 200], "copy": [5, 10, 20, 40], "parens": [16, 32, 64, 128],
-                         "recall": [4, 8, 12]},
-             "steps": {"adding": 2000, "copy": 1500, "parens": 800, "recall": 1500}, "seeds": [0, 1], "width": 48},
+                         "recall": [4, 8, 12], "selective_copy": [16, 32, 64, 128], "mqar": [4, 8, 16, 32]},
+             "steps": {"adding": 2000, "copy": 1500, "parens": 800, "recall": 1500, "selective_copy": 2000, "mqar": 2000},
+             "seeds": [0, 1], "width": 48},
 }
-MODELS = ("rnn", "lstm", "transformer")
+MODELS = ("rnn", "lstm", "transformer", "mamba", "transformer++")
 
 
 def build(model: str, task: Task, length_of_inputs: int, width: int) -> dp.Layer:
-    """embed → body → head. Widths are chosen so that the three bodies have similar sizes."""
-    d = 2 * width // 3 // 4 * 4 if model == "transformer" else width  # 2 blocks of 6d² ≈ an LSTM of 8w²
+    """embed → body → head. Widths are chosen so that the bodies have similar sizes: an LSTM of
+    width w has 8w² weights, two Transformer blocks of width d = 2w/3 have 2·(4d² + 4d²) (FF 2d),
+    two Transformer++ blocks 2·(4d² + 4d²) (a SwiGLU of 4d/3; grouped-query attention left out:
+    at 4 heads of width 8 it delayed learning MQAR), two Mamba blocks of width d = 2w/3 about
+    2·8.5d² (inner 2d, state 16)."""
+    d = 2 * width // 3 // 4 * 4 if model in ("transformer", "transformer++", "mamba") else width
     embed = dp.EmbedToken(task.vocab, d) if task.vocab else dp.Dense(d)
-    body = {"rnn": dp.SimpleRNN(2 * width),
-            "lstm": dp.LSTM(width),
-            "transformer": dp.TransformerBlock(d, 4, 2 * d, causal=task.per_position) ** 2
-            @ dp.LearnedPositions(length_of_inputs)}[model]
+    causal = task.per_position
+    body = {"rnn": lambda: dp.SimpleRNN(2 * width),
+            "lstm": lambda: dp.LSTM(width),
+            "transformer": lambda: dp.TransformerBlock(d, 4, 2 * d, causal=causal) ** 2
+            @ dp.LearnedPositions(length_of_inputs),
+            "mamba": lambda: dp.RMSNorm() @ dp.AddNorm(dp.SelectiveSSM(), pre_norm=True, norm=dp.RMSNorm()) ** 2,
+            "transformer++": lambda: dp.RMSNorm() @ dp.TransformerBlock(
+                d, 4, 4 * d // 3, causal=causal, pre_norm=True, activation="silu", gated=True, use_bias=False,
+                rotary=10000.0, norm=dp.RMSNorm()) ** 2}[model]()
     head = dp.Dense(task.outputs) if task.per_position else dp.Dense(task.outputs) @ dp.Collapse("last")
     return head @ body @ embed
 
@@ -86,7 +101,7 @@ def baseline(name: str, task: Task, batch: dict) -> float:
     targets = np.asarray(batch["targets"])
     if name == "parens":
         return float(np.bincount(targets.ravel()).max() / targets.size)  # most frequent depth
-    return 1.0 / {"copy": 8, "recall": 16}[name]                       # uniform guess
+    return 1.0 / {"copy": 8, "recall": 16, "selective_copy": 8, "mqar": 16}[name]   # uniform guess
 
 
 def run_one(name, task, length, model, seed, steps, width, batch_size=32):
@@ -189,7 +204,7 @@ def main(argv=None):
     table = summarise(runs)
     params = {m: sorted({r["params"] for r in runs if r["model"] == m}) for m in args.models}
     plot(runs, out)
-    print(f"\n## SimpleRNN vs LSTM vs Transformer ({args.preset} preset, seeds {preset['seeds']})\n")
+    print(f"\n## {' vs '.join(args.models)} ({args.preset} preset, seeds {preset['seeds']})\n")
     print(table)
     print("\nParameter counts (per task, they differ by input/output sizes): "
           + "; ".join(f"{m} {min(v):,}–{max(v):,}" for m, v in params.items()))

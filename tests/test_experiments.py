@@ -24,6 +24,18 @@ def test_compare_quick(tmp_path):
     assert all(r["curve"] and r["params"] > 0 for r in runs)
 
 
+@pytest.mark.slow
+def test_compare_quick_runs_the_new_families_on_the_new_tasks(tmp_path):
+    from experiments import compare
+    runs = compare.main(["--preset", "quick", "--tasks", "selective_copy", "mqar", "--models", "mamba",
+                         "transformer++", "--out", str(tmp_path)])
+    assert {(r["task"], r["model"]) for r in runs} == {(t, m) for t in ("selective_copy", "mqar")
+                                                       for m in ("mamba", "transformer++")}
+    assert all(0 <= r["metric"] <= 1 and r["params"] > 0 for r in runs)
+    table = json.loads((next((tmp_path / "compare").iterdir()) / "results.json").read_text())["table"]
+    assert "mamba" in table and "transformer++" in table and "| mqar | pairs=2 |" in table
+
+
 def test_compare_refuses_lengths_outside_the_preset(tmp_path, capsys):
     from experiments import compare
     with pytest.raises(SystemExit):

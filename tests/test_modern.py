@@ -74,8 +74,10 @@ def test_gated_feedforward_is_swiglu(key):
 
 
 def test_selective_scan_parallel_equals_its_definition(key):
-    """The associative scan and the lax.scan definition give the same outputs and gradients
-    (also continuing from a state); `lengths=` zeroes the padding; batch == vmap."""
+    """The associative scan (the accelerators' path), the scan with its written-out backward
+    pass (the CPU's) and the lax.scan definition give the same outputs and gradients (also
+    continuing from a state, and through the last state); the layer with and without the seam's
+    choice too; `lengths=` zeroes the padding; batch == vmap."""
     layer = dp.SelectiveSSM(state=4)
     xs = jax.random.normal(key, (3, 9, 8))
     p = layer.init(key, xs[0])
@@ -87,7 +89,11 @@ def test_selective_scan_parallel_equals_its_definition(key):
     chex.assert_trees_all_close(fast_grad, slow_grad, atol=1e-4)
     a, b = jax.random.uniform(key, (2, 7, 3, 4))
     c, h0 = jax.random.normal(key, (7, 4)), jax.random.normal(key, (3, 4))
-    chex.assert_trees_all_close(dp.kernels.selective_scan(a, b, c, h0), dp.kernels.scan_selective(a, b, c, h0), atol=1e-5)
+    paths = (dp.kernels.parallel_selective, dp.kernels.written_selective, dp.kernels.scan_selective)
+    chex.assert_trees_all_close(*[f(a, b, c, h0) for f in paths], atol=1e-5)
+    loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)[0])) + jnp.sum(jnp.cos(f(*args)[1]))  # y and the last state
+    grads = [jax.grad(loss(f), (0, 1, 2, 3))(a, b, c, h0) for f in paths]
+    chex.assert_trees_all_close(*grads, atol=1e-4)
     full = layer(p, xs[0])
     chex.assert_trees_all_close(layer(p, xs[0], lengths=5)[:5], full[:5], atol=1e-6)
     assert float(jnp.abs(layer(p, xs[0], lengths=5)[5:]).max()) == 0.0

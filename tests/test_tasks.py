@@ -42,3 +42,27 @@ def test_recall_target_is_the_value_of_the_query_key(key):
         assert len(set(keys)) == 5 and row[5, 32] == 1 and row[:5, 32].sum() == 0
         q = row[5, :16].argmax()
         assert values[list(keys).index(q)] == target
+
+
+def test_selective_copy_hides_the_tokens_in_noise_and_asks_for_them_in_order(key):
+    batch = tasks.selective_copy(key, 64, 20, symbols=4, alphabet=8)
+    inputs, targets, mask = (np.asarray(batch[k]) for k in ("inputs", "targets", "mask"))
+    assert inputs.shape == (64, 24) and mask[:, 20:].all() and not mask[:, :20].any()
+    for row, target in zip(inputs, targets):
+        scattered = row[:20][row[:20] != tasks.SELECT_NOISE]
+        np.testing.assert_array_equal(scattered, target[20:])  # the tokens, in the order they came
+        assert ((2 <= scattered) & (scattered < 10)).all() and (row[20:] == tasks.SELECT_GO).all()
+    positions = [np.flatnonzero(row[:20]) for row in inputs]
+    assert len({tuple(p) for p in positions}) > 32  # the positions differ from row to row
+
+
+def test_mqar_queries_every_key_for_its_value(key):
+    batch = tasks.mqar(key, 32, 6, n_keys=16, n_values=16)
+    inputs, targets, mask = (np.asarray(batch[k]) for k in ("inputs", "targets", "mask"))
+    assert inputs.shape == (32, 18) and mask[:, 12:].all() and not mask[:, :12].any()
+    for row, target in zip(inputs, targets):
+        keys, values = row[:12:2], row[1:12:2] - 16
+        assert len(set(keys)) == 6 and (keys < 16).all() and ((0 <= values) & (values < 16)).all()
+        assert sorted(row[12:]) == sorted(keys)  # every key asked once
+        lookup = dict(zip(keys, values))
+        np.testing.assert_array_equal(target[12:], [lookup[q] for q in row[12:]])

@@ -10,7 +10,8 @@ the definition stays the reference it is tested against and the path taken every
 | `recurrence` → `lstm_recurrence`: C++ kernels (lstm.cc) | `LSTM` on a batch | CPU, float32 | `LSTM.scan` |
 | `recurrence` → `scan_recurrence`: written-out backward pass | recurrent layers on a batch | elsewhere | `Recurrent.scan` |
 | `product`: transposed-operand gradient | `Dense`, `FeedForward`, ... | CPU | `x @ w` |
-| `selective_scan`: `lax.associative_scan` (log T depth) | `SelectiveSSM` | everywhere | `scan_selective` (`lax.scan`) |
+| `selective_scan` → `written_selective`: the scan with a written-out backward pass | `SelectiveSSM` | CPU | `scan_selective` (`lax.scan`, autodiff) |
+| `selective_scan` → `parallel_selective`: `lax.associative_scan` (log T depth) | `SelectiveSSM` | accelerators | the same |
 
 The platform is chosen at lowering (`lax.platform_dependent`: an accelerator program never holds a
 CPU kernel); `disabled()` traces the definitions alone (e.g. to `jax.export` a model for CPU
@@ -23,4 +24,4 @@ from .attention import attention_kernel, causal_attention, causal_attention_bloc
 from .library import available, build, cache_dir, disabled, enabled, on_cpu
 from .products import product
 from .recurrence import lstm_backward, lstm_forward, lstm_recurrence, recurrence, scan_recurrence
-from .ssm import scan_selective, selective_scan
+from .ssm import parallel_selective, scan_selective, selective_scan, written_selective
