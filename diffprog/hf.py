@@ -192,7 +192,7 @@ def _kind(model, expected):
 
 
 def load_pretrained(model, source, *, fill=None, ignore: tuple = ()) -> dict:
-    """The params of `model` (built by `dp.bert` or `dp.gpt2`) from a Hugging Face checkpoint:
+    """The params of `model` (built by `dp.bert`, `dp.gpt2`, `dp.llama` or `dp.mamba`) from a Hugging Face checkpoint:
     a state dict, a `.safetensors` file or a `save_pretrained` directory (see the module).
 
     Strict: every param must come from the checkpoint with the expected shape, and every weight

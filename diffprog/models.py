@@ -1,10 +1,13 @@
-"""BERT and GPT-2 in the notes' notation, built from the fields of a Hugging Face config:
+"""BERT, GPT-2, Llama and Mamba in the notes' notation, built from the fields of a Hugging Face config:
 
-    BERT = TransformerBlock^L ∘ Dropout ∘ LayerNorm ∘ EmbedSegment ∘ LearnedPositions ∘ EmbedToken
-    GPT2 = GenerateToken ∘ LayerNorm ∘ TransformerBlock(causal, pre-LN)^L ∘ Dropout ∘ LearnedPositions ∘ EmbedToken
+    BERT  = TransformerBlock^L ∘ Dropout ∘ LayerNorm ∘ EmbedSegment ∘ LearnedPositions ∘ EmbedToken
+    GPT2  = GenerateToken ∘ LayerNorm ∘ TransformerBlock(causal, pre-LN)^L ∘ Dropout ∘ LearnedPositions ∘ EmbedToken
+    Llama = GenerateToken ∘ RMSNorm ∘ TransformerBlock(causal, pre-norm, RMSNorm, rotary, GQA, SwiGLU)^L ∘ EmbedToken
+    Mamba = GenerateToken ∘ RMSNorm ∘ (x + SelectiveSSM(RMSNorm(x)))^L ∘ EmbedToken
 
 `dp.bert(config, head=...)` computes what `BertModel` (with its pooler), `BertForMaskedLM` and
-`BertForQuestionAnswering` compute, `dp.gpt2(config)` what `GPT2LMHeadModel` computes; their
+`BertForQuestionAnswering` compute, `dp.gpt2(config)` what `GPT2LMHeadModel` computes,
+`dp.llama` and `dp.mamba` what `LlamaForCausalLM` and `MambaForCausalLM` compute; their
 weights load with `dp.load_pretrained`. A config field that would make a different model than
 the one diffprog builds (relative positions, an unknown activation, a decoder) is an
 `ArgumentError` naming it, never a silently different model.

@@ -1,6 +1,10 @@
-"""Shared by the tests that train something small."""
+"""Shared by the tests: training something small, comparing a causal LM with `transformers`."""
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+
+import diffprog as dp
 
 
 def fit(loss, params, optimizer, steps, until=None, every=50):
@@ -20,3 +24,17 @@ def fit(loss, params, optimizer, steps, until=None, every=50):
         if until is not None and (i + 1) % every == 0 and until(params):
             break
     return params, value
+
+
+def assert_causal_lm_equals(model, params, reference, ids, steps: int):
+    """`model` (a dp causal LM) computes what the `transformers` model `reference` computes: the
+    logits of every prefix of ids (B, T) to 1e-5, and `steps` greedy tokens after ids[:, :6]."""
+    import torch
+    with torch.no_grad():
+        logits = reference(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(dp.batched(model)(params, jnp.asarray(ids)), logits, atol=1e-5, rtol=1e-5)
+    prompt = ids[:, :6]
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                                    do_sample=False, max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)
+    np.testing.assert_array_equal(dp.generate(model, params, prompt, steps), theirs[:, 6:].numpy())

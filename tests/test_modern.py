@@ -9,6 +9,8 @@ import pytest
 
 import diffprog as dp
 
+from helpers import assert_causal_lm_equals
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -107,15 +109,7 @@ def test_logits_and_greedy_generation_equal_transformers(kind, layers):
     ref = reference(kind, **config)
     model = (dp.llama if kind == "llama" else dp.mamba)(ref.config)
     params = dp.load_pretrained(model, state_dict(ref))
-    ids = np.random.RandomState(0).randint(0, 99, (3, 10))
-    with torch.no_grad():
-        logits = ref(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(dp.batched(model)(params, jnp.asarray(ids)), logits, atol=1e-5, rtol=1e-5)
-    prompt = ids[:, :6]
-    with torch.no_grad():
-        theirs = ref.generate(torch.tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-                              do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
-    np.testing.assert_array_equal(dp.generate(model, params, prompt, 16), theirs[:, 6:].numpy())
+    assert_causal_lm_equals(model, params, ref, np.random.RandomState(0).randint(0, 99, (3, 10)), 16)
 
 
 def test_from_a_save_pretrained_directory_and_refused_config_fields(tmp_path):

@@ -11,6 +11,8 @@ import pytest
 
 import diffprog as dp
 
+from helpers import assert_causal_lm_equals
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -90,15 +92,7 @@ def test_gpt2_logits_and_greedy_generation_equal_transformers(layers):
     ref = reference("GPT2LMHeadModel", **{**GPT2, "n_layer": layers})
     ids, _, _ = batch()
     model = dp.gpt2(ref.config)
-    params = dp.load_pretrained(model, state_dict(ref))
-    with torch.no_grad():
-        logits = ref(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(dp.batched(model)(params, jnp.asarray(ids)), logits, atol=1e-5, rtol=1e-5)
-    prompt = ids[:, :6]
-    with torch.no_grad():
-        theirs = ref.generate(torch.tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-                              do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=0)
-    np.testing.assert_array_equal(dp.generate(model, params, prompt, 32), theirs[:, 6:].numpy())
+    assert_causal_lm_equals(model, dp.load_pretrained(model, state_dict(ref)), ref, ids, 32)
 
 
 def test_gpt2_ragged_batch_and_stop_tokens_equal_transformers():
