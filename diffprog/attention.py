@@ -79,6 +79,9 @@ class Attention(Combinator):
         if d % self.heads:
             raise LayerError(f"{self!r}: model width {d} is not divisible by {self.heads} heads")
         head_dim = d // self.heads
+        if self.rotary is not None and head_dim % 2:
+            raise LayerError(f"{self!r}: rotary positions turn pairs of features; head_dim {d} / {self.heads} = "
+                             f"{head_dim} is odd")
         kq, kk, kv, ko, ks = jax.random.split(key, 5)
         memory = side.get("context", spec) if self.cross else spec  # (S, d_c): keys and values read it
         check_sequence(self, memory)

@@ -67,7 +67,7 @@ def build(model: str, task: Task, length_of_inputs: int, width: int) -> dp.Layer
     two Transformer++ blocks 2·(4d² + 4d²) (a SwiGLU of 4d/3; grouped-query attention left out:
     at 4 heads of width 8 it delayed learning MQAR), two Mamba blocks of width d = 2w/3 about
     2·8.5d² (inner 2d, state 16)."""
-    d = 2 * width // 3 // 4 * 4 if model in ("transformer", "transformer++", "mamba") else width
+    d = max(2 * width // 3 // 4 * 4, 8) if model in ("transformer", "transformer++", "mamba") else width
     embed = dp.EmbedToken(task.vocab, d) if task.vocab else dp.Dense(d)
     causal = task.per_position
     body = {"rnn": lambda: dp.SimpleRNN(2 * width),

@@ -63,7 +63,7 @@ def test_activations(name, key):
     expected = {"relu": np.maximum(x, 0), "sigmoid": 1 / (1 + np.exp(-x)), "tanh": np.tanh(x),
                 "gelu": x * (1 + erf(x / np.sqrt(2))) / 2,
                 "gelu_tanh": x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))) / 2, "step": (x > 0).astype(np.float32),
-                "softmax": np.exp(x) / np.exp(x).sum(), "identity": x}[name]
+                "softmax": np.exp(x) / np.exp(x).sum(), "identity": x, "silu": x / (1 + np.exp(-x))}[name]
     chex.assert_trees_all_close(layer({}, x), expected, atol=1e-6)
     if name != "step":
         grads_ok(layer, {}, x)

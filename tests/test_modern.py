@@ -66,6 +66,8 @@ def test_rotary_grouped_attention_is_its_equations(key):
                                atol=1e-4)
     with pytest.raises(dp.LayerError, match="kv_heads must be an int that divides heads=4"):
         dp.Attention(4, kv_heads=3)
+    with pytest.raises(dp.LayerError, match="head_dim 12 / 4 = 3 is odd"):
+        dp.Attention(4, rotary=1e4).init(key, jnp.ones((3, 12)))
 
 
 def test_gated_feedforward_is_swiglu(key):
