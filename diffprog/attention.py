@@ -62,6 +62,9 @@ class Attention(Combinator):
                              f"got {self.kv_heads!r}")
         if self.rotary is not None and not (isinstance(self.rotary, (int, float)) and self.rotary > 0):
             raise LayerError(f"Attention({self.heads}): rotary (RoPE's θ) must be a number > 0, got {self.rotary!r}")
+        if self.rotary is not None and self.cross:
+            raise LayerError(f"Attention({self.heads}): rotary positions are for self-attention (the context's "
+                             f"steps are not positions of the sequence); got cross=True with rotary={self.rotary}")
 
     @property
     def groups(self) -> int:

@@ -456,6 +456,9 @@ class Wrapper(Layer):
     def init_params(self, key, spec, **side):
         return self.layer.init(key, spec, **side)
 
+    def forward(self, params, x, **side):
+        return self.layer.forward(params, x, **side)
+
     def init_cache(self, params, max_len, dtype=jnp.float32, **side):
         return self.layer.init_cache(params, max_len, dtype, **side)
 
@@ -468,7 +471,7 @@ class Wrapper(Layer):
 
 
 @layerclass
-class Remat(Wrapper, Combinator):
+class Remat(Combinator, Wrapper):
     """`layer` with rematerialisation: its activations are recomputed in the backward pass
     instead of stored (`jax.checkpoint`), trading compute for memory on long sequences.
     `Remat(TransformerBlock(...)) ** 24` checkpoints each block of the scan. `policy` is a

@@ -62,9 +62,6 @@ class TableEmbedding(Wrapper):
 
     layer: EmbedToken
 
-    def forward(self, params, ids, **side):
-        return self.layer.forward(params, ids)
-
     def forward_batch(self, params, ids, **side):
         self.layer.check(params, example_spec(ids))
         return TokenVectors(self.layer, ids, params["table"])
@@ -80,9 +77,6 @@ class TableProjection(Wrapper):
     layer's."""
 
     layer: Recurrent
-
-    def forward(self, params, xs, **side):
-        return self.layer.forward(params, xs, **side)
 
     def forward_batch(self, params, xs, *, key=None, lengths=None, initial_state=None):
         if not isinstance(xs, TokenVectors):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .basic import Dropout, PositionWise, affine, norm_field, set_norm
+from .basic import Dropout, LayerNorm, PositionWise, affine, norm_field, set_norm
 from .core import ArgumentError, Layer, LayerError, Pipeline, layerclass, unstacked
 from .embed import EmbedToken
 from .fusion import fuse_stages
@@ -74,6 +74,9 @@ class LanguageModel(Pipeline):
 
     def __post_init__(self):
         super().__post_init__()
+        if not self.final_norm and self.norm is not None and self.norm != LayerNorm(self.eps):
+            raise LayerError(f"LanguageModel: norm={self.norm!r} is applied only with final_norm=True "
+                             f"(given without it, it would be left out)")
         set_norm(self)
 
     def named_stages(self):

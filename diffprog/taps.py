@@ -42,7 +42,7 @@ class _Tap(Wrapper):
 
 
 @layerclass
-class _Unrolled(Wrapper, Combinator):
+class _Unrolled(Combinator, Wrapper):
     """`layer` (an f ** n) with its applications run one after another in Python."""
 
     layer: Repeat
