@@ -242,9 +242,14 @@ class Attention(Combinator):
             raise LayerError(f"{self!r}: steps {position}..{position + steps - 1} are past the KV cache ({max_len})")
         cache = self.write_cache(params, xs, cache, position)
         q = self.heads_of(params, xs, "query", position)
-        keys, values = (self.shared(cache[n].swapaxes(0, 1)) for n in ("key", "value"))
+        keys, values = (cache[n].swapaxes(0, 1) for n in ("key", "value"))  # (max_len, kv_heads, head_dim)
         allowed = jnp.arange(max_len)[None] <= position + jnp.arange(steps)[:, None]
-        out, _ = self.attend_explicitly(params, q, keys, values, allowed, None)
+        # grouped queries: the `groups` query heads of a key/value head read it as extra query rows,
+        # so the cache is read as it is, never repeated per step
+        kv_heads, groups = keys.shape[1], self.groups
+        rows = q.reshape(steps, kv_heads, groups, -1).swapaxes(1, 2).reshape(steps * groups, kv_heads, -1)
+        out, _ = self.attend_explicitly(params, rows, keys, values, jnp.repeat(allowed, groups, axis=0), None)
+        out = out.reshape(steps, groups, kv_heads, -1).swapaxes(1, 2)
         y = affine(params["output"], out.reshape(steps, -1))
         # under jit a chunk past the cache is not known while tracing: NaN, never a valid-looking output
         return jnp.where(position + steps <= max_len, y, jnp.nan), cache
