@@ -94,12 +94,9 @@ class SelectiveSSM(Layer):
         rank = params["dt_proj"]["weight"].shape[0]
         delta, b, c = jnp.split(affine(params["x_proj"], u), [rank, rank + self.state], -1)
         delta = jax.nn.softplus(affine(params["dt_proj"], delta))  # (..., P, I)
-        a = jnp.exp(delta[..., None] * -jnp.exp(params["A_log"]))  # (..., P, I, N)
-        b = (delta * u)[..., None] * b[..., None, :]
-        time_first = lambda v, axis: jnp.moveaxis(v, axis, 0)
-        y, h = kernels.selective_scan(time_first(a, -3), time_first(b, -3), time_first(c, -2),
-                                      cache["state"].astype(a.dtype))
-        out = affine(params["out_proj"], (jnp.moveaxis(y, 0, -2) + params["D"] * u) * jax.nn.silu(z))
+        y, h = kernels.selective_scan(delta, -jnp.exp(params["A_log"]).astype(delta.dtype), b, c, u,
+                                      cache["state"].astype(delta.dtype))
+        out = affine(params["out_proj"], (y + params["D"] * u) * jax.nn.silu(z))
         return out, {"conv": window[..., window.shape[-2] - (self.conv - 1):, :], "state": h}
 
     def init_cache(self, params, max_len, dtype=jnp.float32, batch=(), **side):

@@ -77,27 +77,42 @@ def test_gated_feedforward_is_swiglu(key):
     chex.assert_trees_all_close(ff(p, x), jax.nn.silu(x @ p["gate"]["weight"]) * (x @ p["up"]["weight"]), atol=1e-6)
 
 
-def test_selective_scan_parallel_equals_its_definition(key):
-    """The associative scan (the accelerators' path), the scan with its written-out backward
-    pass (the CPU's) and the lax.scan definition give the same outputs and gradients (also
-    continuing from a state, and through the last state); the layer with and without the seam's
-    choice too; `lengths=` zeroes the padding; batch == vmap."""
+@pytest.mark.parametrize("inner", [3, 11])
+def test_selective_scan_paths_equal_its_definition(key, inner):
+    """The C++ kernels (the CPU's path in float32), the associative scan (the accelerators'),
+    the scan with its written-out backward pass (the CPU's otherwise) and the lax.scan
+    definition give the same outputs and gradients, for a batch and for one example, with I
+    both under and over the kernel's 8 channels a vector, continuing from a state and through
+    the last state; vmap of the kernel equals its batch."""
+    k = jax.random.split(key, 6)
+    delta = jax.nn.softplus(jax.random.normal(k[0], (2, 7, inner)))
+    A = -jnp.exp(jax.random.normal(k[1], (inner, 4)))
+    B, C = jax.random.normal(k[2], (2, 2, 7, 4))
+    u, h0 = jax.random.normal(k[3], (2, 7, inner)), jax.random.normal(k[4], (2, inner, 4))
+    paths = [dp.kernels.parallel_selective, dp.kernels.written_selective, dp.kernels.scan_selective]
+    if dp.kernels.available():
+        paths.append(dp.kernels.kernel_selective)
+    loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)[0])) + jnp.sum(jnp.cos(f(*args)[1]))  # y and the last state
+    for args in [(delta, A, B, C, u, h0), (delta[0], A, B[0], C[0], u[0], h0[0])]:
+        chex.assert_trees_all_close(*[jax.jit(f)(*args) for f in paths], atol=1e-5)
+        grads = [jax.jit(jax.grad(loss(f), range(6)))(*args) for f in paths]
+        chex.assert_trees_all_close(*grads, atol=1e-4)
+    mapped = jax.vmap(paths[-1], (0, None, 0, 0, 0, 0))(delta, A, B, C, u, h0)
+    chex.assert_trees_all_close(mapped, paths[-1](delta, A, B, C, u, h0), atol=1e-6)
+
+
+def test_selective_ssm_with_and_without_the_fast_paths(key):
+    """The layer with the seam's choice equals it traced inside `disabled()` (outputs and
+    gradients); `lengths=` zeroes the padding; batch == vmap."""
     layer = dp.SelectiveSSM(state=4)
     xs = jax.random.normal(key, (3, 9, 8))
     p = layer.init(key, xs[0])
-    loss = lambda p, x: jnp.sum(jnp.sin(layer(p, x)))
-    fast, fast_grad = jax.jit(jax.value_and_grad(loss))(p, xs[0])
+    loss = lambda p, x: jnp.sum(jnp.sin(dp.batched(layer)(p, x)))
+    fast, fast_grad = jax.jit(jax.value_and_grad(loss))(p, xs)
     with dp.kernels.disabled():
-        slow, slow_grad = jax.jit(jax.value_and_grad(loss))(p, xs[0])
+        slow, slow_grad = jax.jit(jax.value_and_grad(loss))(p, xs)
     chex.assert_trees_all_close(fast, slow, atol=1e-5)
     chex.assert_trees_all_close(fast_grad, slow_grad, atol=1e-4)
-    a, b = jax.random.uniform(key, (2, 7, 3, 4))
-    c, h0 = jax.random.normal(key, (7, 4)), jax.random.normal(key, (3, 4))
-    paths = (dp.kernels.parallel_selective, dp.kernels.written_selective, dp.kernels.scan_selective)
-    chex.assert_trees_all_close(*[f(a, b, c, h0) for f in paths], atol=1e-5)
-    loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)[0])) + jnp.sum(jnp.cos(f(*args)[1]))  # y and the last state
-    grads = [jax.grad(loss(f), (0, 1, 2, 3))(a, b, c, h0) for f in paths]
-    chex.assert_trees_all_close(*grads, atol=1e-4)
     full = layer(p, xs[0])
     chex.assert_trees_all_close(layer(p, xs[0], lengths=5)[:5], full[:5], atol=1e-6)
     assert float(jnp.abs(layer(p, xs[0], lengths=5)[5:]).max()) == 0.0

@@ -10,7 +10,8 @@ the definition stays the reference it is tested against and the path taken every
 | `recurrence` → `lstm_recurrence`: C++ kernels (lstm.cc) | `LSTM` on a batch | CPU, float32 | `LSTM.scan` |
 | `recurrence` → `scan_recurrence`: written-out backward pass | recurrent layers on a batch | elsewhere | `Recurrent.scan` |
 | `product`: transposed-operand gradient | `Dense`, `FeedForward`, ... | CPU | `x @ w` |
-| `selective_scan` → `written_selective`: the scan with a written-out backward pass | `SelectiveSSM` | CPU | `scan_selective` (`lax.scan`, autodiff) |
+| `selective_scan` → `kernel_selective`: C++ kernels (ssm.cc), the (T, I, N) terms never stored | `SelectiveSSM` | CPU, float32 | `scan_selective` (`lax.scan`, autodiff) |
+| `selective_scan` → `written_selective`: the scan with a written-out backward pass | the same | CPU, other dtypes | the same |
 | `selective_scan` → `parallel_selective`: `lax.associative_scan` (log T depth) | `SelectiveSSM` | accelerators | the same |
 
 The platform is chosen at lowering (`lax.platform_dependent`: an accelerator program never holds a
@@ -24,4 +25,4 @@ from .attention import attention_kernel, causal_attention, causal_attention_bloc
 from .library import available, build, cache_dir, disabled, enabled, on_cpu
 from .products import product
 from .recurrence import lstm_backward, lstm_forward, lstm_recurrence, recurrence, scan_recurrence
-from .ssm import parallel_selective, scan_selective, selective_scan, written_selective
+from .ssm import kernel_selective, parallel_selective, scan_selective, selective_scan, written_selective

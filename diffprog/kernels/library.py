@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "attention.cc", HERE / "lstm.cc"]
+SOURCES = [HERE / "attention.cc", HERE / "lstm.cc", HERE / "ssm.cc"]
 HEADERS = [HERE / "cpu.h"]
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 
@@ -49,7 +49,8 @@ def build() -> Path:
 
 
 TARGETS = ("diffprog_attention_forward", "diffprog_attention_backward",
-           "diffprog_lstm_forward", "diffprog_lstm_backward")
+           "diffprog_lstm_forward", "diffprog_lstm_backward",
+           "diffprog_selective_forward", "diffprog_selective_backward")
 
 
 @functools.cache
@@ -58,8 +59,8 @@ def available() -> bool:
     try:
         library = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError) as error:
-        warnings.warn(f"diffprog: the C++ kernels are not available ({error}); self-attention and the "
-                      "LSTM on the CPU use their jax.numpy paths", stacklevel=2)
+        warnings.warn(f"diffprog: the C++ kernels are not available ({error}); self-attention, the "
+                      "LSTM and the selective scan on the CPU use their jax.numpy paths", stacklevel=2)
         return False
     if not library.diffprog_cpu_supported():
         return False
