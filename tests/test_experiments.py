@@ -119,6 +119,7 @@ def test_soft_lookup_task_is_solvable_by_its_score():
 @pytest.mark.slow
 @pytest.mark.parametrize("name, flags", [("sequence_models", ["--models", "rnn", "lstm"]),
                                          ("sequence_models", ["--models", "transformer"]),
+                                         ("sequence_models", ["--models", "mamba", "transformer++"]),
                                          ("depth", []), ("kernels", []), ("layers", []), ("page_faults", [])])
 def test_benchmarks_quick(name, flags, tmp_path):
     module = __import__(f"benchmarks.{name}", fromlist=["main"])
