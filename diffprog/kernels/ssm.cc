@@ -4,13 +4,10 @@
 //   backward, from ∂y_t and ∂h_{T-1}: g_t = ∂h_t = c_t ∂y_t + a_{t+1} ⊗ g_{t+1},
 //   ∂C_t = Σ_i h_t ∂y_t,  ∂B_t = Σ_i g_t Δ_t u_t,  ∂u_t = Δ_t Σ_n g_t B_t,
 //   ∂Δ_t = Σ_n g_t (h_{t-1} a_t A + u_t B_t),  ∂A = Σ_t g_t h_{t-1} a_t Δ_t,  ∂h0 = a_0 ⊗ g_0.
-// Channels are independent: a vector holds 8 channels i (a block) and its state is N such vectors.
-// Time runs in chunks of kChunk steps, and within a chunk a group of kGroup blocks one after the
-// other, so that the strided rows of Δ and u a chunk reads stay in cache for the whole group. The
-// forward pass runs a (row, group) per task. The backward pass runs a row per task (its ∂B, ∂C sum
-// over channels): per group, the states at every chunk's start forward, then the chunks in
-// reverse, each chunk's states recomputed from its start (kChunk·N vectors, in L1) and its steps
-// run backward. ∂A comes back per row (summed by the caller).
+// Channels are independent: a vector holds 8 channels i and the state is N such vectors. The
+// forward pass runs a (row, 8 channels) item per task; the backward pass runs a row per task, its
+// blocks of channels one after the other, each first recomputing its states forward (T·N vectors)
+// and then running the steps in reverse. ∂A comes back per row (summed by the caller).
 // Layout: Δ, u, y, ∂Δ, ∂u (B, T, I); B, C, ∂B, ∂C (B, T, N); A (I, N); h0, h, ∂A (B, I, N).
 #include <vector>
 
@@ -21,14 +18,9 @@
 
 namespace {
 
-constexpr int kChunk = 64;  // steps
-constexpr int kGroup = 8;   // blocks of 8 channels
-
 struct Sizes {
   int batch, steps, inner, state;
   int blocks() const { return (inner + 7) / 8; }
-  int groups() const { return (blocks() + kGroup - 1) / kGroup; }
-  int chunks() const { return (steps + kChunk - 1) / kChunk; }
   // Threads worth starting: handing work to another thread costs ~50 µs, the time of ~4 MFLOP.
   long parts() const { return 1 + 20L * batch * steps * inner * state / 4'000'000; }
   size_t at(int b, int t, int width) const { return (static_cast<size_t>(b) * steps + t) * width; }
@@ -79,13 +71,13 @@ void scatter(const Sizes& s, const __m256* h, int block, float* to) {
   }
 }
 
-// Steps [t0, t1) of one block forward from h (N vectors, updated in place). With `ys`, y_t is
-// stored there; with `hs`, the state h_t at hs + (t − t0)·N.
-void steps_forward(const Sizes& s, int b, int block, int t0, int t1, const __m256* A, const float* delta,
-                   const float* u, const float* Bs, const float* Cs, __m256* h, float* ys, __m256* hs) {
+// One block's T steps forward from h (N vectors, updated in place). With `ys`, y_t is stored
+// there; with `hs`, the states h_0 .. h_{T-1} at hs + t·N.
+void steps_forward(const Sizes& s, int b, int block, const __m256* A, const float* delta, const float* u,
+                   const float* Bs, const float* Cs, __m256* h, float* ys, __m256* hs) {
   const Lanes m(s.inner - 8 * block);
   const int i = 8 * block;
-  for (int t = t0; t < t1; ++t) {
+  for (int t = 0; t < s.steps; ++t) {
     const __m256 d = m.load(delta + s.at(b, t, s.inner) + i);
     const __m256 du = _mm256_mul_ps(d, m.load(u + s.at(b, t, s.inner) + i));
     const float *B = Bs + s.at(b, t, s.state), *C = Cs + s.at(b, t, s.state);
@@ -96,46 +88,7 @@ void steps_forward(const Sizes& s, int b, int block, int t0, int t1, const __m25
       y = _mm256_fmadd_ps(h[n], _mm256_set1_ps(C[n]), y);
     }
     if (ys) m.store(ys + s.at(b, t, s.inner) + i, y);
-    if (hs) std::copy_n(h, s.state, hs + static_cast<size_t>(t - t0) * s.state);
-  }
-}
-
-struct Inputs {
-  const float *delta, *u, *Bs, *Cs, *d_ys;
-};
-
-struct Gradients {
-  float *d_delta, *d_u, *d_Bs, *d_Cs;
-};
-
-// Steps [t0, t1) of one block backward: hs holds h_{t0−1} .. h_{t1−1}; g (N vectors) enters as
-// ∂h_{t1−1} and leaves as ∂h_{t0−1}; ∂A accumulates in d_a, ∂B and ∂C in the row's sums.
-void steps_backward(const Sizes& s, int b, int block, int t0, int t1, const __m256* A, const Inputs& in,
-                    const __m256* hs, __m256* g, __m256* d_a, const Gradients& out) {
-  const int N = s.state, i = 8 * block;
-  const Lanes m(s.inner - i);
-  for (int t = t1 - 1; t >= t0; --t) {
-    const size_t row = s.at(b, t, s.inner) + i;
-    const __m256 d = m.load(in.delta + row), x = m.load(in.u + row), dy = m.load(in.d_ys + row);
-    const __m256 dx = _mm256_mul_ps(d, x);
-    const float *B = in.Bs + s.at(b, t, N), *C = in.Cs + s.at(b, t, N);
-    float *dB = out.d_Bs + s.at(b, t, N), *dC = out.d_Cs + s.at(b, t, N);
-    const __m256 *h = hs + static_cast<size_t>(t - t0 + 1) * N, *h_prev = h - N;
-    __m256 dd = _mm256_setzero_ps(), gB = _mm256_setzero_ps();
-    for (int n = 0; n < N; ++n) {
-      const __m256 Bn = _mm256_set1_ps(B[n]);
-      const __m256 gn = _mm256_fmadd_ps(dy, _mm256_set1_ps(C[n]), g[n]);
-      dC[n] += sum8(_mm256_mul_ps(h[n], dy));
-      const __m256 a = exp_nonpositive(_mm256_mul_ps(d, A[n]));
-      const __m256 ga = _mm256_mul_ps(_mm256_mul_ps(gn, h_prev[n]), a);  // ∂a_t ⊗ a_t
-      dd = _mm256_fmadd_ps(ga, A[n], _mm256_fmadd_ps(_mm256_mul_ps(gn, x), Bn, dd));
-      d_a[n] = _mm256_fmadd_ps(ga, d, d_a[n]);
-      dB[n] += sum8(_mm256_mul_ps(gn, dx));
-      gB = _mm256_fmadd_ps(gn, Bn, gB);
-      g[n] = _mm256_mul_ps(gn, a);
-    }
-    m.store(out.d_delta + row, dd);
-    m.store(out.d_u + row, _mm256_mul_ps(gB, d));
+    if (hs) std::copy_n(h, s.state, hs + static_cast<size_t>(t) * s.state);
   }
 }
 
@@ -143,21 +96,16 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> delta, ffi::Buffe
                    ffi::Buffer<ffi::F32> Bs, ffi::Buffer<ffi::F32> Cs, ffi::Buffer<ffi::F32> u,
                    ffi::Buffer<ffi::F32> h0, ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_last) {
   const Sizes s = sizes_of(delta, A);
-  const int N = s.state;
   Vectors At = transposed(s, A.typed_data());
-  const size_t matrix = static_cast<size_t>(s.inner) * N;
-  in_parallel(pool, static_cast<long>(s.batch) * s.groups(), [&](long begin, long end) {
-    Vectors h(static_cast<size_t>(kGroup) * N);
+  const size_t matrix = static_cast<size_t>(s.inner) * s.state;
+  in_parallel(pool, static_cast<long>(s.batch) * s.blocks(), [&](long begin, long end) {
+    Vectors h(s.state);
     for (long item = begin; item < end; ++item) {
-      const int b = static_cast<int>(item / s.groups()), first = static_cast<int>(item % s.groups()) * kGroup;
-      const int last = std::min(first + kGroup, s.blocks());
-      for (int block = first; block < last; ++block) gather(s, h0.typed_data() + b * matrix, block, &h[(block - first) * N]);
-      for (int t0 = 0; t0 < s.steps; t0 += kChunk)
-        for (int block = first; block < last; ++block)
-          steps_forward(s, b, block, t0, std::min(t0 + kChunk, s.steps), &At[static_cast<size_t>(block) * N],
-                        delta.typed_data(), u.typed_data(), Bs.typed_data(), Cs.typed_data(), &h[(block - first) * N],
-                        ys->typed_data(), nullptr);
-      for (int block = first; block < last; ++block) scatter(s, &h[(block - first) * N], block, h_last->typed_data() + b * matrix);
+      const int b = static_cast<int>(item / s.blocks()), block = static_cast<int>(item % s.blocks());
+      gather(s, h0.typed_data() + b * matrix, block, h.data());
+      steps_forward(s, b, block, At.data() + static_cast<size_t>(block) * s.state, delta.typed_data(),
+                    u.typed_data(), Bs.typed_data(), Cs.typed_data(), h.data(), ys->typed_data(), nullptr);
+      scatter(s, h.data(), block, h_last->typed_data() + b * matrix);
     }
   }, s.parts());
   return ffi::Error::Success();
@@ -170,46 +118,49 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> delta, ffi::Buff
                     ffi::ResultBuffer<ffi::F32> d_Bs, ffi::ResultBuffer<ffi::F32> d_Cs,
                     ffi::ResultBuffer<ffi::F32> d_u, ffi::ResultBuffer<ffi::F32> d_h0) {
   const Sizes s = sizes_of(delta, A);
-  const int N = s.state;
   Vectors At = transposed(s, A.typed_data());
-  const size_t matrix = static_cast<size_t>(s.inner) * N, group = static_cast<size_t>(kGroup) * N;
-  const Inputs in{delta.typed_data(), u.typed_data(), Bs.typed_data(), Cs.typed_data(), d_ys.typed_data()};
-  const Gradients out{d_delta->typed_data(), d_u->typed_data(), d_Bs->typed_data(), d_Cs->typed_data()};
+  const size_t matrix = static_cast<size_t>(s.inner) * s.state;
   in_parallel(pool, s.batch, [&](long begin, long end) {
-    // starts: the group's states at every chunk's start; hs: one block's states through a chunk
-    Vectors starts(s.chunks() * group), state(group), g(group), d_a(group), hs(static_cast<size_t>(kChunk + 1) * N);
+    const int N = s.state;
+    Vectors hs(static_cast<size_t>(s.steps + 1) * N), g(N), d_a(N);  // hs: h_{-1} .. h_{T-1}
     for (int b = static_cast<int>(begin); b < end; ++b) {
-      std::fill_n(out.d_Bs + s.at(b, 0, N), static_cast<size_t>(s.steps) * N, 0.0f);
-      std::fill_n(out.d_Cs + s.at(b, 0, N), static_cast<size_t>(s.steps) * N, 0.0f);
-      for (int first = 0; first < s.blocks(); first += kGroup) {
-        const int last = std::min(first + kGroup, s.blocks());
-        auto at = [&](Vectors& v, int block, size_t offset = 0) { return &v[offset + static_cast<size_t>(block - first) * N]; };
-        for (int block = first; block < last; ++block) {
-          gather(s, h0.typed_data() + b * matrix, block, at(state, block));
-          gather(s, d_last.typed_data() + b * matrix, block, at(g, block));
-          std::fill_n(at(d_a, block), N, _mm256_setzero_ps());
-        }
-        for (int c = 0; c < s.chunks(); ++c) {
-          std::copy_n(&state[0], group, &starts[c * group]);
-          if (c + 1 < s.chunks())
-            for (int block = first; block < last; ++block)
-              steps_forward(s, b, block, c * kChunk, (c + 1) * kChunk, &At[static_cast<size_t>(block) * N], in.delta,
-                            in.u, in.Bs, in.Cs, at(state, block), nullptr, nullptr);
-        }
-        for (int c = s.chunks() - 1; c >= 0; --c) {
-          const int t0 = c * kChunk, t1 = std::min(t0 + kChunk, s.steps);
-          for (int block = first; block < last; ++block) {
-            const __m256* Ab = &At[static_cast<size_t>(block) * N];
-            std::copy_n(at(starts, block, c * group), N, &hs[0]);
-            std::copy_n(&hs[0], N, at(state, block));
-            steps_forward(s, b, block, t0, t1, Ab, in.delta, in.u, in.Bs, in.Cs, at(state, block), nullptr, &hs[N]);
-            steps_backward(s, b, block, t0, t1, Ab, in, &hs[0], at(g, block), at(d_a, block), out);
+      float *dB_row = d_Bs->typed_data() + s.at(b, 0, N), *dC_row = d_Cs->typed_data() + s.at(b, 0, N);
+      std::fill_n(dB_row, static_cast<size_t>(s.steps) * N, 0.0f), std::fill_n(dC_row, static_cast<size_t>(s.steps) * N, 0.0f);
+      for (int block = 0; block < s.blocks(); ++block) {
+        const __m256* Ab = At.data() + static_cast<size_t>(block) * N;
+        const Lanes m(s.inner - 8 * block);
+        const int i = 8 * block;
+        gather(s, h0.typed_data() + b * matrix, block, hs.data());
+        std::copy_n(hs.data(), N, g.data());  // g holds the state going forward, then ∂h going back
+        steps_forward(s, b, block, Ab, delta.typed_data(), u.typed_data(), Bs.typed_data(), Cs.typed_data(),
+                      g.data(), nullptr, hs.data() + N);
+        gather(s, d_last.typed_data() + b * matrix, block, g.data());
+        std::fill_n(d_a.data(), N, _mm256_setzero_ps());
+        for (int t = s.steps - 1; t >= 0; --t) {
+          const size_t row = s.at(b, t, s.inner) + i;
+          const __m256 d = m.load(delta.typed_data() + row), x = m.load(u.typed_data() + row);
+          const __m256 dy = m.load(d_ys.typed_data() + row), dx = _mm256_mul_ps(d, x);
+          const float *B = Bs.typed_data() + s.at(b, t, N), *C = Cs.typed_data() + s.at(b, t, N);
+          float *dB = dB_row + static_cast<size_t>(t) * N, *dC = dC_row + static_cast<size_t>(t) * N;
+          const __m256 *h = hs.data() + static_cast<size_t>(t + 1) * N, *h_prev = h - N;
+          __m256 dd = _mm256_setzero_ps(), gB = _mm256_setzero_ps();
+          for (int n = 0; n < N; ++n) {
+            const __m256 Bn = _mm256_set1_ps(B[n]);
+            const __m256 gn = _mm256_fmadd_ps(dy, _mm256_set1_ps(C[n]), g[n]);
+            dC[n] += sum8(_mm256_mul_ps(h[n], dy));
+            const __m256 a = exp_nonpositive(_mm256_mul_ps(d, Ab[n]));
+            const __m256 ga = _mm256_mul_ps(_mm256_mul_ps(gn, h_prev[n]), a);  // ∂a_t ⊗ a_t
+            dd = _mm256_fmadd_ps(ga, Ab[n], _mm256_fmadd_ps(_mm256_mul_ps(gn, x), Bn, dd));
+            d_a[n] = _mm256_fmadd_ps(ga, d, d_a[n]);
+            dB[n] += sum8(_mm256_mul_ps(gn, dx));
+            gB = _mm256_fmadd_ps(gn, Bn, gB);
+            g[n] = _mm256_mul_ps(gn, a);
           }
+          m.store(d_delta->typed_data() + row, dd);
+          m.store(d_u->typed_data() + row, _mm256_mul_ps(gB, d));
         }
-        for (int block = first; block < last; ++block) {
-          scatter(s, at(g, block), block, d_h0->typed_data() + b * matrix);
-          scatter(s, at(d_a, block), block, d_A->typed_data() + b * matrix);
-        }
+        scatter(s, g.data(), block, d_h0->typed_data() + b * matrix);
+        scatter(s, d_a.data(), block, d_A->typed_data() + b * matrix);
       }
     }
   }, s.parts());
