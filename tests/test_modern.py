@@ -82,9 +82,8 @@ def test_selective_scan_paths_equal_its_definition(key, steps, inner):
     """The C++ kernels (the CPU's path in float32), the associative scan (the accelerators'),
     the scan with its written-out backward pass (the CPU's otherwise) and the lax.scan
     definition give the same outputs and gradients, for a batch and for one example, with I
-    under and over the kernel's 8 channels a vector and 64 a group, T under and over its 64
-    steps a chunk, continuing from a state and through the last state; vmap of the kernel
-    equals its batch."""
+    under and over the kernel's 8 channels a vector, a short and a longer T, continuing from a
+    state and through the last state; vmap of the kernel equals its batch."""
     k = jax.random.split(key, 6)
     delta = jax.nn.softplus(jax.random.normal(k[0], (2, steps, inner)))
     A = -jnp.exp(jax.random.normal(k[1], (inner, 4)))
