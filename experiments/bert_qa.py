@@ -3,24 +3,29 @@ a question, trained from scratch or after masked-LM pretraining on the same text
 
     python -m experiments.bert_qa --text ../shared/data/tinyshakespeare.txt
 
-The questions come from the text itself. Its paragraphs are cut, by position, into train /
-validation / test (80/10/10), and each paragraph gives at most one question of each type, the
-answer a span of it:
+The questions come from the text itself. Its paragraphs (~16 words, so that question and
+paragraph fit in 80 tokens) are cut, by position, into train / validation / test (80/10/10), and
+each paragraph gives up to `--per_type` questions of each type, the answer a span of it:
 
 - next:      what follows "<4 words>"?                   → the 3 words after them;
 - sentence:  what begins the sentence after "<4 words>"? → the first 3 words of the next sentence;
 - speaker:   who says "<4 words>"?                       → the name on the "NAME:" line above that
   speech (plays only): finding the quote is string matching, the answer is not next to it.
 
-A WordPiece vocabulary is learned from the training paragraphs. Two arms train the same BERT for
-the same total number of steps: (a) span QA from random initialisation; (b) masked-LM
+A WordPiece vocabulary is learned from the training paragraphs. Three arms train the same BERT
+on every training question: (a) span QA from random initialisation, `--qa_steps`; (b) masked-LM
 pretraining on the training paragraphs (BERT's 15% of tokens, 80% [MASK] / 10% random / 10%
-kept), then span QA from those weights. Only `--train_questions` labelled questions are used,
-the few-labels regime where pretraining should matter. Reported on the test paragraphs: SQuAD's
-exact match and token F1 for both arms and for a baseline (the answer-length span with the most
-words in common with the question), learning curves, one example's attention from the question
-to the paragraph, and a few decoded answers. Without --text it reads English prose that ships
-with Python (pydoc_data), so it runs offline.
+kept, `--pretrain_steps`), then the same span QA from those weights: equal fine-tuning; (c) span
+QA from random initialisation for qa_steps + pretrain_steps: equal total compute with (b).
+With `--labels` (the `labels` preset), a label-efficiency curve: arms (a) and (b) fine-tuned on
+that many labelled questions, `--seeds` seeds each (the pretraining is run once). Reported on
+the test paragraphs: SQuAD's exact match and token F1 per arm and question type, beside two
+baselines — position prior (the most frequent answer offset and length of the question type in
+training) and overlap (the answer-length span with the most words in common with the question)
+— with validation scores and train EM (can the model fit its questions?), learning curves, one
+example's attention from the question to the paragraph (read through `dp.taps`), and decoded
+test answers, right and wrong. Without --text it reads English prose that ships with Python
+(pydoc_data), so it runs offline.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import diffprog as dp
 
@@ -48,13 +54,19 @@ TYPES = ("next", "sentence", "speaker")
 PAD, MASK = 0, 4  # dp.text.WORDPIECE_SPECIALS: [PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4
 FIRST_WORD = len(dp.text.WORDPIECE_SPECIALS)
 LONGEST_SPAN = 16  # tokens a predicted answer may have
+ARMS = ("(a) from scratch", "(b) masked-LM pretrained", "(c) from scratch, equal compute")
+LABEL_ARMS = {"scratch": "from scratch", "pretrained": "masked-LM pretrained"}
 
 PRESETS = {
-    "default": dict(layers=4, d=128, heads=4, vocab=3000, words=25, max_len=96, steps=1000, batch=16,
-                    train_questions=3000, eval_every=100, eval_questions=256),
-    "tiny": dict(layers=1, d=32, heads=2, vocab=400, words=30, max_len=96, steps=8, batch=4,
-                 train_questions=40, eval_every=4, eval_questions=8),
+    "default": dict(layers=2, d=128, heads=4, vocab=3000, words=16, max_len=80, qa_steps=1000, pretrain_steps=500,
+                    batch=32, per_type=4, eval_every=250, eval_questions=512, seeds=3, labels=()),
+    "labels": dict(layers=2, d=128, heads=4, vocab=3000, words=16, max_len=80, qa_steps=300, pretrain_steps=500,
+                   batch=32, per_type=4, eval_every=100, eval_questions=512, seeds=3, labels=(100, 300, 1000, 3000, 10 ** 6)),
+    "tiny": dict(layers=1, d=32, heads=2, vocab=400, words=16, max_len=80, qa_steps=8, pretrain_steps=4, batch=4,
+                 per_type=2, eval_every=4, eval_questions=8, seeds=2, labels=()),
 }
+"""default: the three arms; labels: the label-efficiency curve (sizes past the questions there
+are mean all of them); tiny: the tests' smoke run."""
 
 
 def paragraphs(text: str, words: int) -> list:
@@ -74,10 +86,11 @@ def paragraphs(text: str, words: int) -> list:
     return found
 
 
-def questions(paragraph: str, rng: np.random.Generator) -> list:
-    """At most one question of each type about `paragraph` (see the module docstring), each
-    {"type", "question", "paragraph", "answer", "start"}: the answer is paragraph[start:start +
-    len(answer)]. A quote is QUOTE consecutive words that occur once in the paragraph."""
+def questions(paragraph: str, rng: np.random.Generator, per_type: int = 1 << 30) -> list:
+    """Up to `per_type` questions of each type about `paragraph` (see the module docstring), drawn
+    without replacement from every quote that asks one, each {"type", "question", "paragraph",
+    "answer", "start"}: the answer is paragraph[start:start + len(answer)]. A quote is QUOTE
+    consecutive words that occur once in the paragraph."""
     words = list(WORD.finditer(paragraph))
     lowered = [w.group().lower() for w in words]
     counts = collections.Counter(tuple(lowered[i:i + QUOTE]) for i in range(len(words) - QUOTE + 1))
@@ -111,8 +124,8 @@ def questions(paragraph: str, rng: np.random.Generator) -> list:
     asked = {"next": 'what follows "{}"?', "sentence": 'what begins the sentence after "{}"?', "speaker": 'who says "{}"?'}
     made = []
     for kind in TYPES:
-        if candidates[kind]:
-            i, (start, end) = candidates[kind][rng.integers(len(candidates[kind]))]
+        for k in rng.permutation(len(candidates[kind]))[:per_type]:
+            i, (start, end) = candidates[kind][k]
             made.append({"type": kind, "question": asked[kind].format(quote(i)), "paragraph": paragraph,
                          "answer": paragraph[start:end], "start": start})
     return made
@@ -241,6 +254,28 @@ def overlap_baseline(example: dict, length: int) -> str:
     return example["paragraph"][words[best].start():words[min(best + length, len(words)) - 1].end()]
 
 
+def word_span(example: dict):
+    """(index of the answer's first word among the paragraph's words, its number of words)."""
+    starts = [w.start() for w in WORD.finditer(example["paragraph"])]
+    return starts.index(example["start"]), len(WORD.findall(example["answer"]))
+
+
+def position_prior(examples: list) -> dict:
+    """{type: (word offset, words)}: the most frequent answer span of each question type."""
+    counts = collections.defaultdict(collections.Counter)
+    for e in examples:
+        counts[e["type"]][word_span(e)] += 1
+    return {kind: c.most_common(1)[0][0] for kind, c in counts.items()}
+
+
+def prior_baseline(example: dict, prior: dict) -> str:
+    """The paragraph's words at its question type's most frequent answer offset and length."""
+    offset, length = prior[example["type"]]
+    words = list(WORD.finditer(example["paragraph"]))
+    first = min(offset, len(words) - 1)
+    return example["paragraph"][words[first].start():words[min(first + length, len(words)) - 1].end()]
+
+
 def scores(predictions: list, examples: list) -> dict:
     """Exact match and F1 (in %) over all examples and by question type."""
     out = {}
@@ -253,8 +288,11 @@ def scores(predictions: list, examples: list) -> dict:
 
 
 def bert_config(args, vocab: int) -> dict:
+    """BERT's shape from the flags; no dropout (every arm sees its questions about once, and the
+    fused attention kernel runs only without it: a step takes half the time)."""
     return dict(vocab_size=vocab, hidden_size=args.d, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                intermediate_size=4 * args.d, max_position_embeddings=args.max_len)
+                intermediate_size=4 * args.d, max_position_embeddings=args.max_len, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)
 
 
 def batches(arrays: dict, size: int) -> list:
@@ -304,8 +342,8 @@ def plot(out: Path, curves: dict, baseline: float, pretrain: list, attention, to
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for arm, points in curves.items():
         axes[0].plot([s for s, _ in points], [100 * v for _, v in points], marker="o", label=arm)
-    axes[0].axhline(baseline, color="gray", ls="--", label="overlap baseline (test EM)")
-    axes[0].set(xlabel="step (both arms: same total)", ylabel="validation span exact match (%)", title="span QA")
+    axes[0].axhline(baseline, color="gray", ls="--", label="position-prior baseline (test EM)")
+    axes[0].set(xlabel="step (arm (b): after pretraining)", ylabel="validation span exact match (%)", title="span QA")
     axes[0].legend()
     if pretrain:
         axes[1].plot([s for s, _ in pretrain], [v for _, v in pretrain], marker="o")
@@ -323,22 +361,41 @@ def plot(out: Path, curves: dict, baseline: float, pretrain: list, attention, to
     plt.close(fig)
 
 
+def plot_labels(out: Path, curve: dict):
+    """Test EM and F1 against the number of labelled questions: mean ± spread over the seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for metric, ax in zip(("exact_match", "f1"), axes):
+        for arm, points in curve.items():
+            sizes = sorted(points)
+            mean = np.array([np.mean([r[metric] for r in points[n]]) for n in sizes])
+            low = np.array([np.min([r[metric] for r in points[n]]) for n in sizes])
+            high = np.array([np.max([r[metric] for r in points[n]]) for n in sizes])
+            ax.plot(sizes, mean, marker="o", label=arm)
+            ax.fill_between(sizes, low, high, alpha=0.2)
+        ax.set(xscale="log", xlabel="labelled training questions", ylabel=f"test {metric.replace('_', ' ')} (%)")
+        ax.legend()
+    fig.suptitle("label efficiency: mean and range over seeds")
+    fig.tight_layout()
+    fig.savefig(out / "label_efficiency.png", dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     dp.keep_freed_memory()
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--text", help="UTF-8 text file (default: Python's bundled documentation)")
     p.add_argument("--preset", choices=list(PRESETS), default="default")
-    for name in PRESETS["default"]:
-        p.add_argument(f"--{name}", type=at_least(1), help="(default: the preset's)")
-    p.add_argument("--pretrain_fraction", type=float, default=0.5, help="share of the steps arm (b) spends on the masked LM")
+    for name, value in PRESETS["default"].items():
+        if not isinstance(value, tuple):
+            p.add_argument(f"--{name}", type=at_least(1), help="(default: the preset's)")
+    p.add_argument("--labels", type=at_least(1), nargs="*",
+                   help="labelled-question counts of the label-efficiency curve (default: the preset's; none: no curve)")
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if not 0 < args.pretrain_fraction < 1:
-        p.error(f"--pretrain_fraction must be in (0, 1), got {args.pretrain_fraction}")
     if args.d % args.heads:
         p.error(f"--d {args.d} is not divisible by --heads {args.heads}")
     text = read_text(p, args.text)
@@ -351,14 +408,14 @@ def main(argv=None):
     bounds = {"train": (0, int(0.8 * len(cut))), "validation": (int(0.8 * len(cut)), int(0.9 * len(cut))),
               "test": (int(0.9 * len(cut)), len(cut))}
     rng = np.random.default_rng(args.seed)
-    asked = {split: [q for paragraph in cut[a:b] for q in questions(paragraph, rng)] for split, (a, b) in bounds.items()}
+    asked = {split: [q for paragraph in cut[a:b] for q in questions(paragraph, rng, args.per_type)]
+             for split, (a, b) in bounds.items()}
     tokenizer = dp.text.train_wordpiece(cut[slice(*bounds["train"])], vocab_size=args.vocab)
     vocab = tokenizer.get_vocab_size()
     encoded = {split: encode_questions(tokenizer, qs, args.max_len) for split, qs in asked.items()}
     train, _, train_examples = encoded["train"]
-    keep = np.random.default_rng(args.seed + 1).permutation(len(train_examples))[:args.train_questions]
-    train = {k: v[keep] for k, v in train.items()}
-    validation = {k: v[:args.eval_questions] for k, v in encoded["validation"][0].items()}
+    sample = lambda arrays, n: {k: v[:n] for k, v in arrays.items()}
+    validation = sample(encoded["validation"][0], args.eval_questions)
     test, test_offsets, test_examples = encoded["test"]
     if min(len(train["inputs"]), len(validation["inputs"]), len(test_examples)) < args.batch:
         p.error(f"too few questions for batches of {args.batch}: train {len(train['inputs'])}, "
@@ -366,57 +423,93 @@ def main(argv=None):
     text_data = encode_text(tokenizer, cut[slice(*bounds["train"])], args.max_len)
     text_validation = encode_text(tokenizer, cut[slice(*bounds["validation"])][:args.eval_questions], args.max_len)
     config = save_config(out, {**vars(args), "vocab_size": vocab, "paragraphs": {s: b - a for s, (a, b) in bounds.items()},
-                                "questions": {s: len(encoded[s][2]) for s in encoded}, "train_questions_used": len(keep),
+                                "questions": {s: len(encoded[s][2]) for s in encoded},
                                 "dropped": {s: len(asked[s]) - len(encoded[s][2]) for s in asked}})
 
     bert = lambda head: dp.bert(bert_config(args, vocab), head=head)
     qa, mlm = bert("question_answering"), bert("masked_lm")
     spec = jax.ShapeDtypeStruct((args.max_len,), jnp.int32)
-    qa_init = qa.init(jax.random.key(args.seed), spec)
-    pretrain_steps = int(args.pretrain_fraction * args.steps)
-    common = dict(seed=args.seed, eval_every=args.eval_every, clip_norm=1.0, quiet=False)
-    qa_run = lambda steps, params, name: dp.train(
-        qa, span_loss, optimizer(args.lr, steps), sampler(train, args.batch, args.seed), steps=steps, params=params,
-        eval_data=batches(validation, args.batch), eval_metrics={"span_exact": span_exact}, description=name, **common)
-    scratch = qa_run(args.steps, qa_init, "(a) span QA from scratch")
+    qa_init = lambda seed: qa.init(jax.random.key(seed), spec)
+    common = dict(eval_every=args.eval_every, clip_norm=1.0)
+    sample_rows = lambda arrays, rows: {k: v[rows] for k, v in arrays.items()}
+
+    def finetune(params, steps, rows, name, seed, quiet=False):
+        return dp.train(qa, span_loss, optimizer(args.lr, steps), sampler(sample_rows(train, rows), args.batch, seed),
+                        steps=steps, params=params, seed=seed, quiet=quiet, description=name,
+                        **({} if quiet else dict(eval_data=batches(validation, args.batch), eval_metrics={"span_exact": span_exact},
+                                                 **common)))
+
     pretrained = dp.train(mlm, lambda logits, b: dp.metrics.cross_entropy(logits, b["targets"], b["mask"]),
-                          optimizer(args.lr, pretrain_steps),
+                          optimizer(args.lr, args.pretrain_steps),
                           sampler(text_data, args.batch, args.seed, lambda k, b: masked_batch(k, b, vocab)),
-                          steps=pretrain_steps, description="(b) masked-LM pretraining", eval_data=[
+                          steps=args.pretrain_steps, description="masked-LM pretraining", seed=args.seed, eval_data=[
                               masked_batch(jax.random.key(10_000 + i), b, vocab)
                               for i, b in enumerate(batches(text_validation, args.batch))], **common)
     body = {k: pretrained.params[k] for k in ("embeddings", "encoder")}
-    finetuned = qa_run(args.steps - pretrain_steps, {**qa_init, **body}, "(b) span QA after pretraining")
+    starts = {"scratch": qa_init(args.seed), "pretrained": {**qa_init(args.seed), **body}}
+    every = np.arange(len(train_examples))
+    runs = {ARMS[0]: finetune(starts["scratch"], args.qa_steps, every, ARMS[0], args.seed),
+            ARMS[1]: finetune(starts["pretrained"], args.qa_steps, every, ARMS[1], args.seed),
+            ARMS[2]: finetune(starts["scratch"], args.qa_steps + args.pretrain_steps, every, ARMS[2], args.seed)}
 
     spans = span_finder(qa)
     length = collections.Counter(len(WORD.findall(e["answer"])) for e in train_examples).most_common(1)[0][0]
+    prior = position_prior(train_examples)
 
-    def evaluate(arrays, offsets, examples):  # ({arm: predicted answers}, {arm: scores})
-        predicted = {arm: predict(spans, run.params, arrays, offsets, examples, args.batch)
-                     for arm, run in (("(a) from scratch", scratch), ("(b) masked-LM pretrained", finetuned))}
+    def evaluate(arrays, offsets, examples, arms=runs):  # ({arm: predicted answers}, {arm: scores})
+        predicted = {arm: predict(spans, run.params, arrays, offsets, examples, args.batch) for arm, run in arms.items()}
+        predicted["position-prior baseline"] = [prior_baseline(e, prior) for e in examples]
         predicted["overlap baseline"] = [overlap_baseline(e, length) for e in examples]
         return predicted, {arm: scores(answers, examples) for arm, answers in predicted.items()}
     predictions, results = evaluate(test, test_offsets, test_examples)
     _, validation_results = evaluate(validation, encoded["validation"][1], encoded["validation"][2][:args.eval_questions])
-    curve = lambda run, offset=0: [(h["step"] + offset, h["eval_span_exact"]) for h in run.history if "eval_span_exact" in h]
-    curves = {"(a) from scratch": curve(scratch), "(b) masked-LM pretrained": curve(finetuned, pretrain_steps)}
+    fit = sample(train, args.eval_questions)  # the first questions of the text: every arm trained on them
+    _, train_results = evaluate(fit, encoded["train"][1][:args.eval_questions], train_examples[:args.eval_questions])
+    curve = lambda run: [(h["step"], h["eval_span_exact"]) for h in run.history if "eval_span_exact" in h]
+    curves = {arm: curve(run) for arm, run in runs.items()}
     pretrain_curve = [(h["step"], h["eval_loss"]) for h in pretrained.history if "eval_loss" in h]
 
+    label_curve = {}
+    if args.labels:
+        cases = [(n, seed) for n in args.labels for seed in range(args.seed, args.seed + args.seeds)]
+        for n, seed in tqdm(cases, desc="label efficiency (sizes × seeds, both arms)"):
+            rows = np.random.default_rng(seed + 1).permutation(len(train_examples))[:n]
+            for start in ("scratch", "pretrained"):
+                params = {**qa_init(seed), **(body if start == "pretrained" else {})}
+                run = finetune(params, args.qa_steps, rows, start, seed, quiet=True)
+                answers = predict(spans, run.params, test, test_offsets, test_examples, args.batch)
+                label_curve.setdefault(LABEL_ARMS[start], {}).setdefault(min(n, len(rows)), []).append(
+                    scores(answers, test_examples)["all"])
+        plot_labels(out, label_curve)
+
     shown = next(n for n, e in enumerate(test_examples) if e["type"] == TYPES[-1] or n == len(test_examples) - 1)
-    attention = question_attention(qa, finetuned.params, test, shown)
+    attention = question_attention(qa, runs[ARMS[1]].params, test, shown)
     tokens = [tokenizer.id_to_token(int(t)) for t in test["inputs"][shown, :int(test["lengths"][shown])]]
     segments = test["segments"][shown, :len(tokens)]
-    plot(out, curves, results["overlap baseline"]["all"]["exact_match"], pretrain_curve, attention, tokens,
+    plot(out, curves, results["position-prior baseline"]["all"]["exact_match"], pretrain_curve, attention, tokens,
          [t for t in range(1, len(tokens)) if segments[t] == 0 and tokens[t] != "[SEP]"],
          [t for t in range(len(tokens) - 1) if segments[t] == 1])
 
     cells = lambda r: [f"{r['exact_match']:.1f}", f"{r['f1']:.1f}"] if r else ["–", "–"]
-    rows = [[arm, kind, r["questions"], *cells(r), *cells(validation_results[arm].get(kind))]
+    rows = [[arm, kind, r["questions"], *cells(r), *cells(validation_results[arm].get(kind)),
+             cells(train_results[arm].get(kind))[0]]
             for arm, by_type in results.items() for kind, r in by_type.items()]
-    table = markdown_table(["arm", "questions", "test n", "test EM %", "test F1 %", "validation EM %", "validation F1 %"], rows)
-    decoded = [{"question": e["question"], "true": e["answer"],
-                **{arm: predictions[arm][n] for arm in predictions}} for n, e in enumerate(test_examples[:6])]
-    results = {"table": table, "scores": results, "validation_scores": validation_results, "curves": curves, "pretrain_curve": pretrain_curve,
+    table = markdown_table(["arm", "questions", "test n", "test EM %", "test F1 %", "validation EM %", "validation F1 %",
+                            "train EM %"], rows)
+    if label_curve:
+        stat = lambda rs, m: f"{np.mean([r[m] for r in rs]):.1f} ± {np.std([r[m] for r in rs]):.1f}"
+        table += "\n\nLabel efficiency: test EM / F1 %, mean ± std over seeds\n\n" + markdown_table(
+            ["labelled questions", *(f"{arm} {m}" for arm in label_curve for m in ("EM", "F1"))],
+            [[n, *(stat(label_curve[arm][n], m) for arm in label_curve for m in ("exact_match", "f1"))]
+             for n in sorted(next(iter(label_curve.values())))])
+    best = max(runs, key=lambda arm: results[arm]["all"]["exact_match"])
+    right = [exact_match(predictions[best][n], e["answer"]) == 1 for n, e in enumerate(test_examples)]
+    shown_examples = [n for kind in TYPES for correct in (True, False)  # of each type, one right and one wrong
+                      for n in [m for m, e in enumerate(test_examples) if e["type"] == kind and right[m] == correct][:1]]
+    decoded = [{"question": test_examples[n]["question"], "true": test_examples[n]["answer"],
+                **{arm: predictions[arm][n] for arm in predictions}} for n in shown_examples]
+    results = {"table": table, "scores": results, "validation_scores": validation_results, "train_scores": train_results,
+               "curves": curves, "pretrain_curve": pretrain_curve, "label_efficiency": label_curve,
                "decoded": decoded, "wall_seconds": time.perf_counter() - started, "config": config}
     save_json(out / "results.json", results)
     print(table)

@@ -49,7 +49,17 @@ def test_masking_follows_berts_rule():
 def asked():
     cut = bert_qa.paragraphs(play(80), 30)
     rng = np.random.default_rng(0)
-    return cut, [q for paragraph in cut for q in bert_qa.questions(paragraph, rng)]
+    return cut, [q for paragraph in cut for q in bert_qa.questions(paragraph, rng, 3)]
+
+
+def test_questions_use_every_quote_up_to_per_type():
+    paragraph = bert_qa.paragraphs(play(10), 60)[0]
+    rng = np.random.default_rng(0)
+    every = bert_qa.questions(paragraph, rng)
+    capped = bert_qa.questions(paragraph, rng, 2)
+    count = lambda qs, kind: sum(q["type"] == kind for q in qs)
+    assert count(every, "next") > 2 and count(capped, "next") == 2
+    assert len({q["question"] for q in every}) == len(every)  # each quote asked once a type
 
 
 def test_paragraphs_keep_the_text_in_order(asked):
@@ -107,21 +117,43 @@ def test_squad_metrics():
     assert bert_qa.overlap_baseline(example, 3) == "the crown of"
 
 
+def test_position_prior_answers_with_the_most_frequent_offset_and_length_of_the_type():
+    paragraph = "KING:\nthe crown of gold is mine, said he."
+    seen = [{"type": "speaker", "paragraph": paragraph, "answer": "KING", "start": 0},
+            {"type": "next", "paragraph": paragraph, "answer": "is mine", "start": paragraph.index("is")},
+            {"type": "next", "paragraph": paragraph, "answer": "is mine", "start": paragraph.index("is")},
+            {"type": "next", "paragraph": paragraph, "answer": "the crown", "start": paragraph.index("the")}]
+    prior = bert_qa.position_prior(seen)
+    assert prior == {"speaker": (0, 1), "next": (5, 2)}
+    other = {"type": "next", "paragraph": "QUEEN:\nno sword of mine shall fall"}
+    assert bert_qa.prior_baseline(other, prior) == "shall fall"
+    short = {"type": "next", "paragraph": "QUEEN:\nno sword"}
+    assert bert_qa.prior_baseline(short, prior) == "sword"  # past the end: the last words there are
+
+
 @pytest.mark.slow
 def test_tiny_preset_runs_end_to_end(tmp_path):
     text = tmp_path / "play.txt"
     text.write_text(play(150))
-    results = bert_qa.main(["--preset", "tiny", "--text", str(text), "--out", str(tmp_path)])
+    results = bert_qa.main(["--preset", "tiny", "--text", str(text), "--out", str(tmp_path), "--labels", "8", "1000"])
     out = next((tmp_path / "bert_qa").iterdir())
-    assert {p.name for p in out.iterdir()} >= {"results.json", "config.json", "learning_curves.png", "attention.png"}
+    assert {p.name for p in out.iterdir()} >= {"results.json", "config.json", "learning_curves.png", "attention.png",
+                                               "label_efficiency.png"}
     saved = json.loads((out / "results.json").read_text())
-    arms = ["(a) from scratch", "(b) masked-LM pretrained", "overlap baseline"]
+    arms = [*bert_qa.ARMS, "position-prior baseline", "overlap baseline"]
     assert list(saved["scores"]) == arms and "| (b) masked-LM pretrained | all |" in saved["table"]
     for arm in arms:
         assert set(saved["scores"][arm]) == {"all", *bert_qa.TYPES}
         assert 0 <= saved["scores"][arm]["all"]["f1"] <= 100
+        assert set(saved["train_scores"][arm]) == {"all", *bert_qa.TYPES}
     assert saved["config"]["questions"]["test"] > 0 and len(saved["decoded"]) > 0
-    # 8 steps: (a) 8 of QA, evaluated every 4; (b) 4 of masked LM, then 4 of QA, on one step axis
-    assert [s for s, _ in results["curves"]["(a) from scratch"]] == [4, 8]
-    assert [s for s, _ in results["curves"]["(b) masked-LM pretrained"]] == [8]
+    # 8 QA steps evaluated every 4 for (a) and (b) (after its 4 masked-LM steps); (c) takes 8 + 4
+    assert [s for s, _ in results["curves"][bert_qa.ARMS[0]]] == [4, 8]
+    assert [s for s, _ in results["curves"][bert_qa.ARMS[1]]] == [4, 8]
+    assert [s for s, _ in results["curves"][bert_qa.ARMS[2]]] == [4, 8, 12]
     assert [s for s, _ in results["pretrain_curve"]] == [4]
+    # the curve: 8 labelled questions, and all of them (1000 is more than the play gives), 2 seeds each
+    every = saved["config"]["questions"]["train"]
+    for arm in bert_qa.LABEL_ARMS.values():
+        assert sorted(map(int, saved["label_efficiency"][arm])) == [8, every]
+        assert all(len(runs) == 2 for runs in saved["label_efficiency"][arm].values())
