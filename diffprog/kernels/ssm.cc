@@ -171,27 +171,19 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> delta, ffi::Buff
 
 #pragma GCC pop_options
 
+// What both handlers take first: the thread pool, then Δ, A, B, C, u, h0.
+static auto with_scan_inputs() {
+  using F32 = ffi::Buffer<ffi::F32>;
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_selective_forward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // Δ
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // A
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // B
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // C
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // u
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                              with_scan_inputs()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
                                   .Ret<ffi::Buffer<ffi::F32>>());  // h_{T-1}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_selective_backward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // Δ
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // A
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // B
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // C
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // u
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                              with_scan_inputs()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ∂y
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ∂h_{T-1}
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ∂Δ
