@@ -10,6 +10,10 @@
   adding, T = 200);
 - the attention's score product q·kᵀ for all B·H heads at B32 T128 H4 D64: XLA's batched
   product vs one 2-D product of the same FLOPs, and PyTorch's torch.bmm when torch is installed;
+- matrix products x w (M × K)·(K × N) at the shapes of the char-LMs' layers (B32·T128 rows) and
+  of generation (4 rows), float32 and bfloat16: XLA's dot vs `dp.kernels.gemm` (MKL, the seam
+  `product` chooses on the CPU at ≥ `VENDOR_MIN_WORK` multiply-adds) vs PyTorch's matmul,
+  forward and forward + backward (both gradients), with GFLOP/s of the forward;
 - pooling: MaxPool by reshape-fold vs `lax.reduce_window` (window == stride == 2);
 - LSTM: one layer's batch loop (input projection included; gradients for the weights) as
   the C++ kernel of `dp.kernels` and as `lax.scan` with unroll 1, 2, 4, 8, and PyTorch's
@@ -83,6 +87,38 @@ def score_products(results, quick, reps):
     return rows
 
 
+PRODUCT_SHAPES = [(4096, 256, 1024), (4096, 1024, 256), (4096, 256, 768), (4096, 256, 65), (4, 768, 768),
+                  (4, 768, 3072), (32, 32, 32), (1024, 1024, 1024)]
+
+
+def products(results, quick, reps):
+    """x w for each of `PRODUCT_SHAPES` (M, K, N), float32 and bfloat16."""
+    torch, rows = optional_torch(), []
+    for m, k, n in [(64, 64, 64), (4, 32, 32)] if quick else PRODUCT_SHAPES:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            x, w = (jax.random.normal(key, shape, dtype) for key, shape in zip(jax.random.split(jax.random.key(4)), ((m, k), (k, n))))
+            variants = [("XLA dot", jnp.matmul)]
+            if dp.kernels.vendor_blas() is not None:
+                variants.append(("dp.kernels.gemm (MKL)", dp.kernels.gemm))
+            for name, f in variants:
+                fwd, bwd = jax.jit(f), jax.jit(jax.grad(lambda x, w: f(x, w).astype(jnp.float32).sum(), (0, 1)))
+                results[f"product/{m}x{k}x{n}/{dtype.__name__}/{name}"] = r = {
+                    "forward_s": median_time(lambda: block(fwd(x, w)), reps), "backward_s": median_time(lambda: block(bwd(x, w)), reps)}
+                rows.append([f"product ({m}×{k})·({k}×{n}) {dtype.__name__}", name,
+                             f"{r['forward_s'] * 1e3:.3f} ({2 * m * k * n / r['forward_s'] / 1e9:.0f} GFLOP/s)",
+                             f"{r['backward_s'] * 1e3:.3f}"])
+            if torch is not None:
+                tdtype = {jnp.float32: torch.float32, jnp.bfloat16: torch.bfloat16}[dtype]
+                tx, tw = (torch.tensor(np.asarray(a, np.float32)).to(tdtype).requires_grad_() for a in (x, w))
+                with torch.no_grad():
+                    forward_s = median_time(lambda: tx @ tw, reps)
+                backward_s = median_time(lambda: torch.autograd.grad((tx @ tw).float().sum(), (tx, tw)), reps)
+                results[f"product/{m}x{k}x{n}/{dtype.__name__}/PyTorch"] = {"forward_s": forward_s, "backward_s": backward_s}
+                rows.append([f"product ({m}×{k})·({k}×{n}) {dtype.__name__}", "PyTorch matmul",
+                             f"{forward_s * 1e3:.3f} ({2 * m * k * n / forward_s / 1e9:.0f} GFLOP/s)", f"{backward_s * 1e3:.3f}"])
+    return rows
+
+
 def main(argv=None):
     dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
     p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for the JSON, markdown and plots")
@@ -95,6 +131,7 @@ def main(argv=None):
     # experiments.compare's bidirectional Transformer on adding, T = 200 (width 32, 4 heads)
     rows += attention(results, (2, 40, 4, 8) if args.quick else (32, 200, 4, 8), False, reps)
     rows += score_products(results, args.quick, reps)
+    rows += products(results, args.quick, reps)
     x = jax.random.normal(jax.random.key(1), (16, 32, 32, 16) if not args.quick else (2, 8, 8, 4))
     pool = dp.MaxPool(2)
     for name, f in [("reshape-fold", lambda x: pool.fold(x, (2, 2))), ("reduce_window", lambda x: pool.sliding(x, (2, 2), (2, 2)))]:

@@ -9,6 +9,7 @@ exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -25,6 +26,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from . import kernels
 from .batching import batched
 from .checks import ArgumentError, example_spec, path_name
 from .core import Layer
@@ -154,8 +156,11 @@ class TrainStep:
     state: {"params", "opt_state", "step", "rng"} (`init`). batch: a dict with "inputs" (B, ...),
     the loss's entries ("targets", an optional loss "mask") and any side inputs of the model by
     name (e.g. "lengths"); loss(outputs, batch) -> scalar. The step's dropout key is
-    fold_in(rng, step). compute_dtype (e.g. jnp.bfloat16): params and float inputs are cast for
-    the forward and backward pass; params and optimiser state stay float32.
+    fold_in(rng, step). compute_dtype (e.g. jnp.bfloat16): mixed precision; params and optimiser
+    state stay float32. On accelerators params and float inputs are cast to it for the forward and
+    backward pass; on the CPU, where bfloat16 arithmetic outside the products is slower than
+    float32, only the matrix products run in it (`dp.kernels.autocast`: bfloat16 × bfloat16 →
+    float32 by MKL, on AMX where the CPU has it; float32 where it has no bfloat16 hardware).
     mesh: a `jax.sharding.Mesh` for `compile`: the batch is sharded along its first axis, the
     state replicated (fsdp=True: each array split along its first axis the device count divides).
     Steps compare equal when their fields do (the loss and optimiser by identity), and equal
@@ -175,12 +180,19 @@ class TrainStep:
 
     def outputs(self, params, batch, key=None):
         """The model's (B, ...) outputs on the batch, in float32."""
-        net = batched(self.model)
-        if self.compute_dtype is not None:
+        net, precision = batched(self.model), contextlib.nullcontext()
+        if self.compute_dtype is not None and self.platform() == "cpu":
+            precision = kernels.autocast(self.compute_dtype)
+        elif self.compute_dtype is not None:
             params = _cast(params, self.compute_dtype)
             batch = {**batch, "inputs": _cast(batch["inputs"], self.compute_dtype)}
         side = {k: v for k, v in batch.items() if k in net.side_inputs and k not in LOSS_KEYS}
-        return _cast(net.apply(params, batch["inputs"], key=key, **side), jnp.float32)
+        with precision:
+            return _cast(net.apply(params, batch["inputs"], key=key, **side), jnp.float32)
+
+    def platform(self) -> str:
+        """Where the step runs: the mesh's devices', else the default backend."""
+        return self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
 
     def __call__(self, state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])

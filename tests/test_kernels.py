@@ -204,3 +204,135 @@ def test_kernels_running_at_once_on_xlas_threads_finish():
     300 times (with the old kernels it hung within that in 4 runs of 4); a hang is a timeout."""
     out = subprocess.run([sys.executable, "-c", KERNELS_AT_ONCE], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and out.stdout.split()[-1] == "finished", out.stderr[-3000:]
+
+
+# -- the vendor's matrix products (MKL) --------------------------------------------------------
+
+def test_mkl_is_there_where_it_is_a_dependency():
+    """pyproject.toml installs mkl and mkl-include on x86-64 Linux: there the products must take it."""
+    if sys.platform == "linux":
+        assert kernels.vendor_blas() is not None
+
+
+needs_mkl = pytest.mark.skipif(kernels.vendor_blas() is None, reason="MKL is not installed")
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dtype, key):
+    """C = op(A) op(B) by MKL against XLA's dot: values, both gradients, and vmap over A (folded
+    into rows), over B and over both (XLA's batched dot)."""
+    ka, kb, kc = jax.random.split(key, 3)
+    a = jax.random.normal(ka, (37, 50) if transpose_a else (50, 37), dtype)
+    b = jax.random.normal(kb, (29, 37) if transpose_b else (37, 29), dtype)
+    ct = jax.random.normal(kc, (50, 29))
+    ours = lambda a, b: kernels.gemm(a, b, transpose_a, transpose_b)
+    xla = lambda a, b: jnp.matmul(a.T if transpose_a else a, b.T if transpose_b else b)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == jnp.float32 else dict(atol=0.2, rtol=2e-2)
+    loss = lambda f: jax.jit(jax.grad(lambda a, b: jnp.sum(f(a, b).astype(jnp.float32) * ct), (0, 1)))
+    as32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    chex.assert_trees_all_close(as32(jax.jit(ours)(a, b)), as32(xla(a, b)), **tol)
+    chex.assert_trees_all_close(as32(loss(ours)(a, b)), as32(loss(xla)(a, b)), **tol)
+    stacked = lambda x: jnp.stack([x, 2 * x, -x])
+    for axes in ((0, None), (None, 0), (0, 0)):
+        args = [stacked(x) if axis == 0 else x for x, axis in zip((a, b), axes)]
+        chex.assert_trees_all_close(as32(jax.jit(jax.vmap(ours, axes))(*args)), as32(jax.vmap(xla, axes)(*args)), **tol)
+
+
+@needs_mkl
+def test_gemm_derivatives_to_second_order_against_finite_differences(key):
+    a, b = jax.random.normal(key, (2, 6, 6))
+    check_grads(lambda a, b: kernels.gemm(a, b, False, True), (a, b), order=2, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
+
+
+@needs_mkl
+def test_dense_takes_mkl_on_the_cpu_only_and_agrees_with_xla(key, monkeypatch):
+    """The seam picks MKL for a Dense layer over a batch (its gradient too, one product over all
+    rows) on the CPU, XLA's dot on accelerators and inside `disabled()`; per-example gradients
+    (vmap of grad) and batch gradients (grad of vmap) agree with the reference."""
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_WORK", 1)
+    net, xs = dp.batched(dp.Dense(5) @ dp.FeedForward(12)), jax.random.normal(key, (3, 7, 6))
+    params = net.init(key, xs)
+    batch_grad = jax.jit(jax.grad(lambda p, xs: net.apply(p, xs).sum()))
+    compiled = batch_grad.lower(params, xs).compile().as_text()
+    # FeedForward's product and weight gradient, Dense's weight and input gradients (the loss's
+    # value, and so Dense's own product, is not needed for the gradient)
+    assert compiled.count('custom_call_target="diffprog_gemm_f32"') == 4
+    assert "diffprog_gemm" not in batch_grad.trace(params, xs).lower(lowering_platforms=("cuda",)).as_text()
+    per_example = jax.jit(jax.vmap(jax.grad(lambda p, x: net.layer.apply(p, x).sum()), (None, 0)))
+    got = batch_grad(params, xs), per_example(params, xs)
+    with kernels.disabled():
+        fresh = jax.jit(jax.grad(lambda p, xs: net.apply(p, xs).sum()))
+        assert "diffprog_gemm" not in fresh.trace(params, xs).lower().as_text()
+        want = jax.grad(lambda p, xs: net.apply(p, xs).sum())(params, xs), \
+            jax.vmap(jax.grad(lambda p, x: net.layer.apply(p, x).sum()), (None, 0))(params, xs)
+    chex.assert_trees_all_close(got, want, atol=1e-5)
+
+
+@needs_mkl
+def test_bfloat16_products_sum_in_float32(key):
+    """A bfloat16 product over K = 4096 terms: MKL sums in float32, so its error is that of
+    rounding the operands and the result, well below a sum kept in bfloat16."""
+    a, b = jax.random.normal(key, (2, 4096, 8))
+    exact = a.T @ b
+    ours = kernels.gemm(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), True, False).astype(jnp.float32)
+    assert jnp.max(jnp.abs(ours - exact)) < 0.02 * jnp.max(jnp.abs(exact))
+
+
+@needs_mkl
+def test_mkl_products_run_on_each_devices_shard_of_the_batch(monkeypatch):
+    """Under a 4-device data-parallel mesh each device multiplies its rows of the batch (and its
+    slice of the weight gradient's sum, added across devices): no all-gather, and the losses of
+    the 1-device run."""
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_WORK", 1)
+    ids = jax.random.randint(jax.random.key(1), (8, 12), 0, 11)
+    batch = {"inputs": ids, "targets": jnp.roll(ids, -1, 1)}
+    model = dp.Dense(11) @ dp.FeedForward(32) @ dp.EmbedToken(11, 16)
+    params = model.init(jax.random.key(0), ids[0])
+    losses = {}
+    for devices in (1, 4):
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
+        step = dp.TrainStep(model, lambda out, b: dp.metrics.cross_entropy(out, b["targets"]), optax.adam(1e-2), mesh=mesh)
+        run, state, put = step.compile(step.init(jax.tree.map(jnp.copy, params)), batch)
+        hlo = run.lower(state, put(batch)).compile().as_text()
+        assert hlo.count('custom_call_target="diffprog_gemm_f32"') >= 4 and "all-gather" not in hlo
+        losses[devices] = []
+        for _ in range(3):
+            state, value = run(state, put(batch))
+            losses[devices].append(float(value))
+    np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
+
+
+@needs_mkl
+def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float32(key):
+    """`autocast`: float32 in and out, the operands rounded to bfloat16 (MKL's bfloat16 kernel
+    where the CPU has AMX or AVX512-BF16). A TrainStep with compute_dtype=bfloat16 on the CPU
+    keeps float32 params and activations and runs its products so: its losses track float32's
+    (final loss within 2 %)."""
+    a, b = jax.random.normal(key, (2, 256, 256))  # ≥ VENDOR_MIN_WORK multiply-adds (smaller stay float32)
+    with kernels.autocast(jnp.bfloat16):
+        product = jax.jit(lambda a, b: kernels.product(a, b, transpose_a=True))
+        out = product(a, b)
+    rounded = a.astype(jnp.bfloat16).astype(jnp.float32).T @ b.astype(jnp.bfloat16).astype(jnp.float32)
+    assert out.dtype == jnp.float32
+    chex.assert_trees_all_close(out, rounded, atol=1e-3, rtol=1e-4)
+    assert jnp.max(jnp.abs(out - a.T @ b)) > 1e-2  # the operands were rounded
+    target = "diffprog_gemm_bf16" if kernels.vendor_blas()["bfloat16"] else "diffprog_gemm_f32"
+    assert f'custom_call_target="{target}"' in product.lower(a, b).compile().as_text()
+
+    ids = (jnp.arange(32)[None] + 5 * jnp.arange(16)[:, None]) % 13  # the next token is the token + 1
+    batch = {"inputs": ids, "targets": (ids + 1) % 13}
+    model = dp.Dense(13) @ dp.FeedForward(256) @ dp.FeedForward(256) @ dp.EmbedToken(13, 64)
+    params = model.init(jax.random.key(0), ids[0])
+    final = {}
+    for dtype in (None, jnp.bfloat16):
+        step = dp.TrainStep(model, lambda out, b: dp.metrics.cross_entropy(out, b["targets"]), optax.adam(3e-3), dtype)
+        run, state, put = step.compile(step.init(jax.tree.map(jnp.copy, params)), batch)
+        if dtype is not None:
+            assert f'custom_call_target="{target}"' in run.lower(state, put(batch)).compile().as_text()
+        for _ in range(10):
+            state, value = run(state, put(batch))
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state["params"]))
+        final[dtype] = float(value)
+    assert final[None] < 1.0 and abs(final[jnp.bfloat16] - final[None]) < 0.02 * final[None]

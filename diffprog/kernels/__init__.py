@@ -9,7 +9,8 @@ the definition stays the reference it is tested against and the path taken every
 | `causal_attention_blocks`: blocks of 64 queries | the same, causal | elsewhere | the same |
 | `recurrence` → `lstm_recurrence`: C++ kernels (lstm.cc) | `LSTM` on a batch | CPU, float32 | `LSTM.scan` |
 | `recurrence` → `scan_recurrence`: written-out backward pass | recurrent layers on a batch | elsewhere | `Recurrent.scan` |
-| `product`: transposed-operand gradient | `Dense`, `FeedForward`, ... | CPU | `x @ w` |
+| `product` → `gemm`: MKL's GEMM, float32 and bfloat16 (AMX where the CPU has it), ≥ `VENDOR_MIN_WORK` multiply-adds | `Dense`, `FeedForward`, ... | CPU, MKL installed | `x @ w` |
+| `product` → `_narrowing_product`: transposed-operand gradient | the same | CPU, no MKL | the same |
 | `selective_scan` → `kernel_selective`: C++ kernels (ssm.cc), the (T, I, N) terms never stored | `SelectiveSSM` | CPU, float32 | `scan_selective` (`lax.scan`, autodiff) |
 | `selective_scan` → `written_selective`: the scan with a written-out backward pass | the same | CPU, other dtypes | the same |
 | `selective_scan` → `parallel_selective`: `lax.associative_scan` (log T depth) | `SelectiveSSM` | accelerators | the same |
@@ -22,7 +23,7 @@ jax.numpy paths run. Under a mesh each device runs a kernel on its own shard of 
 (`partition.batch_partitioned`).
 """
 from .attention import attention_kernel, causal_attention, causal_attention_blocks, causal_attention_kernel, self_attention
-from .library import available, build, cache_dir, disabled, enabled, on_cpu
-from .products import product
+from .library import available, build, cache_dir, disabled, enabled, on_cpu, vendor_blas
+from .products import autocast, gemm, product
 from .recurrence import lstm_backward, lstm_forward, lstm_recurrence, recurrence, scan_recurrence
 from .ssm import kernel_selective, parallel_selective, scan_selective, selective_scan, written_selective

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import threading
 import hashlib
+import importlib.metadata
 import os
 import subprocess
 import tempfile
@@ -27,23 +28,24 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def build() -> Path:
-    """Compile the kernel library once per sources, flags and jaxlib version; returns its path.
-    The library is written to a temporary name and renamed, so concurrent builds are safe."""
+def build(sources=SOURCES, flags=()) -> Path:
+    """Compile `sources` (+ `flags`, e.g. a library to link) into one shared library, once per
+    sources, flags and jaxlib version; returns its path. The library is written to a temporary
+    name and renamed, so concurrent builds are safe."""
     include = jax.ffi.include_dir()
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES + HEADERS) + " ".join(FLAGS).encode()
-                            + include.encode() + jax.lib.__version__.encode()).hexdigest()[:16]
+    flags = [*FLAGS, f"-I{include}", *flags]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources + HEADERS) + " ".join(flags).encode()
+                            + jax.lib.__version__.encode()).hexdigest()[:16]
     library = cache_dir() / f"kernels-{digest}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
         os.close(handle)
         compiler = os.environ.get("CXX", "c++")
-        result = subprocess.run([compiler, *FLAGS, f"-I{include}", *map(str, SOURCES), "-o", partial],
-                                capture_output=True, text=True)
+        result = subprocess.run([compiler, *map(str, sources), *flags, "-o", partial], capture_output=True, text=True)
         if result.returncode:
             os.unlink(partial)
-            raise RuntimeError(f"{compiler} could not build {', '.join(path.name for path in SOURCES)}:\n{result.stderr[-2000:]}")
+            raise RuntimeError(f"{compiler} could not build {', '.join(path.name for path in sources)}:\n{result.stderr[-2000:]}")
         os.replace(partial, library)
     return library
 
@@ -67,6 +69,38 @@ def available() -> bool:
     for name in TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
     return True
+
+
+def _mkl_files() -> tuple[Path, Path] | None:
+    """MKL's header folder and runtime library, from the PyPI packages `mkl-include` and `mkl`."""
+    try:
+        headers = [f.locate() for f in importlib.metadata.files("mkl-include") or () if f.name == "mkl.h"]
+        runtimes = [f.locate() for f in importlib.metadata.files("mkl") or () if f.name.startswith("libmkl_rt.so")]
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return (Path(os.path.normpath(headers[0])).parent, Path(os.path.normpath(runtimes[0]))) if headers and runtimes else None
+
+
+@functools.cache
+def vendor_blas() -> dict | None:
+    """MKL's matrix products (gemm.cc), built and registered for the CPU: {"bfloat16": True when
+    its bfloat16 products have hardware under them (AMX or AVX512-BF16)}; None where MKL is not
+    installed (it is a dependency on x86-64 Linux), the CPU lacks AVX2, or the build fails — then
+    `product` stays with XLA's dot."""
+    files = _mkl_files()
+    if files is None or not available():
+        return None
+    include, runtime = files
+    try:
+        library = ctypes.CDLL(str(build([HERE / "gemm.cc"], [f"-I{include}", str(runtime), f"-Wl,-rpath,{runtime.parent}"])))
+    except (OSError, RuntimeError) as error:
+        warnings.warn(f"diffprog: MKL's products are not available ({error}); matrix products on the CPU use XLA's dot",
+                      stacklevel=2)
+        return None
+    bfloat16 = bool(library.diffprog_gemm_setup())
+    for name in ("diffprog_gemm_f32", "diffprog_gemm_bf16"):
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+    return {"bfloat16": bfloat16}
 
 
 _switch = threading.local()

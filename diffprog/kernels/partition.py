@@ -82,3 +82,32 @@ def batch_partitioned(rule: str, batch: str = "..."):
             return outs, (True,) * len(outs)
         return call
     return decorate
+
+
+def product_partitioned(fn, transpose_a: bool, transpose_b: bool):
+    """fn(a, b) = op(a) op(b) (see `dp.kernels.gemm`) under a mesh, split along the sharding of
+    a's first axis: op(a)'s rows (each device computes its rows of the result), or, with
+    `transpose_a`, the contracted axis (each device multiplies its slice of both operands, and
+    the partial products are summed across the devices). Every other axis is whole."""
+    a_factors = "k m" if transpose_a else "m k"
+    b_factors = "n k" if transpose_b else "k n"
+    partitioned = custom_partitioning(fn)
+
+    def shardings(mesh, arg_shapes):
+        spec = tuple(arg_shapes[0].sharding.spec)
+        axis = spec[0] if spec else None
+        a = NamedSharding(mesh, P(axis, None))
+        if not transpose_a:
+            return axis, (a, NamedSharding(mesh, P())), NamedSharding(mesh, P(axis, None))
+        b = NamedSharding(mesh, P(None, axis) if transpose_b else P(axis, None))
+        return axis, (a, b), NamedSharding(mesh, P())
+
+    def partition(mesh, arg_shapes, result_shape):
+        axis, args, result = shardings(mesh, arg_shapes)
+        if transpose_a and axis is not None:
+            return mesh, lambda a, b: jax.lax.psum(fn(a, b), axis), result, args
+        return mesh, fn, result, args
+
+    partitioned.def_partition(partition, infer_sharding_from_operands=lambda mesh, args, result: shardings(mesh, args)[2],
+                              sharding_rule=f"{a_factors}, {b_factors} -> m n")
+    return partitioned

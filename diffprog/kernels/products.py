@@ -1,19 +1,168 @@
-"""A CPU-only rewrite of the matrix product x w (XLA:CPU's slow transposed-operand dot)."""
+"""The matrix product of `Dense` and its kin, and where it runs on the CPU: the vendor's GEMM
+(MKL, gemm.cc) in float32 or bfloat16, or a rewrite of XLA:CPU's slow transposed-operand dot; and
+`autocast`, products in bfloat16 inside a float32 program."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+import warnings
+
 import jax
+import jax.numpy as jnp
 
-from .library import on_cpu
+from .library import enabled, on_cpu, vendor_blas
+from .partition import product_partitioned
+
+try:  # experimental in jax: a primitive that carries its own vjp and batching rules
+    from jax.experimental import hijax
+except ImportError:  # a jax without it: the products stay with XLA
+    hijax = None
+
+# The vendor's GEMM is chosen for products of at least this many multiply-adds: below it XLA's
+# dot is as fast or faster (benchmarks.kernels, "product" rows).
+VENDOR_MIN_WORK = 1 << 22
+TYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_autocast = threading.local()
 
 
-def product(x, w):
-    """x w for x (N, d), w (d, out). On the CPU, where d > out, the weight gradient xᵀ ∂y is
-    computed as ((∂y)ᵀ x)ᵀ from a transposed copy of the narrower ∂y: XLA:CPU runs a product whose
-    left operand is contracted over its rows (xᵀ ∂y) as a slower Eigen dot, ~18.5 vs ~13 ms for
-    (4096 × 1024)ᵀ·(4096 × 256). Elsewhere (and inside `disabled()`), x @ w."""
-    if w.shape[0] <= w.shape[1]:
-        return x @ w
-    return on_cpu(_narrowing_product, jax.numpy.matmul, x, w, kernel=False)
+@contextlib.contextmanager
+def autocast(dtype=jnp.bfloat16):
+    """Inside the block, the float32 products `product` traces round their operands to `dtype`
+    (bfloat16) and sum in float32; everything else stays float32 — PyTorch's
+    `torch.autocast(dtype=torch.bfloat16)` for the products. On the CPU, products MKL does not
+    take (< `VENDOR_MIN_WORK` multiply-adds, or MKL missing) stay float32, and so do all of them
+    where the CPU has no bfloat16 hardware (neither AMX nor AVX512-BF16: float32 is faster there;
+    a warning says so). Chosen when a function is traced, like `disabled()`."""
+    before = getattr(_autocast, "dtype", None)
+    _autocast.dtype = jnp.dtype(dtype)
+    try:
+        yield
+    finally:
+        _autocast.dtype = before
+
+
+def product(a, b, transpose_a=False, transpose_b=False):
+    """op(a) op(b), op the transpose where asked (a (M, K) or (K, M); b (K, N) or (N, K)): the
+    matrix product of `Dense` and its kin, and of the written-out gradients of the kernels; under
+    `autocast`, float32 operands rounded to its dtype. On the CPU: `gemm` (MKL) where
+    `vendor_blas()` is there, a and b are both float32 or both bfloat16, and the product has
+    ≥ `VENDOR_MIN_WORK` multiply-adds; else, for a b with K > N, `_narrowing_product`. Elsewhere
+    (and inside `disabled()`), XLA's dot."""
+    m, k = a.shape[::-1] if transpose_a else a.shape
+    n = b.shape[0] if transpose_b else b.shape[1]
+    precision = getattr(_autocast, "dtype", None) if a.dtype == b.dtype == jnp.float32 else None
+    if (hijax is not None and enabled() and a.dtype == b.dtype and a.dtype in TYPES and m * k * n >= VENDOR_MIN_WORK
+            and vendor_blas() is not None):
+        return gemm(a, b, transpose_a, transpose_b, precision)
+    if precision is not None:
+        flags = dict(transpose_a=transpose_a, transpose_b=transpose_b)
+        return on_cpu(functools.partial(_dot, **flags), functools.partial(_dot, **flags, precision=precision), a, b,
+                      kernel=False)
+    if transpose_a or transpose_b or k <= n:
+        return _dot(a, b, transpose_a, transpose_b)
+    return on_cpu(_narrowing_product, jnp.matmul, a, b, kernel=False)
+
+
+def gemm(a, b, transpose_a=False, transpose_b=False, precision=None):
+    """op(a) op(b), op the transpose where asked: a (M, K) or, transposed, (K, M); b (K, N) or
+    (N, K); one dtype, float32 or bfloat16; the result (M, N) in that dtype, its sums in float32;
+    with `precision` (bfloat16) float32 operands are rounded to it first. MKL on the CPU
+    (`vendor_blas()` must be there), `lax.dot_general` elsewhere. Its gradient is two more such
+    products, transposes read in place; under vmap, a batch of `a` alone folds into its rows (one
+    product), any other batch runs XLA's batched dot."""
+    aval = lambda array: hijax.ShapedArray(array.shape, array.dtype)
+    return _Gemm(aval(a), aval(b), transpose_a, transpose_b, jnp.dtype(precision or a.dtype))(a, b)
+
+
+def _dot(a, b, transpose_a, transpose_b, precision=None):
+    """op(a) op(b) by XLA (dtypes promoted as by `jnp.matmul`); with `precision`, the operands
+    rounded to it, the sums in float32."""
+    a, b = (a.T if transpose_a else a), (b.T if transpose_b else b)
+    if precision is None or precision == a.dtype == b.dtype:
+        return jnp.matmul(a, b)
+    return jnp.matmul(a.astype(precision), b.astype(precision), preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+@functools.cache
+def _bfloat16_in_float32():
+    warnings.warn("diffprog: this CPU has neither AMX nor AVX512-BF16: bfloat16 matrix products run as "
+                  "float32 products (faster here than emulated bfloat16 ones)", stacklevel=3)
+
+
+def _mkl(a, b, transpose_a, transpose_b, precision):
+    """op(a) op(b) in float32 by gemm.cc, the operands rounded to `precision` where the CPU's
+    MKL computes in it."""
+    blas = vendor_blas()
+    if blas is None:
+        raise RuntimeError("gemm: MKL's products are not available here (pip install mkl mkl-include, on x86-64)")
+    if precision == jnp.bfloat16 and not blas["bfloat16"]:
+        _bfloat16_in_float32()
+        precision = jnp.dtype(jnp.float32)
+    target = "diffprog_gemm_bf16" if precision == jnp.bfloat16 else "diffprog_gemm_f32"
+    return _partitioned_call(target, transpose_a, transpose_b)(a.astype(precision), b.astype(precision))
+
+
+@functools.cache
+def _partitioned_call(target, transpose_a, transpose_b):
+    def call(a, b):
+        m = a.shape[1] if transpose_a else a.shape[0]
+        n = b.shape[0] if transpose_b else b.shape[1]
+        return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")(
+            a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    return product_partitioned(call, transpose_a, transpose_b)
+
+
+if hijax is not None:
+    class _Gemm(hijax.VJPHiPrimitive):
+        """C = op(A) op(B) (see `gemm`): MKL on the CPU, XLA's dot elsewhere."""
+
+        def __init__(self, a, b, transpose_a, transpose_b, precision):
+            m = a.shape[1] if transpose_a else a.shape[0]
+            k, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
+            if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or (a.shape[0] if transpose_a else a.shape[1]) != k:
+                raise ValueError(f"gemm: expected matrices of one dtype whose products chain, got {a.shape} {a.dtype}"
+                                 f"{'ᵀ' * transpose_a} and {b.shape} {b.dtype}{'ᵀ' * transpose_b}")
+            self.in_avals = (a, b)
+            self.out_aval = hijax.ShapedArray((m, n), a.dtype)
+            self.params = {"transpose_a": transpose_a, "transpose_b": transpose_b, "precision": precision}
+            super().__init__()
+
+        def expand(self, a, b):
+            flags = self.transpose_a, self.transpose_b, self.precision
+            return jax.lax.platform_dependent(a, b, cpu=lambda a, b: _mkl(a, b, *flags).astype(a.dtype),
+                                              default=lambda a, b: _dot(a, b, *flags))
+
+        def vjp_fwd(self, nonzeros, a, b):
+            return gemm(a, b, self.transpose_a, self.transpose_b, self.precision), (a, b)
+
+        def vjp_bwd_retval(self, residuals, grad):
+            # C = op(A) op(B): ∂op(A) = ∂C op(B)ᵀ, ∂op(B) = op(A)ᵀ ∂C, each transposed back when op is.
+            a, b = residuals
+            ta, tb, p = self.transpose_a, self.transpose_b, self.precision
+            da = gemm(b, grad, tb, True, p) if ta else gemm(grad, b, False, not tb, p)
+            db = gemm(grad, a, True, ta, p) if tb else gemm(a, grad, not ta, False, p)
+            return da, db
+
+        def jvp(self, primals, tangents):
+            a, b = primals
+            da, db = (jnp.zeros(p.shape, p.dtype) if isinstance(t, hijax.Zero) else t for p, t in zip(primals, tangents))
+            flags = self.transpose_a, self.transpose_b, self.precision
+            return gemm(a, b, *flags), gemm(da, b, *flags) + gemm(a, db, *flags)
+
+        def batch(self, axis_data, args, dims):
+            (a, b), (da, db) = args, dims
+            ta, tb, p = self.transpose_a, self.transpose_b, self.precision
+            if da is None and db is None:
+                return gemm(a, b, ta, tb, p), None
+            if da is not None and db is None and not ta:  # a batch of A's rows: one product
+                a = jnp.moveaxis(a, da, 0)
+                c = gemm(a.reshape(-1, a.shape[-1]), b, False, tb, p)
+                return c.reshape(a.shape[:-1] + c.shape[-1:]), 0
+            op = lambda x, d, t: jnp.swapaxes(x if d is None else jnp.moveaxis(x, d, 0), -1, -2) if t else (
+                x if d is None else jnp.moveaxis(x, d, 0))
+            spec = ("bmk," if da is not None else "mk,") + ("bkn" if db is not None else "kn") + "->bmn"
+            return jnp.einsum(spec, op(a, da, ta).astype(p), op(b, db, tb).astype(p)).astype(a.dtype), 0
 
 
 @jax.custom_jvp
@@ -23,6 +172,9 @@ def _narrowing_product(x, w):
 
 @_narrowing_product.defjvp
 def _narrowing_product_jvp(primals, tangents):
+    """Where d > out, the weight gradient xᵀ ∂y is computed as ((∂y)ᵀ x)ᵀ from a transposed copy
+    of the narrower ∂y: XLA:CPU runs a product whose left operand is contracted over its rows
+    (xᵀ ∂y) as a slower Eigen dot, ~18.5 vs ~13 ms for (4096 × 1024)ᵀ·(4096 × 256)."""
     x, w = primals
     dx, dw = tangents
     # x dw written so that its transpose (reverse mode) is ((∂y)ᵀ x)ᵀ with both transposes

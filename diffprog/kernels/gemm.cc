@@ -1,0 +1,78 @@
+// C = op(A) op(B) by the vendor's BLAS (Intel MKL's cblas, which picks AVX2, AVX-512 or AMX code
+// for the CPU it runs on, AMD's included), as one XLA FFI handler per operand type:
+//   float32 × float32 → float32 (cblas_sgemm);
+//   bfloat16 × bfloat16 → float32 (cblas_gemm_bf16bf16f32: bfloat16 products summed in float32,
+//   on AMX or AVX512-BF16 where the CPU has them).
+// A is (M, K), or (K, M) read as its transpose with `transpose_a`; B is (K, N), or (N, K) with
+// `transpose_b`; C is (M, N), row-major. MKL runs sequentially in each of XLA's CPU threads, the
+// longer side of C split among them.
+#include <mkl.h>
+
+#include "cpu.h"
+
+namespace {
+
+constexpr double kSplitWork = 1 << 21;  // multiply-adds below which one thread does it all
+
+template <class In, class Blas>
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::Span<const int64_t> a_dims, const In* a,
+                ffi::Span<const int64_t> b_dims, const In* b, bool transpose_a, bool transpose_b,
+                float* c, Blas blas) {
+  if (a_dims.size() != 2 || b_dims.size() != 2) return ffi::Error::InvalidArgument("gemm: A and B must be matrices");
+  const long m = transpose_a ? a_dims[1] : a_dims[0], k = transpose_a ? a_dims[0] : a_dims[1];
+  const long n = transpose_b ? b_dims[0] : b_dims[1];
+  if ((transpose_b ? b_dims[1] : b_dims[0]) != k) return ffi::Error::InvalidArgument("gemm: A and B do not chain");
+  const long lda = a_dims[1], ldb = b_dims[1];
+  const auto ta = transpose_a ? CblasTrans : CblasNoTrans, tb = transpose_b ? CblasTrans : CblasNoTrans;
+  const double work = static_cast<double>(m) * n * k;
+  const long parts = work < kSplitWork ? 1 : pool.num_threads();
+  if (m >= n) {  // rows [r0, r1) of C: rows of op(A)
+    in_parallel(pool, m, [&](long r0, long r1) {
+      blas(CblasRowMajor, ta, tb, r1 - r0, n, k, 1.0f, transpose_a ? a + r0 : a + r0 * lda, lda, b, ldb, 0.0f,
+           c + r0 * n, n);
+    }, parts);
+  } else {  // columns [c0, c1) of C: columns of op(B)
+    in_parallel(pool, n, [&](long c0, long c1) {
+      blas(CblasRowMajor, ta, tb, m, c1 - c0, k, 1.0f, a, lda, transpose_b ? b + c0 * ldb : b + c0, ldb, 0.0f,
+           c + c0, n);
+    }, parts);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GemmF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, bool transpose_a,
+                   bool transpose_b, ffi::ResultBuffer<ffi::F32> c) {
+  return Gemm(pool, a.dimensions(), a.typed_data(), b.dimensions(), b.typed_data(), transpose_a, transpose_b,
+              c->typed_data(), cblas_sgemm);
+}
+
+ffi::Error GemmBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, bool transpose_a,
+                    bool transpose_b, ffi::ResultBuffer<ffi::F32> c) {
+  static_assert(sizeof(ffi::NativeType<ffi::BF16>) == sizeof(MKL_BF16));
+  return Gemm(pool, a.dimensions(), reinterpret_cast<const MKL_BF16*>(a.typed_data()), b.dimensions(),
+              reinterpret_cast<const MKL_BF16*>(b.typed_data()), transpose_a, transpose_b, c->typed_data(),
+              cblas_gemm_bf16bf16f32);
+}
+
+}  // namespace
+
+// MKL sequential in every thread that calls it (the threads are XLA's); 1 when MKL's bfloat16
+// products have hardware under them (AMX or AVX512-BF16), else 0.
+extern "C" int diffprog_gemm_setup() {
+  mkl_set_threading_layer(MKL_THREADING_SEQUENTIAL);
+  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+}
+
+template <ffi::DataType T>
+static auto with_operands() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Attr<bool>("transpose_a")
+      .template Attr<bool>("transpose_b")
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_gemm_f32, GemmF32, with_operands<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_gemm_bf16, GemmBF16, with_operands<ffi::BF16>());
