@@ -12,7 +12,7 @@
   product vs one 2-D product of the same FLOPs, and PyTorch's torch.bmm when torch is installed;
 - matrix products x w (M × K)·(K × N) at the shapes of the char-LMs' layers (B32·T128 rows) and
   of generation (4 rows), float32 and bfloat16: XLA's dot vs `dp.kernels.gemm` (MKL, the seam
-  `product` chooses on the CPU at ≥ `VENDOR_MIN_WORK` multiply-adds) vs PyTorch's matmul,
+  `product` chooses on the CPU at ≥ `VENDOR_MIN_WORK` multiply-adds, sides ≥ `VENDOR_MIN_SIDE`) vs PyTorch's matmul,
   forward and forward + backward (both gradients), with GFLOP/s of the forward;
 - pooling: MaxPool by reshape-fold vs `lax.reduce_window` (window == stride == 2);
 - LSTM: one layer's batch loop (input projection included; gradients for the weights) as

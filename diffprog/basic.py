@@ -40,12 +40,14 @@ def activation_fn(name: str, layer: str = "activation"):
     return ACTIVATIONS[name]
 
 
-def affine(params, x):
+def affine(params, x, transposed=False):
     """x W (+ b) over the last axis of x (..., d), as one (N, d)·(d, out) product over all N
-    leading positions. (Autodiff of the product on (B, T, d) gave a weight-gradient contraction
-    over two axes that XLA:CPU ran ~20% slower than this one 2-D product.)"""
+    leading positions; `transposed`: W stored as (out, d) (a tied embedding table), read in place.
+    (Autodiff of the product on (B, T, d) gave a weight-gradient contraction over two axes that
+    XLA:CPU ran ~20% slower than this one 2-D product.)"""
     w = params["weight"]
-    y = kernels.product(x.reshape(-1, w.shape[0]), w).reshape(x.shape[:-1] + w.shape[1:])
+    d, out = w.shape[::-1] if transposed else w.shape
+    y = kernels.product(x.reshape(-1, d), w, transpose_b=transposed).reshape(x.shape[:-1] + (out,))
     return y + params["bias"] if "bias" in params else y
 
 

@@ -39,7 +39,8 @@ class GenerateToken(PositionWise):
         return params["table"].shape[1]
 
     def map(self, params, x):
-        return affine({"weight": params["table"].T.astype(x.dtype), **({"bias": params["bias"]} if self.use_bias else {})}, x)
+        return affine({"weight": params["table"].astype(x.dtype), **({"bias": params["bias"]} if self.use_bias else {})}, x,
+                      transposed=True)
 
 
 @layerclass

@@ -252,6 +252,7 @@ def test_dense_takes_mkl_on_the_cpu_only_and_agrees_with_xla(key, monkeypatch):
     rows) on the CPU, XLA's dot on accelerators and inside `disabled()`; per-example gradients
     (vmap of grad) and batch gradients (grad of vmap) agree with the reference."""
     monkeypatch.setattr(kernels.products, "VENDOR_MIN_WORK", 1)
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_SIDE", 1)
     net, xs = dp.batched(dp.Dense(5) @ dp.FeedForward(12)), jax.random.normal(key, (3, 7, 6))
     params = net.init(key, xs)
     batch_grad = jax.jit(jax.grad(lambda p, xs: net.apply(p, xs).sum()))
@@ -286,6 +287,7 @@ def test_mkl_products_run_on_each_devices_shard_of_the_batch(monkeypatch):
     slice of the weight gradient's sum, added across devices): no all-gather, and the losses of
     the 1-device run."""
     monkeypatch.setattr(kernels.products, "VENDOR_MIN_WORK", 1)
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_SIDE", 1)
     ids = jax.random.randint(jax.random.key(1), (8, 12), 0, 11)
     batch = {"inputs": ids, "targets": jnp.roll(ids, -1, 1)}
     model = dp.Dense(11) @ dp.FeedForward(32) @ dp.EmbedToken(11, 16)
@@ -310,7 +312,7 @@ def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float
     where the CPU has AMX or AVX512-BF16). A TrainStep with compute_dtype=bfloat16 on the CPU
     keeps float32 params and activations and runs its products so: its losses track float32's
     (final loss within 2 %)."""
-    a, b = jax.random.normal(key, (2, 256, 256))  # ≥ VENDOR_MIN_WORK multiply-adds (smaller stay float32)
+    a, b = jax.random.normal(key, (2, 256, 256))  # big enough for MKL (smaller products stay float32)
     with kernels.autocast(jnp.bfloat16):
         product = jax.jit(lambda a, b: kernels.product(a, b, transpose_a=True))
         out = product(a, b)
@@ -323,7 +325,7 @@ def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float
 
     ids = (jnp.arange(32)[None] + 5 * jnp.arange(16)[:, None]) % 13  # the next token is the token + 1
     batch = {"inputs": ids, "targets": (ids + 1) % 13}
-    model = dp.Dense(13) @ dp.FeedForward(256) @ dp.FeedForward(256) @ dp.EmbedToken(13, 64)
+    model = dp.Dense(13) @ dp.FeedForward(256) @ dp.FeedForward(256) @ dp.EmbedToken(13, 128)
     params = model.init(jax.random.key(0), ids[0])
     final = {}
     for dtype in (None, jnp.bfloat16):

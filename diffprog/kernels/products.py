@@ -19,9 +19,11 @@ try:  # experimental in jax: a primitive that carries its own vjp and batching r
 except ImportError:  # a jax without it: the products stay with XLA
     hijax = None
 
-# The vendor's GEMM is chosen for products of at least this many multiply-adds: below it XLA's
-# dot is as fast or faster (benchmarks.kernels, "product" rows).
-VENDOR_MIN_WORK = 1 << 22
+# The vendor's GEMM is chosen for products of at least VENDOR_MIN_WORK multiply-adds whose three
+# sides are all ≥ VENDOR_MIN_SIDE: below either, XLA's dot was as fast or faster on the Xeon
+# (AVX-512, AMX) measured — the call's fixed cost, and MKL's skinny products (a decoding step's
+# 4 rows, a 65-token vocabulary) — see benchmarks/README.md.
+VENDOR_MIN_WORK, VENDOR_MIN_SIDE = 1 << 22, 128
 TYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _autocast = threading.local()
 
@@ -31,7 +33,7 @@ def autocast(dtype=jnp.bfloat16):
     """Inside the block, the float32 products `product` traces round their operands to `dtype`
     (bfloat16) and sum in float32; everything else stays float32 — PyTorch's
     `torch.autocast(dtype=torch.bfloat16)` for the products. On the CPU, products MKL does not
-    take (< `VENDOR_MIN_WORK` multiply-adds, or MKL missing) stay float32, and so do all of them
+    take (see `product`, or MKL missing) stay float32, and so do all of them
     where the CPU has no bfloat16 hardware (neither AMX nor AVX512-BF16: float32 is faster there;
     a warning says so). Chosen when a function is traced, like `disabled()`."""
     before = getattr(_autocast, "dtype", None)
@@ -47,13 +49,13 @@ def product(a, b, transpose_a=False, transpose_b=False):
     matrix product of `Dense` and its kin, and of the written-out gradients of the kernels; under
     `autocast`, float32 operands rounded to its dtype. On the CPU: `gemm` (MKL) where
     `vendor_blas()` is there, a and b are both float32 or both bfloat16, and the product has
-    ≥ `VENDOR_MIN_WORK` multiply-adds; else, for a b with K > N, `_narrowing_product`. Elsewhere
-    (and inside `disabled()`), XLA's dot."""
+    ≥ `VENDOR_MIN_WORK` multiply-adds and sides ≥ `VENDOR_MIN_SIDE`; else, for a b with K > N,
+    `_narrowing_product`. Elsewhere (and inside `disabled()`), XLA's dot."""
     m, k = a.shape[::-1] if transpose_a else a.shape
     n = b.shape[0] if transpose_b else b.shape[1]
     precision = getattr(_autocast, "dtype", None) if a.dtype == b.dtype == jnp.float32 else None
     if (hijax is not None and enabled() and a.dtype == b.dtype and a.dtype in TYPES and m * k * n >= VENDOR_MIN_WORK
-            and vendor_blas() is not None):
+            and min(m, k, n) >= VENDOR_MIN_SIDE and vendor_blas() is not None):
         return gemm(a, b, transpose_a, transpose_b, precision)
     if precision is not None:
         flags = dict(transpose_a=transpose_a, transpose_b=transpose_b)
