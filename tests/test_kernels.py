@@ -338,3 +338,18 @@ def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state["params"]))
         final[dtype] = float(value)
     assert final[None] < 1.0 and abs(final[jnp.bfloat16] - final[None]) < 0.02 * final[None]
+
+
+@needs_mkl
+def test_without_bfloat16_hardware_autocast_keeps_float32_products_and_says_so(key, monkeypatch):
+    """Where MKL's bfloat16 products would be emulated (no AMX, no AVX512-BF16), they run as
+    float32 products — exact float32 values — with a warning."""
+    monkeypatch.setattr(kernels.products, "vendor_blas", lambda: {"bfloat16": False})
+    kernels.products._bfloat16_in_float32.cache_clear()
+    a, b = jax.random.normal(key, (2, 256, 256))
+    with kernels.autocast(jnp.bfloat16), pytest.warns(UserWarning, match="neither AMX nor AVX512-BF16"):
+        product = jax.jit(lambda a, b: kernels.product(a, b))
+        out = product(a, b)
+    compiled = product.lower(a, b).compile().as_text()
+    assert 'custom_call_target="diffprog_gemm_f32"' in compiled and "diffprog_gemm_bf16" not in compiled
+    chex.assert_trees_all_close(out, a @ b, atol=1e-3, rtol=1e-5)
