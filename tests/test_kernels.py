@@ -83,9 +83,20 @@ def lstm_arguments(key, steps, batch, d, hidden, lengths):
     return layer, (weights._replace(b_x=weights.b_x + 0.1), xs, carry, valid)
 
 
+@pytest.fixture(params=["mkl", "micro-kernel"])
+def lstm_products(request):
+    """The LSTM kernel's per-step products by MKL's sgemm (where installed) and by cpu.h's
+    micro-kernel; the switch is read as the kernel runs, so the tests block on every result."""
+    if request.param == "mkl" and kernels.vendor_blas() is None:
+        pytest.skip("MKL is not installed")
+    kernels.library.use_vendor_sgemm(request.param == "mkl")
+    yield request.param
+    kernels.library.use_vendor_sgemm(True)
+
+
 @pytest.mark.parametrize("steps, batch, d, hidden, lengths", [
     (1, 1, 1, 1, None), (9, 5, 3, 10, [9, 3, 1, 2, 7]), (13, 7, 9, 21, None), (6, 33, 4, 16, None)])
-def test_lstm_kernel_matches_the_scan_values_and_gradients(steps, batch, d, hidden, lengths, key):
+def test_lstm_kernel_matches_the_scan_values_and_gradients(steps, batch, d, hidden, lengths, key, lstm_products):
     """Hidden sizes not a multiple of 8 and batches not a multiple of 6 exercise the masked lanes
     and the narrow tiles; `lengths` the rows that stop early."""
     layer, args = lstm_arguments(key, steps, batch, d, hidden, lengths)

@@ -14,6 +14,13 @@
 
 namespace ffi = xla::ffi;
 
+// The vendor's float32 GEMM, cblas_sgemm's signature (row-major = 101, no transpose = 111,
+// transpose = 112): MKL's, handed over by Python where it is installed (`diffprog_use_sgemm`,
+// lstm.cc); null: the kernels multiply with the micro-kernel below.
+using Sgemm = void (*)(int layout, int transpose_a, int transpose_b, int m, int n, int k, float alpha,
+                       const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
+inline std::atomic<Sgemm> vendor_sgemm{nullptr};
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 

@@ -81,6 +81,11 @@ def _mkl_files() -> tuple[Path, Path] | None:
     return (Path(os.path.normpath(headers[0])).parent, Path(os.path.normpath(runtimes[0]))) if headers and runtimes else None
 
 
+def _gemm_flags():
+    include, runtime = _mkl_files()
+    return [f"-I{include}", str(runtime), f"-Wl,-rpath,{runtime.parent}"]
+
+
 @functools.cache
 def vendor_blas() -> dict | None:
     """MKL's matrix products (gemm.cc), built and registered for the CPU: {"bfloat16": True when
@@ -90,9 +95,8 @@ def vendor_blas() -> dict | None:
     files = _mkl_files()
     if files is None or not available():
         return None
-    include, runtime = files
     try:
-        library = ctypes.CDLL(str(build([HERE / "gemm.cc"], [f"-I{include}", str(runtime), f"-Wl,-rpath,{runtime.parent}"])))
+        library = ctypes.CDLL(str(build([HERE / "gemm.cc"], _gemm_flags())))
     except (OSError, RuntimeError) as error:
         warnings.warn(f"diffprog: MKL's products are not available ({error}); matrix products on the CPU use XLA's dot",
                       stacklevel=2)
@@ -100,7 +104,18 @@ def vendor_blas() -> dict | None:
     bfloat16 = bool(library.diffprog_gemm_setup())
     for name in ("diffprog_gemm_f32", "diffprog_gemm_bf16"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+    use_vendor_sgemm(True, library)
     return {"bfloat16": bfloat16}
+
+
+def use_vendor_sgemm(on: bool, gemm_library=None):
+    """Whether the C++ kernels' own per-step products (lstm.cc) call MKL's sgemm (on, where
+    `vendor_blas()` found it) or cpu.h's micro-kernel. Set when MKL is loaded; switching it takes
+    effect at the next kernel call, not at tracing (the kernel reads it as it runs)."""
+    library = gemm_library or (ctypes.CDLL(str(build([HERE / "gemm.cc"], _gemm_flags()))) if vendor_blas() else None)
+    if library is not None:
+        sgemm = ctypes.cast(library.cblas_sgemm, ctypes.c_void_p) if on else None
+        ctypes.CDLL(str(build())).diffprog_use_sgemm(sgemm)
 
 
 _switch = threading.local()
@@ -142,8 +157,10 @@ def on_cpu(fast, reference, *args, kernel=True):
 
 
 def require(name):
+    """Make the kernels ready (built, registered, MKL's products handed over where installed)."""
     if not available():
         raise RuntimeError(f"{name}: the C++ kernels could not be built here (see the warning); "
                            "the layers fall back to jax.numpy by themselves")
+    vendor_blas()
 
 

@@ -8,7 +8,9 @@
 //   ∂c = ∂c_t + ∂h_t ⊙ o ⊙ (1 − tanh²(c_t)),  ∂f = ∂c ⊙ c_{t-1},  ∂i = ∂c ⊙ g,  ∂g = ∂c ⊙ i,
 //   ∂z = [∂f f(1−f), ∂i i(1−i), ∂o o(1−o), ∂g (1−g²)],  ∂c_{t-1} = ∂c ⊙ f,  ∂h_{t-1} = ∂z W_hᵀ
 // Rows of the batch are independent, so each thread runs all T steps for its own rows. A row
-// past its length keeps its state, outputs 0 and passes its gradients through.
+// past its length keeps its state, outputs 0 and passes its gradients through. The per-step
+// products h_{t-1} W_h and ∂z W_hᵀ are MKL's sgemm where Python handed it over (cpu.h's
+// `vendor_sgemm`), else cpu.h's micro-kernel on a packed W_h.
 // Layout: xw, gates, ∂z (T, B, G); hs, cs, ∂hs (T, B, H); states (B, H); lengths (B,) int32.
 #include <vector>
 
@@ -104,8 +106,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<f
                    ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> cs) {
   const Sizes n = sizes_of(xw);
   const int H = n.hidden, G = n.gates();
-  std::vector<float> packed(packed_size(H, G));
-  pack(w_h.typed_data(), G, H, G, packed.data());
+  const Sgemm vendor = vendor_sgemm.load();
+  std::vector<float> packed(vendor ? 0 : packed_size(H, G));
+  if (!vendor) pack(w_h.typed_data(), G, H, G, packed.data());
   std::copy_n(h0.typed_data(), static_cast<size_t>(n.batch) * H, h->typed_data());
   std::copy_n(c0.typed_data(), static_cast<size_t>(n.batch) * H, c->typed_data());
   in_parallel(pool, n.batch, [&](long begin, long end) {
@@ -113,7 +116,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<f
     std::vector<float> pre(static_cast<size_t>(rows) * G);
     float *h_rows = h->typed_data() + begin * H, *c_rows = c->typed_data() + begin * H;
     for (int t = 0; t < n.steps; ++t) {
-      multiply(rows, G, H, {h_rows, H, 1}, packed.data(), pre.data(), G);
+      if (vendor)
+        vendor(101, 111, 111, rows, G, H, 1.0f, h_rows, H, w_h.typed_data(), G, 0.0f, pre.data(), G);
+      else
+        multiply(rows, G, H, {h_rows, H, 1}, packed.data(), pre.data(), G);
       for (int r = 0; r < rows; ++r) {
         const int b = static_cast<int>(begin) + r;
         float *h_out = hs->typed_data() + n.at(t, b, H), *c_out = cs->typed_data() + n.at(t, b, H);
@@ -138,8 +144,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer
                     ffi::ResultBuffer<ffi::F32> d_c0) {
   const Sizes n = sizes_of(gates);
   const int H = n.hidden, G = n.gates();
-  std::vector<float> packed(packed_size(G, H));
-  pack_transposed(w_h.typed_data(), G, H, G, packed.data());
+  const Sgemm vendor = vendor_sgemm.load();
+  std::vector<float> packed(vendor ? 0 : packed_size(G, H));
+  if (!vendor) pack_transposed(w_h.typed_data(), G, H, G, packed.data());
   std::copy_n(d_h.typed_data(), static_cast<size_t>(n.batch) * H, d_h0->typed_data());
   std::copy_n(d_c.typed_data(), static_cast<size_t>(n.batch) * H, d_c0->typed_data());
   in_parallel(pool, n.batch, [&](long begin, long end) {
@@ -159,7 +166,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer
           std::fill_n(d_z_rows + static_cast<size_t>(r) * G, G, 0.0f);
         }
       }
-      multiply(rows, H, G, {d_z_rows, G, 1}, packed.data(), back.data(), H);
+      if (vendor)
+        vendor(101, 111, 112, rows, H, G, 1.0f, d_z_rows, G, w_h.typed_data(), G, 0.0f, back.data(), H);
+      else
+        multiply(rows, H, G, {d_z_rows, G, 1}, packed.data(), back.data(), H);
       for (int r = 0; r < rows; ++r)
         if (t < lengths.typed_data()[begin + r]) std::copy_n(back.data() + r * H, H, dh_rows + r * H);
     }
@@ -170,6 +180,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer
 }  // namespace
 
 #pragma GCC pop_options
+
+extern "C" void diffprog_use_sgemm(void* sgemm) { vendor_sgemm.store(reinterpret_cast<Sgemm>(sgemm)); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_lstm_forward, Forward,
                               ffi::Ffi::Bind()
