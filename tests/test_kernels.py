@@ -258,6 +258,24 @@ def test_gemm_derivatives_to_second_order_against_finite_differences(key):
 
 
 @needs_mkl
+@pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (True, False), (False, True)])
+def test_gemm_under_checkpoint_and_linearize(transpose_a, transpose_b, key):
+    """Reverse mode through `jax.checkpoint` (as `dp.Remat` runs) and `jax.linearize` transpose
+    the product's jvp terms: both agree with XLA's dot."""
+    ka, kb, kc = jax.random.split(key, 3)
+    a, b = jax.random.normal(ka, (2, 7, 7))
+    ct = jax.random.normal(kc, (7, 7))
+    ours = lambda a, b: kernels.gemm(a, b, transpose_a, transpose_b)
+    xla = lambda a, b: jnp.matmul(a.T if transpose_a else a, b.T if transpose_b else b)
+    loss = lambda f: lambda a, b: jnp.sum(jnp.tanh(f(a, b)) * ct)
+    chex.assert_trees_all_close(jax.jit(jax.grad(jax.checkpoint(loss(ours)), (0, 1)))(a, b),
+                                jax.grad(loss(xla), (0, 1))(a, b), atol=1e-5)
+    tangent = jax.random.normal(kb, (7, 7))
+    _, linear = jax.linearize(lambda a: ours(a, b), a)
+    chex.assert_trees_all_close(linear(tangent), jax.jvp(lambda a: xla(a, b), (a,), (tangent,))[1], atol=1e-5)
+
+
+@needs_mkl
 def test_dense_takes_mkl_on_the_cpu_only_and_agrees_with_xla(key, monkeypatch):
     """The seam picks MKL for a Dense layer over a batch (its gradient too, one product over all
     rows) on the CPU, XLA's dot on accelerators and inside `disabled()`; per-example gradients

@@ -139,18 +139,41 @@ if hijax is not None:
             return gemm(a, b, self.transpose_a, self.transpose_b, self.precision), (a, b)
 
         def vjp_bwd_retval(self, residuals, grad):
-            # C = op(A) op(B): ∂op(A) = ∂C op(B)ᵀ, ∂op(B) = op(A)ᵀ ∂C, each transposed back when op is.
             a, b = residuals
+            return self.grad_a(grad, b), self.grad_b(grad, a)
+
+        # C = op(A) op(B): ∂op(A) = ∂C op(B)ᵀ, ∂op(B) = op(A)ᵀ ∂C, each transposed back when op is.
+        def grad_a(self, grad, b):
             ta, tb, p = self.transpose_a, self.transpose_b, self.precision
-            da = gemm(b, grad, tb, True, p) if ta else gemm(grad, b, False, not tb, p)
-            db = gemm(grad, a, True, ta, p) if tb else gemm(a, grad, not ta, False, p)
-            return da, db
+            return gemm(b, grad, tb, True, p) if ta else gemm(grad, b, False, not tb, p)
+
+        def grad_b(self, grad, a):
+            ta, tb, p = self.transpose_a, self.transpose_b, self.precision
+            return gemm(grad, a, True, ta, p) if tb else gemm(a, grad, not ta, False, p)
 
         def jvp(self, primals, tangents):
-            a, b = primals
-            da, db = (jnp.zeros(p.shape, p.dtype) if isinstance(t, hijax.Zero) else t for p, t in zip(primals, tangents))
-            flags = self.transpose_a, self.transpose_b, self.precision
-            return gemm(a, b, *flags), gemm(da, b, *flags) + gemm(a, db, *flags)
+            return gemm(*primals, self.transpose_a, self.transpose_b, self.precision), self.linearized(primals, *tangents)
+
+        def lin(self, nonzeros, a, b):
+            return gemm(a, b, self.transpose_a, self.transpose_b, self.precision), (a, b)
+
+        def linearized(self, residuals, da, db):
+            """∂C = op(∂A) op(B) + op(A) op(∂B), the terms of symbolic-zero tangents left out."""
+            (a, b), flags = residuals, (self.transpose_a, self.transpose_b, self.precision)
+            terms = [gemm(da, b, *flags)] if not isinstance(da, hijax.Zero) else []
+            terms += [gemm(a, db, *flags)] if not isinstance(db, hijax.Zero) else []
+            return sum(terms[1:], terms[0]) if terms else jnp.zeros(self.out_aval.shape, self.out_aval.dtype)
+
+        def transpose(self, grad, a, b):
+            """The product is linear in each operand (jvp's terms; under `jax.checkpoint` and
+            `jax.linearize` reverse mode transposes them): the operand being transposed is an
+            accumulator, the other a value."""
+            if isinstance(grad, hijax.Zero):
+                return
+            if hasattr(a, "accum"):
+                a.accum(self.grad_a(grad, b))
+            if hasattr(b, "accum"):
+                b.accum(self.grad_b(grad, a))
 
         def batch(self, axis_data, args, dims):
             (a, b), (da, db) = args, dims
