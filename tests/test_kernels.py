@@ -382,3 +382,12 @@ def test_without_bfloat16_hardware_autocast_keeps_float32_products_and_says_so(k
     compiled = product.lower(a, b).compile().as_text()
     assert 'custom_call_target="diffprog_gemm_f32"' in compiled and "diffprog_gemm_bf16" not in compiled
     chex.assert_trees_all_close(out, a @ b, atol=1e-3, rtol=1e-5)
+
+
+def test_without_hijax_the_products_are_xlas(key, monkeypatch):
+    """A jax without `jax.experimental.hijax` (it is experimental): `product` keeps XLA's dot."""
+    monkeypatch.setattr(kernels.products, "hijax", None)
+    a, b = jax.random.normal(key, (2, 256, 256))
+    product = jax.jit(lambda a, b: kernels.product(a, b))
+    assert "diffprog_gemm" not in product.lower(a, b).compile().as_text()
+    chex.assert_trees_all_close(product(a, b), a @ b, atol=1e-4)

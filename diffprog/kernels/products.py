@@ -16,7 +16,8 @@ from .partition import product_partitioned
 
 try:  # experimental in jax: a primitive that carries its own vjp and batching rules
     from jax.experimental import hijax
-except ImportError:  # a jax without it: the products stay with XLA
+    hijax.VJPHiPrimitive, hijax.ShapedArray, hijax.Zero  # the names used below
+except (ImportError, AttributeError):  # a jax without them: the products stay with XLA's dot
     hijax = None
 
 # The vendor's GEMM is chosen for products of at least VENDOR_MIN_WORK multiply-adds whose three
