@@ -159,8 +159,9 @@ class TrainStep:
     fold_in(rng, step). compute_dtype (e.g. jnp.bfloat16): mixed precision; params and optimiser
     state stay float32. On accelerators params and float inputs are cast to it for the forward and
     backward pass; on the CPU, where bfloat16 arithmetic outside the products is slower than
-    float32, only the matrix products run in it (`dp.kernels.autocast`: bfloat16 × bfloat16 →
-    float32 by MKL, on AMX where the CPU has it; float32 where it has no bfloat16 hardware).
+    float32, only the matrix products run in bfloat16 (`dp.kernels.autocast`: bfloat16 × bfloat16
+    → float32 by MKL, on AMX where the CPU has it; float32 where it has no bfloat16 hardware);
+    another dtype (float16) is cast as on accelerators.
     mesh: a `jax.sharding.Mesh` for `compile`: the batch is sharded along its first axis, the
     state replicated (fsdp=True: each array split along its first axis the device count divides).
     Steps compare equal when their fields do (the loss and optimiser by identity), and equal
@@ -181,7 +182,7 @@ class TrainStep:
     def outputs(self, params, batch, key=None):
         """The model's (B, ...) outputs on the batch, in float32."""
         net, precision = batched(self.model), contextlib.nullcontext()
-        if self.compute_dtype is not None and self.platform() == "cpu":
+        if self.compute_dtype is not None and jnp.dtype(self.compute_dtype) == jnp.bfloat16 and self.platform() == "cpu":
             precision = kernels.autocast(self.compute_dtype)
         elif self.compute_dtype is not None:
             params = _cast(params, self.compute_dtype)

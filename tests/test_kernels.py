@@ -391,3 +391,28 @@ def test_without_hijax_the_products_are_xlas(key, monkeypatch):
     product = jax.jit(lambda a, b: kernels.product(a, b))
     assert "diffprog_gemm" not in product.lower(a, b).compile().as_text()
     chex.assert_trees_all_close(product(a, b), a @ b, atol=1e-4)
+
+
+def test_autocast_and_gemm_reject_what_they_cannot_compute(key):
+    """autocast runs bfloat16 products only (float16 would reach MKL's float32 kernel with
+    float16 data); gemm names operands whose products do not chain or whose dtypes differ."""
+    with pytest.raises(ValueError, match=r"autocast: products run in bfloat16.*got float16"):
+        with kernels.autocast(jnp.float16):
+            pass
+    a = jnp.ones((5, 7))
+    with pytest.raises(ValueError, match=r"gemm: .*\(5, 7\) float32 and \(5, 3\) float32"):
+        kernels.gemm(a, jnp.ones((5, 3)))
+    with pytest.raises(ValueError, match=r"gemm: .*\(5, 7\) float32 and \(7, 3\) bfloat16"):
+        kernels.gemm(a, jnp.ones((7, 3), jnp.bfloat16))
+
+
+def test_float16_compute_dtype_on_the_cpu_casts_as_before(key):
+    """Only bfloat16 becomes autocast on the CPU; float16 still casts params and inputs."""
+    ids = jnp.arange(2 * 12).reshape(2, 12) % 7
+    model = dp.Dense(7) @ dp.FeedForward(16) @ dp.EmbedToken(7, 8)
+    step = dp.TrainStep(model, lambda out, b: dp.metrics.cross_entropy(out, b["targets"]), optax.adam(1e-3), jnp.float16)
+    params = model.init(jax.random.key(0), ids[0])
+    jaxpr = str(jax.make_jaxpr(lambda p: step.outputs(p, {"inputs": ids, "targets": ids}))(params))
+    assert "f16[" in jaxpr
+    state, loss = step(step.init(params), {"inputs": ids, "targets": ids})
+    assert jnp.isfinite(loss) and all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state["params"]))

@@ -37,6 +37,8 @@ def autocast(dtype=jnp.bfloat16):
     take (see `product`, or MKL missing) stay float32, and so do all of them
     where the CPU has no bfloat16 hardware (neither AMX nor AVX512-BF16: float32 is faster there;
     a warning says so). Chosen when a function is traced, like `disabled()`."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        raise ValueError(f"autocast: products run in bfloat16 (MKL's bfloat16 × bfloat16 → float32), got {jnp.dtype(dtype)}")
     before = getattr(_autocast, "dtype", None)
     _autocast.dtype = jnp.dtype(dtype)
     try:
