@@ -81,41 +81,41 @@ def _mkl_files() -> tuple[Path, Path] | None:
     return (Path(os.path.normpath(headers[0])).parent, Path(os.path.normpath(runtimes[0]))) if headers and runtimes else None
 
 
-def _gemm_flags():
-    include, runtime = _mkl_files()
-    return [f"-I{include}", str(runtime), f"-Wl,-rpath,{runtime.parent}"]
-
-
 @functools.cache
 def vendor_blas() -> dict | None:
-    """MKL's matrix products (gemm.cc), built and registered for the CPU: {"bfloat16": True when
-    its bfloat16 products have hardware under them (AMX or AVX512-BF16)}; None where MKL is not
-    installed (it is a dependency on x86-64 Linux), the CPU lacks AVX2, or the build fails — then
-    `product` stays with XLA's dot."""
+    """MKL's matrix products (gemm.cc), built and registered for the CPU, and handed to the
+    kernels' own per-step products: {"bfloat16": True when its bfloat16 products have hardware
+    under them (AMX or AVX512-BF16), "sgemm": MKL's cblas_sgemm}; None where MKL is not installed
+    (it is a dependency on x86-64 Linux), the CPU lacks AVX2, or the build fails — then `product`
+    stays with XLA's dot and the kernels with cpu.h's micro-kernel."""
     files = _mkl_files()
     if files is None or not available():
         return None
+    include, runtime = files
     try:
-        library = ctypes.CDLL(str(build([HERE / "gemm.cc"], _gemm_flags())))
+        library = ctypes.CDLL(str(build([HERE / "gemm.cc"], [f"-I{include}", str(runtime), f"-Wl,-rpath,{runtime.parent}"])))
     except (OSError, RuntimeError) as error:
         warnings.warn(f"diffprog: MKL's products are not available ({error}); matrix products on the CPU use XLA's dot",
                       stacklevel=2)
         return None
-    bfloat16 = bool(library.diffprog_gemm_setup())
+    blas = {"bfloat16": bool(library.diffprog_gemm_setup()), "sgemm": ctypes.cast(library.cblas_sgemm, ctypes.c_void_p)}
     for name in ("diffprog_gemm_f32", "diffprog_gemm_bf16"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
-    use_vendor_sgemm(True, library)
-    return {"bfloat16": bfloat16}
+    _use_sgemm(blas["sgemm"])
+    return blas
 
 
-def use_vendor_sgemm(on: bool, gemm_library=None):
+def use_vendor_sgemm(on: bool):
     """Whether the C++ kernels' own per-step products (lstm.cc) call MKL's sgemm (on, where
-    `vendor_blas()` found it) or cpu.h's micro-kernel. Set when MKL is loaded; switching it takes
-    effect at the next kernel call, not at tracing (the kernel reads it as it runs)."""
-    library = gemm_library or (ctypes.CDLL(str(build([HERE / "gemm.cc"], _gemm_flags()))) if vendor_blas() else None)
-    if library is not None:
-        sgemm = ctypes.cast(library.cblas_sgemm, ctypes.c_void_p) if on else None
-        ctypes.CDLL(str(build())).diffprog_use_sgemm(sgemm)
+    `vendor_blas()` found it: the default) or cpu.h's micro-kernel. Switching takes effect at the
+    next kernel call, not at tracing (the kernel reads it as it runs)."""
+    blas = vendor_blas()
+    if blas is not None:
+        _use_sgemm(blas["sgemm"] if on else None)
+
+
+def _use_sgemm(sgemm):
+    ctypes.CDLL(str(build())).diffprog_use_sgemm(sgemm)
 
 
 _switch = threading.local()
