@@ -70,26 +70,27 @@ def main(argv=None):
     width, batch, steps = (32, 4, 32) if args.quick else (256, 32, 128)
     if args.quick:
         args.rounds, args.reps = 1, 3
-    variants = {}
+    kits = {"diffprog": (diffprog_variant, None, jnp.bfloat16, "bfloat16")}
+    if optional_torch() is not None:
+        kits["PyTorch"] = (torch_variant, False, True, "autocast bfloat16")
+    variants = {}  # (kind, kit, precision) -> (step, forward)
     for kind in ("transformer", "lstm"):
-        variants[(kind, "diffprog float32")] = diffprog_variant(kind, width, batch, steps, None)
-        variants[(kind, "diffprog bfloat16")] = diffprog_variant(kind, width, batch, steps, jnp.bfloat16)
-        if optional_torch() is not None:
-            variants[(kind, "PyTorch float32")] = torch_variant(kind, width, batch, steps, False)
-            variants[(kind, "PyTorch autocast bfloat16")] = torch_variant(kind, width, batch, steps, True)
+        for kit, (variant, full, mixed, mixed_name) in kits.items():
+            variants[(kind, kit, "float32")] = variant(kind, width, batch, steps, full)
+            variants[(kind, kit, mixed_name)] = variant(kind, width, batch, steps, mixed)
     times = {key: {"step_s": [], "forward_s": []} for key in variants}
     for _ in range(args.rounds):
         for key, (step, forward) in variants.items():
             times[key]["step_s"].append(median_time(step, args.reps))
             times[key]["forward_s"].append(median_time(forward, args.reps))
+    best = {key: {k: min(v) for k, v in t.items()} for key, t in times.items()}
     results = {"machine": machine(), "shape": {"batch": batch, "T": steps, "width": width},
-               "variants": {f"{kind}/{name}": {k: min(v) for k, v in t.items()} | {"rounds": t}
-                            for (kind, name), t in times.items()}}
+               "variants": {f"{kind}/{kit} {precision}": best[kind, kit, precision] | {"rounds": times[kind, kit, precision]}
+                            for kind, kit, precision in variants}}
     rows = []
-    for (kind, name) in variants:
-        r = results["variants"][f"{kind}/{name}"]
-        f32 = results["variants"][f"{kind}/{name.rsplit(' ', 1)[0].replace(' autocast', '')} float32"]
-        rows.append([kind, name, f"{r['step_s'] * 1e3:.1f}", f"{f32['step_s'] / r['step_s']:.2f}×",
+    for kind, kit, precision in variants:
+        r, f32 = best[kind, kit, precision], best[kind, kit, "float32"]
+        rows.append([kind, f"{kit} {precision}", f"{r['step_s'] * 1e3:.1f}", f"{f32['step_s'] / r['step_s']:.2f}×",
                      f"{r['forward_s'] * 1e3:.1f}", f"{f32['forward_s'] / r['forward_s']:.2f}×"])
     m = results["machine"]
     table = (f"{m['cpu']} ({', '.join(m['vector_extensions'])}), {m['cores']} cores; B{batch} T{steps} width {width}; "
