@@ -12,11 +12,13 @@ each paragraph gives up to `--per_type` questions of each type, the answer a spa
 - speaker:   who says "<4 words>"?                       → the name on the "NAME:" line above that
   speech (plays only): finding the quote is string matching, the answer is not next to it.
 
-A WordPiece vocabulary is learned from the training paragraphs. Three arms train the same BERT
-on every training question: (a) span QA from random initialisation, `--qa_steps`; (b) masked-LM
-pretraining on the training paragraphs (BERT's 15% of tokens, 80% [MASK] / 10% random / 10%
-kept, `--pretrain_steps`), then the same span QA from those weights: equal fine-tuning; (c) span
-QA from random initialisation for qa_steps + pretrain_steps: equal total compute with (b).
+A cased WordPiece vocabulary is learned from the training paragraphs. Three arms train the same
+BERT (`reader`: pre-LN blocks with rotary positions) on every training question: (a) span QA
+from random initialisation, `--qa_steps`; (b) masked-LM pretraining on the training paragraphs
+(BERT's 15% of tokens, 80% [MASK] / 10% random / 10% kept, `--pretrain_steps`), then the same
+span QA from those weights: equal fine-tuning; (c) span QA from random initialisation for
+qa_steps + pretrain_steps: equal total compute with (b). QA's learning rate is constant after its
+warmup, so (c) is (a) trained on: it resumes (a)'s checkpoint.
 With `--labels` (the `labels` preset), a label-efficiency curve: arms (a) and (b) fine-tuned on
 that many labelled questions, `--seeds` seeds each (the pretraining is run once). Reported on
 the test paragraphs: SQuAD's exact match and token F1 per arm and question type, beside two
@@ -54,19 +56,20 @@ TYPES = ("next", "sentence", "speaker")
 PAD, MASK = 0, 4  # dp.text.WORDPIECE_SPECIALS: [PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4
 FIRST_WORD = len(dp.text.WORDPIECE_SPECIALS)
 LONGEST_SPAN = 16  # tokens a predicted answer may have
+ROTARY_THETA = 10_000.0
 ARMS = ("(a) from scratch", "(b) masked-LM pretrained", "(c) from scratch, equal compute")
 LABEL_ARMS = {"scratch": "from scratch", "pretrained": "masked-LM pretrained"}
 
 PRESETS = {
-    "default": dict(layers=2, d=128, heads=4, vocab=3000, words=16, max_len=80, qa_steps=1000, pretrain_steps=500,
-                    batch=32, per_type=4, eval_every=250, eval_questions=512, seeds=3, labels=()),
-    "labels": dict(layers=2, d=128, heads=4, vocab=3000, words=16, max_len=80, qa_steps=300, pretrain_steps=500,
-                   batch=32, per_type=4, eval_every=100, eval_questions=512, seeds=3, labels=(100, 300, 1000, 3000, 10 ** 6)),
+    "default": dict(layers=2, d=128, heads=8, vocab=3000, words=16, max_len=80, qa_steps=2500, pretrain_steps=500,
+                    batch=32, per_type=4, eval_every=500, eval_questions=512, seeds=3, labels=()),
+    "labels": dict(layers=2, d=128, heads=8, vocab=3000, words=16, max_len=80, qa_steps=1000, pretrain_steps=500,
+                   batch=32, per_type=4, eval_every=500, eval_questions=512, seeds=3, labels=(100, 1000, 10_000, 10 ** 6)),
     "tiny": dict(layers=1, d=32, heads=2, vocab=400, words=16, max_len=80, qa_steps=8, pretrain_steps=4, batch=4,
                  per_type=2, eval_every=4, eval_questions=8, seeds=2, labels=()),
 }
-"""default: the three arms; labels: the label-efficiency curve (sizes past the questions there
-are mean all of them); tiny: the tests' smoke run."""
+"""default: the three arms (~14 min here); labels: the label-efficiency curve, each run qa_steps
+long (sizes past the questions there are mean all of them; ~1 h here); tiny: the tests' smoke run."""
 
 
 def paragraphs(text: str, words: int) -> list:
@@ -287,12 +290,27 @@ def scores(predictions: list, examples: list) -> dict:
     return out
 
 
-def bert_config(args, vocab: int) -> dict:
-    """BERT's shape from the flags; no dropout (an arm sees each question about once; with
-    dropout the attention weights are materialised and a step took ~2× as long)."""
-    return dict(vocab_size=vocab, hidden_size=args.d, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                intermediate_size=4 * args.d, max_position_embeddings=args.max_len, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0)
+def reader(args, vocab: int, head: str):
+    """The BERT that answers: `dp.bert` of the flags' shape (no dropout: an arm sees each question
+    about once, and with dropout a step took ~2× as long), its blocks pre-LN with rotary positions
+    (RoPE, θ = 10⁴, beside BERT's learned positions), as ModernBERT's are — unless
+    `--bert_blocks` keeps BERT's original post-LN blocks. Finding a quote and pointing past it is
+    a comparison of each position with its neighbours, which rotary positions make a function of
+    the offset alone; with the original blocks "what follows" stays near 0% EM in this budget."""
+    model = dp.bert(dict(vocab_size=vocab, hidden_size=args.d, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, intermediate_size=4 * args.d,
+                         max_position_embeddings=args.max_len, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0), head=head)
+    if args.bert_blocks:
+        return model
+    return dp.rewrite(model, lambda layer: isinstance(layer, dp.TransformerBlock),
+                      lambda block: dataclasses.replace(block, pre_norm=True, rotary=ROTARY_THETA))
+
+
+def tokenizer_for(paragraphs: list, vocab: int):
+    """A cased WordPiece vocabulary of `vocab` tokens learned from `paragraphs` (as bert-base-cased:
+    a speaker's "NAME:" label stands out by its capitals, also for names never seen in training)."""
+    return dp.text.train_wordpiece(paragraphs, vocab_size=vocab, lowercase=False)
 
 
 def batches(arrays: dict, size: int) -> list:
@@ -312,8 +330,12 @@ def sampler(arrays: dict, size: int, seed: int, corrupt=None):
     return jax.jit(data)
 
 
-def optimizer(lr: float, steps: int):
-    return optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr / 10), weight_decay=0.01)
+def optimizer(lr: float, warmup: int, steps: int = 0):
+    """AdamW (weight decay 0.01), its learning rate rising linearly to `lr` in `warmup` steps, then
+    constant (steps=0) or decaying along a cosine to lr / 10 at `steps`."""
+    schedule = (optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr / 10) if steps
+                else optax.linear_schedule(0.0, lr, warmup))
+    return optax.adamw(schedule, weight_decay=0.01)
 
 
 def span_finder(model):
@@ -391,6 +413,8 @@ def main(argv=None):
     p.add_argument("--labels", type=at_least(1), nargs="*",
                    help="labelled-question counts of the label-efficiency curve (default: the preset's; none: no curve)")
     p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--bert_blocks", action="store_true",
+                   help="BERT's original post-LN blocks, learned positions only (default: pre-LN blocks with rotary positions)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name, value in PRESETS[args.preset].items():
@@ -410,7 +434,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     asked = {split: [q for paragraph in cut[a:b] for q in questions(paragraph, rng, args.per_type)]
              for split, (a, b) in bounds.items()}
-    tokenizer = dp.text.train_wordpiece(cut[slice(*bounds["train"])], vocab_size=args.vocab)
+    tokenizer = tokenizer_for(cut[slice(*bounds["train"])], args.vocab)
     vocab = tokenizer.get_vocab_size()
     encoded = {split: encode_questions(tokenizer, qs, args.max_len) for split, qs in asked.items()}
     train, _, train_examples = encoded["train"]
@@ -426,21 +450,24 @@ def main(argv=None):
                                 "questions": {s: len(encoded[s][2]) for s in encoded},
                                 "dropped": {s: len(asked[s]) - len(encoded[s][2]) for s in asked}})
 
-    bert = lambda head: dp.bert(bert_config(args, vocab), head=head)
-    qa, mlm = bert("question_answering"), bert("masked_lm")
+    qa, mlm = reader(args, vocab, "question_answering"), reader(args, vocab, "masked_lm")
     spec = jax.ShapeDtypeStruct((args.max_len,), jnp.int32)
     qa_init = lambda seed: qa.init(jax.random.key(seed), spec)
     common = dict(eval_every=args.eval_every, clip_norm=1.0)
     sample_rows = lambda arrays, rows: {k: v[rows] for k, v in arrays.items()}
 
-    def finetune(params, steps, rows, name, seed, quiet=False):
-        return dp.train(qa, span_loss, optimizer(args.lr, steps), sampler(sample_rows(train, rows), args.batch, seed),
-                        steps=steps, params=params, seed=seed, quiet=quiet, description=name,
+    tuning = optimizer(args.lr, max(args.qa_steps // 10, 1))  # one object: every QA run shares one compiled step
+
+    def finetune(params, steps, rows, name, seed, quiet=False, workdir=None):
+        """QA training; with `workdir`, checkpointed at the end and resumed from its last checkpoint."""
+        return dp.train(qa, span_loss, tuning, sampler(sample_rows(train, rows), args.batch, seed),
+                        steps=steps, params=params, seed=seed, quiet=quiet, description=name, workdir=workdir,
+                        checkpoint_every=steps if workdir else 0, resume=workdir is not None,
                         **({} if quiet else dict(eval_data=batches(validation, args.batch), eval_metrics={"span_exact": span_exact},
                                                  **common)))
 
     pretrained = dp.train(mlm, lambda logits, b: dp.metrics.cross_entropy(logits, b["targets"], b["mask"]),
-                          optimizer(args.lr, args.pretrain_steps),
+                          optimizer(args.lr, max(args.pretrain_steps // 10, 1), args.pretrain_steps),
                           sampler(text_data, args.batch, args.seed, lambda k, b: masked_batch(k, b, vocab)),
                           steps=args.pretrain_steps, description="masked-LM pretraining", seed=args.seed, eval_data=[
                               masked_batch(jax.random.key(10_000 + i), b, vocab)
@@ -448,9 +475,12 @@ def main(argv=None):
     body = {k: pretrained.params[k] for k in ("embeddings", "encoder")}
     starts = {"scratch": qa_init(args.seed), "pretrained": {**qa_init(args.seed), **body}}
     every = np.arange(len(train_examples))
-    runs = {ARMS[0]: finetune(starts["scratch"], args.qa_steps, every, ARMS[0], args.seed),
-            ARMS[1]: finetune(starts["pretrained"], args.qa_steps, every, ARMS[1], args.seed),
-            ARMS[2]: finetune(starts["scratch"], args.qa_steps + args.pretrain_steps, every, ARMS[2], args.seed)}
+    # (c) is (a) trained on: it resumes (a)'s checkpoint (its step, Adam's moments, the learning rate
+    # held constant), so the two arms cost qa_steps + pretrain_steps steps, not 2 qa_steps + pretrain_steps
+    runs = {ARMS[0]: finetune(starts["scratch"], args.qa_steps, every, ARMS[0], args.seed, workdir=out / "scratch"),
+            ARMS[1]: finetune(starts["pretrained"], args.qa_steps, every, ARMS[1], args.seed)}
+    runs[ARMS[2]] = finetune(starts["scratch"], args.qa_steps + args.pretrain_steps, every, ARMS[2], args.seed,
+                             workdir=out / "scratch")
 
     spans = span_finder(qa)
     length = collections.Counter(len(WORD.findall(e["answer"])) for e in train_examples).most_common(1)[0][0]
@@ -467,6 +497,7 @@ def main(argv=None):
     _, train_results = evaluate(fit, encoded["train"][1][:args.eval_questions], train_examples[:args.eval_questions])
     curve = lambda run: [(h["step"], h["eval_span_exact"]) for h in run.history if "eval_span_exact" in h]
     curves = {arm: curve(run) for arm, run in runs.items()}
+    curves[ARMS[2]] = curves[ARMS[0]] + curves[ARMS[2]]  # (c)'s first qa_steps are (a)
     pretrain_curve = [(h["step"], h["eval_loss"]) for h in pretrained.history if "eval_loss" in h]
 
     label_curve = {}

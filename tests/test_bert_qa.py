@@ -2,6 +2,7 @@
 tokeniser, the span loss and SQuAD's metrics, and the tiny preset end to end."""
 import json
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,7 @@ def test_questions_are_answered_by_spans_that_round_trip_through_the_tokeniser(a
             assert names[-1] == e["answer"] and e["answer"].upper() in NAMES
         else:
             assert e["start"] >= quoted.end()
-    tokenizer = dp.text.train_wordpiece(cut, vocab_size=200)
+    tokenizer = bert_qa.tokenizer_for(cut, 400)
     arrays, offsets, kept = bert_qa.encode_questions(tokenizer, examples, 96)
     assert len(kept) == len(examples) > 50
     for n, e in enumerate(kept):
@@ -88,7 +89,22 @@ def test_questions_are_answered_by_spans_that_round_trip_through_the_tokeniser(a
         assert (arrays["segments"][n, first:last + 1] == 1).all()
         assert e["paragraph"][offsets[n, first, 0]:offsets[n, last, 1]] == e["answer"]
         pieces = tokenizer.decode(arrays["inputs"][n, first:last + 1].tolist())
-        assert re.findall(r"\w+", pieces) == re.findall(r"\w+", e["answer"].lower())
+        assert re.findall(r"\w+", pieces) == re.findall(r"\w+", e["answer"])  # cased: ROMEO is not romeo
+
+
+def test_the_reader_is_bert_with_pre_ln_rotary_blocks_and_berts_params():
+    shape = dict(d=16, heads=2, layers=2, max_len=12)
+    ids = jnp.arange(5, 15)
+    for head in ("question_answering", "masked_lm"):
+        bert = bert_qa.reader(types.SimpleNamespace(**shape, bert_blocks=True), 40, head)
+        reader = bert_qa.reader(types.SimpleNamespace(**shape, bert_blocks=False), 40, head)
+        assert not bert.block.pre_norm and bert.block.rotary is None
+        assert reader.block.pre_norm and reader.block.rotary == bert_qa.ROTARY_THETA
+        params = bert.init(jax.random.key(0), ids)
+        assert jax.tree.structure(reader.init(jax.random.key(0), ids)) == jax.tree.structure(params)
+        # the same weights, another function: the blocks really changed
+        first = lambda model: jax.tree.leaves(model.apply(params, ids))[0]
+        assert not np.allclose(first(reader), first(bert), atol=1e-3)
 
 
 def test_span_loss_and_best_span_on_a_hand_made_example():
