@@ -425,6 +425,8 @@ def main(argv=None):
     text = read_text(p, args.text)
     started = time.perf_counter()
     out = run_dir("bert_qa", args.out)
+    if (out / "scratch").exists():  # (c) would resume another run's (a)
+        p.error(f"{out / 'scratch'} exists: another run wrote to {out} (give another --out)")
 
     cut = paragraphs(text, args.words)
     if len(cut) < 20:
@@ -458,11 +460,12 @@ def main(argv=None):
 
     tuning = optimizer(args.lr, max(args.qa_steps // 10, 1))  # one object: every QA run shares one compiled step
 
-    def finetune(params, steps, rows, name, seed, quiet=False, workdir=None):
-        """QA training; with `workdir`, checkpointed at the end and resumed from its last checkpoint."""
+    def finetune(params, steps, rows, name, seed, quiet=False, workdir=None, resume=False):
+        """QA training; with `workdir`, checkpointed at the end (and with `resume`, continued from
+        its last checkpoint)."""
         return dp.train(qa, span_loss, tuning, sampler(sample_rows(train, rows), args.batch, seed),
                         steps=steps, params=params, seed=seed, quiet=quiet, description=name, workdir=workdir,
-                        checkpoint_every=steps if workdir else 0, resume=workdir is not None,
+                        checkpoint_every=steps if workdir else 0, resume=resume,
                         **({} if quiet else dict(eval_data=batches(validation, args.batch), eval_metrics={"span_exact": span_exact},
                                                  **common)))
 
@@ -480,7 +483,7 @@ def main(argv=None):
     runs = {ARMS[0]: finetune(starts["scratch"], args.qa_steps, every, ARMS[0], args.seed, workdir=out / "scratch"),
             ARMS[1]: finetune(starts["pretrained"], args.qa_steps, every, ARMS[1], args.seed)}
     runs[ARMS[2]] = finetune(starts["scratch"], args.qa_steps + args.pretrain_steps, every, ARMS[2], args.seed,
-                             workdir=out / "scratch")
+                             workdir=out / "scratch", resume=True)
 
     spans = span_finder(qa)
     length = collections.Counter(len(WORD.findall(e["answer"])) for e in train_examples).most_common(1)[0][0]
