@@ -68,7 +68,7 @@ PRESETS = {
     "tiny": dict(layers=1, d=32, heads=2, vocab=400, words=16, max_len=80, qa_steps=8, pretrain_steps=4, batch=4,
                  per_type=2, eval_every=4, eval_questions=8, seeds=2, labels=()),
 }
-"""default: the three arms (~14 min here); labels: the label-efficiency curve, each run qa_steps
+"""default: the three arms (~13 min here); labels: the label-efficiency curve, each run qa_steps
 long (sizes past the questions there are mean all of them; ~1 h here); tiny: the tests' smoke run."""
 
 
