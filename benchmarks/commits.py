@@ -77,8 +77,7 @@ def main(argv=None):
     info = machine()
     rows = [(case, f"{r['a_s'] * 1e3:.1f}", f"{r['b_s'] * 1e3:.1f}", f"{r['ratio']:.3f}",
              f"{r['ratio_min']:.3f}–{r['ratio_max']:.3f}") for case, r in results.items()]
-    table = (f"A = {args.base}, B = {args.head}; {info['cpu']} ({', '.join(info['vector_extensions']) or 'no AVX2'}), "
-             f"{info['cores']} cores; {args.rounds} rounds, "
+    table = (f"A = {args.base}, B = {args.head}; {args.rounds} rounds, "
              f"median of {args.reps} calls each{' (--quick)' if args.quick else ''}\n\n"
              + markdown_table(["case", "A ms", "B ms", "B / A", "spread of B / A"], rows))
     out = {"base": args.base, "head": args.head, "results": results, "machine": info}

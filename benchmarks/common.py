@@ -86,7 +86,11 @@ def gemm_rate(n: int = 2048, reps: int = 10) -> float:
 def write(name: str, results: dict, table: str, out: str = "benchmarks/results", quick: bool = False,
           figures: dict = None) -> None:
     """Write out/name.json, out/name.md and each figure as out/<stem>.png (a `_quick` suffix on
-    every name with `quick`), then print the table."""
+    every name with `quick`), then print the table, under a line naming the machine it ran on."""
+    m = results["machine"]
+    versions = ", ".join(f"{k} {m[k]}" for k in ("jax", "torch", "transformers") if k in m)
+    table = (f"Machine: {m['cpu']} ({', '.join(m['vector_extensions']) or 'no AVX2'}), {m['cores']} cores, "
+             f"{m.get('backend', 'cpu')}; {versions}\n\n{table}")
     path, suffix = Path(out), "_quick" if quick else ""
     path.mkdir(parents=True, exist_ok=True)
     (path / f"{name}{suffix}.json").write_text(json.dumps(results, indent=2, default=float))

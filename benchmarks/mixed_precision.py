@@ -92,8 +92,7 @@ def main(argv=None):
         r, f32 = best[kind, kit, precision], best[kind, kit, "float32"]
         rows.append([kind, f"{kit} {precision}", f"{r['step_s'] * 1e3:.1f}", f"{f32['step_s'] / r['step_s']:.2f}×",
                      f"{r['forward_s'] * 1e3:.1f}", f"{f32['forward_s'] / r['forward_s']:.2f}×"])
-    m = results["machine"]
-    table = (f"{m['cpu']} ({', '.join(m['vector_extensions'])}), {m['cores']} cores; B{batch} T{steps} width {width}; "
+    table = (f"B{batch} T{steps} width {width}; "
              f"best of {args.rounds} rounds, median of {args.reps} calls\n\n"
              + markdown_table(["model", "variant", "train step ms", "vs its float32", "forward ms", "vs its float32"], rows))
     write("mixed_precision", results, table, args.out, args.quick)

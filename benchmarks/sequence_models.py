@@ -3,9 +3,12 @@
     python -m benchmarks.sequence_models            # full measurement (about 25 minutes)
     python -m benchmarks.sequence_models --quick    # small shapes, about a minute
 
-Models (vocab 65 → embedding 256 → 2 layers of width 256 → tied head):
-- rnn, lstm, transformer, in all three kits (diffprog, PyTorch, Flax linen); Transformer: 4
-  heads, FF 1024, learned positions, causal, post-LN;
+Models (vocab 65 → embedding 256 → 2 layers of width 256 → head):
+- rnn, lstm, transformer, in all three kits (diffprog, PyTorch, Flax linen), each with its own
+  dense head (weight and bias); diffprog's written as the README writes them,
+  `dp.Dense(65) @ body ** 2 @ dp.EmbedToken(65, 256)` through `dp.batched` (the Transformer with
+  `dp.LearnedPositions` after the embedding); Transformer: 4 heads, FF 1024, learned positions,
+  causal, post-LN;
 - mamba (`dp.mamba`: state 16, expand 2, conv 4) and transformer++ (`dp.llama`: 4 heads, RoPE,
   SwiGLU 688, RMSNorm, no biases), against the same configs in `transformers`' PyTorch models:
   `MambaForCausalLM` with the `mambapy` package's parallel scan (`use_mambapy=True`, its fastest
@@ -19,7 +22,7 @@ Mamba, whose autograd graph there took 15 GB and minutes a step); peak memory of
 memory analysis); model FLOP utilisation = (model FLOPs / step time) / (float32 GEMM FLOP/s
 measured in the same run), with model FLOPs per token = 6·N + 12·L·T·d (attention; 0 for the
 recurrent models), N = the weights used in matrix products (recurrent and gate matrices, Mamba's
-four projections, attention and feed-forward projections, the tied output head), L layers,
+four projections, attention and feed-forward projections, the output head), L layers,
 width d — the usual 2 FLOPs per multiply-add, ×3 for forward + backward. The JSON's
 `product_flops` is what diffprog's step executes in matrix products
 (`diffprog.summary.product_flops` of its jaxpr), fewer than the model FLOPs where the library
@@ -68,12 +71,14 @@ def peers_of(kind, torch):
 # -- diffprog -------------------------------------------------------------------------------
 
 def diffprog_model(kind, width, max_len):
+    """The classic LMs as the README writes them; mamba and transformer++ from their configs."""
     if kind in MODERN:
         return (dp.mamba if kind == "mamba" else dp.llama)(hf_config(kind, width))
     body = {"rnn": lambda: dp.SimpleRNN(width) ** 2, "lstm": lambda: dp.LSTM(width) ** 2,
             "transformer": lambda: dp.TransformerBlock(width, 4, 4 * width, causal=True) ** 2}[kind]()
-    positions = dp.LearnedPositions(max_len) if kind == "transformer" else None
-    return dp.LanguageModel(VOCAB, width, body, positions=positions, per_position=True)
+    if kind == "transformer":
+        return dp.Dense(VOCAB) @ body @ dp.LearnedPositions(max_len) @ dp.EmbedToken(VOCAB, width)
+    return dp.Dense(VOCAB) @ body @ dp.EmbedToken(VOCAB, width)
 
 
 def jax_steps(apply, params):
@@ -135,8 +140,7 @@ def flax_runner(kind, width, max_len):
     class LM(nn.Module):
         @nn.compact
         def __call__(self, ids):
-            embed = nn.Embed(VOCAB, width)
-            x = embed(ids)
+            x = nn.Embed(VOCAB, width)(ids)
             if kind == "transformer":
                 x = x + self.param("positions", nn.initializers.normal(0.02), (max_len, width))[: ids.shape[1]]
                 for _ in range(2):
@@ -145,7 +149,7 @@ def flax_runner(kind, width, max_len):
                 cell = nn.SimpleCell if kind == "rnn" else nn.OptimizedLSTMCell
                 for _ in range(2):
                     x = nn.RNN(cell(width))(x)
-            return embed.attend(x)
+            return nn.Dense(VOCAB)(x)
 
     model = LM()
     params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
@@ -167,6 +171,7 @@ def torch_runner(kind, width, max_len):
                 self.body = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
             else:
                 self.body = (torch.nn.RNN if kind == "rnn" else torch.nn.LSTM)(width, width, 2, batch_first=True)
+            self.head = torch.nn.Linear(width, VOCAB)
 
         def forward(self, ids):
             x = self.embed(ids)
@@ -176,7 +181,7 @@ def torch_runner(kind, width, max_len):
                 x = self.body(x + self.positions[:t], mask=mask, is_causal=True)
             else:
                 x = self.body(x)[0]
-            return x @ self.embed.weight.T
+            return self.head(x)
     return LM()
 
 
@@ -321,15 +326,18 @@ def tables(results, kinds, sweep, sweep_batch, torch):
         entry = results["models"][kind]
         ours = entry["diffprog"]
         peers = [k for k in entry if k != "diffprog"]
-        best = min((entry[k]["step_s"] for k in peers), default=float("nan"))
+        best = {m: min((entry[k][m] for k in peers), default=float("nan")) for m in ("step_s", "forward_s")}
         rows.append([kind, f"{ours['params']:,}", f"{ours['step_s'] * 1e3:.1f}",
                      *(f"{entry[k]['step_s'] * 1e3:.1f}" if k in entry else "" for k in classic_peers),
-                     f"{best / ours['step_s']:.2f}", f"{ours['tokens_per_s']:,.0f}",
-                     f"{ours['forward_tokens_per_s']:,.0f}", f"{ours['mfu']:.1%}",
+                     f"{best['step_s'] / ours['step_s']:.2f}", f"{ours['forward_s'] * 1e3:.1f}",
+                     *(f"{entry[k]['forward_s'] * 1e3:.1f}" if k in entry else "" for k in classic_peers),
+                     f"{best['forward_s'] / ours['forward_s']:.2f}", f"{ours['tokens_per_s']:,.0f}",
+                     f"{ours['mfu']:.1%}",
                      f"{(ours['peak_bytes'] or 0) / 2**20:.1f}", f"{ours['compile_s']:.1f}"])
     header = ["model", "params", "diffprog ms", *(f"{k} ms" for k in classic_peers), "speed ratio (best peer / diffprog)",
-              "train tok/s", "forward tok/s", "MFU", "peak MiB", "compile s"]
-    text = (f"Train step, batch {shape['batch']}, T {shape['T']}, width {shape['width']} "
+              "diffprog forward ms", *(f"{k} forward ms" for k in classic_peers), "forward ratio", "train tok/s",
+              "MFU", "peak MiB", "compile s"]
+    text = (f"Train step and forward pass, batch {shape['batch']}, T {shape['T']}, width {shape['width']} "
             f"(float32 GEMM: {gemm / 1e9:.0f} GFLOP/s, the fastest of {len(results['gemm_readings_flops_per_s'])} "
             "readings in this run; MFU = (6N + 12LTd) FLOPs per token / step time / GEMM rate; mamba and "
             "transformer++'s best peer is in the next table)\n\n" + markdown_table(header, rows))
