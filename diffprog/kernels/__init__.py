@@ -17,8 +17,8 @@ the definition stays the reference it is tested against and the path taken every
 
 The platform is chosen at lowering (`lax.platform_dependent`: an accelerator program never holds a
 CPU kernel); `disabled()` traces the definitions alone (e.g. to `jax.export` a model for CPU
-serving, or to debug against the reference). The C++ kernels compile on first use (`build`);
-where they cannot (no C++ compiler, not x86-64 with AVX2 and FMA), `available()` is False and the
+serving, or to debug against the reference). The C++ kernels compile on first use (`build`,
+with -march=native: AVX-512's width where the CPU has it, else AVX2's); where they cannot (no C++ compiler, not x86-64 with AVX2 and FMA), `available()` is False and the
 jax.numpy paths run. Under a mesh each device runs a kernel on its own shard of the batch
 (`partition.batch_partitioned`).
 """

@@ -1,11 +1,11 @@
 // Dot-product self-attention, causal or over all keys, for float32 on x86-64 CPUs with AVX2 and
-// FMA, as two XLA FFI handlers: the forward pass (o, logsumexp) and the backward pass (dq, dk,
+// FMA or AVX-512 (cpu.h's `simd`), as two XLA FFI handlers: the forward pass (o, logsumexp) and the backward pass (dq, dk,
 // dv). Each (example, head) pair is one item; the items are shared among the cores. Per item,
 // with s = scale:
 //   S = s Q Kᵀ (causal: only the columns j ≤ i are used),  P = softmax_rows(S),  O = P V
 //   backward: dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = s dS K, dK = s dSᵀ Q
 // P is recomputed in the backward pass from the saved logsumexp. Causal: a block of 6 rows
-// computes the scores only up to its last row (rounded up to 16 columns), so most of the work
+// computes the scores only up to its last row (rounded up to kCols columns), so most of the work
 // above the diagonal is skipped.
 // Layout: q, k, v, o, do and the gradients are (..., T, H, D) row-major; logsumexp (..., T, H).
 #include <cmath>
@@ -13,12 +13,16 @@
 
 #include "cpu.h"
 
+// Whether this CPU runs what the compiler built (-march=native; checked in case the cached
+// library is loaded on another machine).
 extern "C" int diffprog_cpu_supported() {
+#if defined(__AVX512F__)
+  if (!__builtin_cpu_supports("avx512f")) return 0;
+#endif
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+extern "C" int diffprog_vector_lanes() { return kLanes; }  // floats in one of the kernels' vectors
 
 namespace {
 
@@ -38,18 +42,17 @@ void product(int m, Operand a, const float* b, int b_rows, float* c, long ldc,
 
 // p[0, n) = exp(scale s[j] − shift) for j ≤ last, 0 after; returns Σ over j ≤ last.
 float exp_row(const float* s, float* p, int n, int last, float scale, float shift) {
-  const __m256 vs = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(shift);
-  __m256 total = _mm256_setzero_ps();
-  for (int j = 0; j < n; j += 8) {
+  const vec vs = simd::splat(scale), vshift = simd::splat(shift);
+  vec total = simd::zero();
+  for (int j = 0; j < n; j += kLanes) {
     const Lanes in_row(n - j);
-    const __m256i allowed = _mm256_and_si256(in_row.mask, column_mask(last + 1 - j));
-    __m256 x = _mm256_fmsub_ps(in_row.load(s + j), vs, vshift);
-    __m256 e = _mm256_and_ps(exp_nonpositive(_mm256_min_ps(x, _mm256_setzero_ps())),
-                             _mm256_castsi256_ps(allowed));
-    total = _mm256_add_ps(total, e);
+    const simd::mask allowed = simd::both(in_row.mask, simd::first(last + 1 - j));
+    const vec x = simd::fmsub(in_row.load(s + j), vs, vshift);
+    const vec e = simd::select(allowed, exp_nonpositive(simd::min(x, simd::zero())), simd::zero());
+    total = total + e;
     in_row.store(p + j, e);
   }
-  return sum8(total);
+  return simd::sum(total);
 }
 
 struct Shape {
@@ -83,15 +86,12 @@ void for_each_item(ffi::ThreadPool pool, long items, size_t scratch_floats, Work
 int row_block_end(int i, int steps) { return std::min(i / kRows * kRows + kRows, steps); }
 
 float row_max(const float* s, int last) {  // max of s[0..last]
-  __m256 top = _mm256_set1_ps(-INFINITY);
-  for (int j = 0; j <= last; j += 8) {
-    const __m256i allowed = column_mask(last + 1 - j);
-    top = _mm256_blendv_ps(top, _mm256_max_ps(top, _mm256_maskload_ps(s + j, allowed)),
-                           _mm256_castsi256_ps(allowed));
+  vec top = simd::splat(-INFINITY);
+  for (int j = 0; j <= last; j += kLanes) {
+    const simd::mask allowed = simd::first(last + 1 - j);
+    top = simd::select(allowed, simd::max(top, simd::load(s + j, allowed)), top);
   }
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  return simd::max_lane(top);
 }
 
 // The products of one item (T steps, D features): A is T × T (ld) or T × D (row), B packed.
@@ -111,7 +111,7 @@ struct Products {
     else product(t, {l, ld, 1}, b, t, c, ldc, [](int) { return 0; }, [t, lower](int i) { return lower ? std::min(i + kRows, t) : t; }, width);
   }
   // C (T × T; causal: the lower part up to the row blocks' end) = A (T × D) B, B packed D × T,
-  // the columns rounded up to 16.
+  // the columns rounded up to kCols.
   void scores(const float* a, long lda, const float* b, float* c, int ldc) const {
     const int d = dim, t = steps;
     const bool lower = causal;
@@ -155,11 +155,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     pack(v.typed_data() + at, row, steps, dim, packed);
     on.by_values(p, ld, false, packed, out, row);
     for (int i = 0; i < steps; ++i) {
-      const __m256 inverse = _mm256_set1_ps(1.0f / totals[i]);
-      for (int d = 0; d < dim; d += 8) {
+      const vec inverse = simd::splat(1.0f / totals[i]);
+      for (int d = 0; d < dim; d += kLanes) {
         const Lanes in_row(dim - d);
         float* x = out + i * row + d;
-        in_row.store(x, _mm256_mul_ps(in_row.load(x), inverse));
+        in_row.store(x, in_row.load(x) * inverse);
       }
     }
   });
@@ -189,18 +189,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     pack_transposed(v_i, row, steps, dim, packed);
     on.scores(do_i, row, packed, ds, ld);
     for (int i = 0; i < steps; ++i) {
-      __m256 dot = _mm256_setzero_ps();
-      for (int d = 0; d < dim; d += 8) {
+      vec dot = simd::zero();
+      for (int d = 0; d < dim; d += kLanes) {
         const Lanes in_row(dim - d);
-        dot = _mm256_fmadd_ps(in_row.load(do_i + i * row + d), in_row.load(o_i + i * row + d), dot);
+        dot = simd::fmadd(in_row.load(do_i + i * row + d), in_row.load(o_i + i * row + d), dot);
       }
-      const __m256 delta = _mm256_set1_ps(sum8(dot)), vscale = _mm256_set1_ps(scale);
+      const vec delta = simd::splat(simd::sum(dot)), vscale = simd::splat(scale);
       float *s = ds + i * ld, *prob = p + i * ld;
       const int n = on.row_end(i);
-      for (int j = 0; j < n; j += 8) {  // causal: P is 0 past the diagonal, so dS is too
+      for (int j = 0; j < n; j += kLanes) {  // causal: P is 0 past the diagonal, so dS is too
         const Lanes in_row(n - j);
-        const __m256 d_s = _mm256_mul_ps(_mm256_mul_ps(vscale, in_row.load(prob + j)),
-                                         _mm256_sub_ps(in_row.load(s + j), delta));
+        const vec d_s = vscale * in_row.load(prob + j) * (in_row.load(s + j) - delta);
         in_row.store(s + j, d_s);
       }
     }
@@ -214,8 +213,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 }
 
 }  // namespace
-
-#pragma GCC pop_options
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_forward, Forward,
                               ffi::Ffi::Bind()

@@ -1,7 +1,11 @@
-// What the CPU kernels share: float32 matrix products on packed operands with an AVX2/FMA
-// micro-kernel, a vectorised exp, and the split of work among XLA's CPU threads.
+// What the CPU kernels share: float32 vectors at the CPU's native width, matrix products on
+// packed operands with a register-tiled micro-kernel, a vectorised exp, and the split of work
+// among XLA's CPU threads.
+//
+// The kernels are compiled on the user's machine with -march=native, and `simd` below is the
+// one place that knows the vector width: 16 floats (AVX-512) where the compiler targets
+// AVX512F, else 8 (AVX2 + FMA). Every loop is written against `simd` and `kLanes`.
 #pragma once
-
 #include <immintrin.h>
 
 #include <algorithm>
@@ -21,38 +25,99 @@ using Sgemm = void (*)(int layout, int transpose_a, int transpose_b, int m, int 
                        const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
 inline std::atomic<Sgemm> vendor_sgemm{nullptr};
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+namespace simd {
+
+#if defined(__AVX512F__)
+using vec = __m512;       // kLanes floats
+using mask = __mmask16;   // one bit a lane
+constexpr int kLanes = 16;
+inline vec zero() { return _mm512_setzero_ps(); }
+inline vec splat(float x) { return _mm512_set1_ps(x); }
+inline vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline mask first(int n) { return n >= kLanes ? 0xFFFF : n <= 0 ? 0 : static_cast<mask>((1u << n) - 1); }
+inline mask both(mask a, mask b) { return a & b; }
+inline vec load(const float* p, mask m) { return _mm512_maskz_loadu_ps(m, p); }  // 0 outside m
+inline void store(float* p, mask m, vec v) { _mm512_mask_storeu_ps(p, m, v); }
+inline vec select(mask m, vec a, vec b) { return _mm512_mask_blend_ps(m, b, a); }  // a in m, b outside
+inline vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }     // a b + c
+inline vec fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }   // c − a b
+inline vec fmsub(vec a, vec b, vec c) { return _mm512_fmsub_ps(a, b, c); }     // a b − c
+inline vec min(vec a, vec b) { return _mm512_min_ps(a, b); }
+inline vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline vec round(vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec exp2_integer(vec n) {  // 2ⁿ for integral n in [−126, 127]
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline float sum(vec v) { return _mm512_reduce_add_ps(v); }
+inline float max_lane(vec v) { return _mm512_reduce_max_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using vec = __m256;
+using mask = __m256i;     // all bits of a lane
+constexpr int kLanes = 8;
+inline vec zero() { return _mm256_setzero_ps(); }
+inline vec splat(float x) { return _mm256_set1_ps(x); }
+inline vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline mask first(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+inline mask both(mask a, mask b) { return _mm256_and_si256(a, b); }
+inline vec load(const float* p, mask m) { return _mm256_maskload_ps(p, m); }
+inline void store(float* p, mask m, vec v) { _mm256_maskstore_ps(p, m, v); }
+inline vec select(mask m, vec a, vec b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
+inline vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec fnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
+inline vec fmsub(vec a, vec b, vec c) { return _mm256_fmsub_ps(a, b, c); }
+inline vec min(vec a, vec b) { return _mm256_min_ps(a, b); }
+inline vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline vec round(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec exp2_integer(vec n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline float sum(vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float max_lane(vec v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+#else
+#error "diffprog's CPU kernels need AVX2 and FMA (or AVX-512)"
+#endif
+
+}  // namespace simd
+
+using simd::kLanes;
+using simd::vec;
 
 namespace {
 
-constexpr int kRows = 6;     // rows of C per micro-kernel call
-constexpr int kCols = 16;    // columns of C per micro-kernel call (two 8-float vectors)
+constexpr int kRows = 6;               // rows of C per micro-kernel call
+constexpr int kCols = 2 * kLanes;      // columns of C per micro-kernel call (two vectors)
 
-__m256i column_mask(int n) {  // lanes < n set
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// The lanes [j, min(j + 8, n)) of a row: whole vectors where they fit, masked at the row's end
-// (a masked store is many times slower than a plain one on AMD's cores).
+// The lanes [j, min(j + kLanes, n)) of a row: whole vectors where they fit, masked at the row's
+// end (a masked store is many times slower than a plain one on AMD's cores).
 struct Lanes {
   bool whole;
-  __m256i mask;
-  explicit Lanes(int left) : whole(left >= 8), mask(column_mask(left)) {}
-  __m256 load(const float* p) const { return whole ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask); }
-  void store(float* p, __m256 v) const { whole ? _mm256_storeu_ps(p, v) : _mm256_maskstore_ps(p, mask, v); }
+  simd::mask mask;
+  explicit Lanes(int left) : whole(left >= kLanes), mask(simd::first(left)) {}
+  vec load(const float* p) const { return whole ? simd::load(p) : simd::load(p, mask); }
+  void store(float* p, vec v) const { whole ? simd::store(p, v) : simd::store(p, mask, v); }
 };
 
-// B operands are packed: panels of 16 columns, each panel its `rows` × 16 values contiguous
-// (zero past the last column), so the micro-kernel reads B sequentially whatever its source.
+// B operands are packed: panels of kCols columns, each panel its `rows` × kCols values
+// contiguous (zero past the last column), so the micro-kernel reads B sequentially whatever its
+// source.
 size_t packed_size(int rows, int cols) { return static_cast<size_t>(rows) * ((cols + kCols - 1) / kCols * kCols); }
 
 void pack(const float* x, long ldx, int rows, int cols, float* out) {  // B = x (rows × cols)
   for (int j = 0; j < cols; j += kCols, out += static_cast<size_t>(rows) * kCols) {
-    const __m256i m0 = column_mask(cols - j), m1 = column_mask(cols - j - 8);
+    const simd::mask m0 = simd::first(cols - j), m1 = simd::first(cols - j - kLanes);
     for (int r = 0; r < rows; ++r) {
-      _mm256_storeu_ps(out + r * kCols, _mm256_maskload_ps(x + r * ldx + j, m0));
-      _mm256_storeu_ps(out + r * kCols + 8, _mm256_maskload_ps(x + r * ldx + j + 8, m1));
+      simd::store(out + r * kCols, simd::load(x + r * ldx + j, m0));
+      simd::store(out + r * kCols + kLanes, simd::load(x + r * ldx + j + kLanes, m1));
     }
   }
 }
@@ -71,57 +136,58 @@ struct Operand {
   Operand at(long r, long p) const { return {a + r * lda + p * step, lda, step}; }
 };
 
-// C[R × nr] = A[R × kc] B[kc × 16] for R ≤ 6 rows and nr ≤ 16 columns, B a packed panel.
+// C[R × nr] = A[R × kc] B[kc × kCols] for R ≤ 6 rows and nr ≤ kCols columns, B a packed panel.
 // Twelve named accumulators (those past R are never used): GCC keeps an array of them in
 // memory, storing it every iteration.
 template <int R = kRows>
 void micro_kernel(int kc, Operand op, const float* b, float* c, long ldc, int nr = kCols) {
   static_assert(R >= 1 && R <= kRows);
+  using simd::fmadd, simd::splat;
   const float* a = op.a;
   const long lda = op.lda;
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  vec c00 = simd::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  vec c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int p = 0; p < kc; ++p, b += kCols, a += op.step) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 x = _mm256_broadcast_ss(a);
-    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+    const vec b0 = simd::load(b), b1 = simd::load(b + kLanes);
+    vec x = splat(a[0]);
+    c00 = fmadd(x, b0, c00), c01 = fmadd(x, b1, c01);
     if constexpr (R > 1) {
-      x = _mm256_broadcast_ss(a + lda);
-      c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+      x = splat(a[lda]);
+      c10 = fmadd(x, b0, c10), c11 = fmadd(x, b1, c11);
     }
     if constexpr (R > 2) {
-      x = _mm256_broadcast_ss(a + 2 * lda);
-      c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+      x = splat(a[2 * lda]);
+      c20 = fmadd(x, b0, c20), c21 = fmadd(x, b1, c21);
     }
     if constexpr (R > 3) {
-      x = _mm256_broadcast_ss(a + 3 * lda);
-      c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+      x = splat(a[3 * lda]);
+      c30 = fmadd(x, b0, c30), c31 = fmadd(x, b1, c31);
     }
     if constexpr (R > 4) {
-      x = _mm256_broadcast_ss(a + 4 * lda);
-      c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+      x = splat(a[4 * lda]);
+      c40 = fmadd(x, b0, c40), c41 = fmadd(x, b1, c41);
     }
     if constexpr (R > 5) {
-      x = _mm256_broadcast_ss(a + 5 * lda);
-      c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+      x = splat(a[5 * lda]);
+      c50 = fmadd(x, b0, c50), c51 = fmadd(x, b1, c51);
     }
   }
-  const __m256 rows[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  const vec rows[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   if (nr == kCols) {
     for (int r = 0; r < R; ++r) {
-      _mm256_storeu_ps(c + r * ldc, rows[r][0]);
-      _mm256_storeu_ps(c + r * ldc + 8, rows[r][1]);
+      simd::store(c + r * ldc, rows[r][0]);
+      simd::store(c + r * ldc + kLanes, rows[r][1]);
     }
   } else {
-    const __m256i m0 = column_mask(nr), m1 = column_mask(nr - 8);
+    const simd::mask m0 = simd::first(nr), m1 = simd::first(nr - kLanes);
     for (int r = 0; r < R; ++r) {
-      _mm256_maskstore_ps(c + r * ldc, m0, rows[r][0]);
-      _mm256_maskstore_ps(c + r * ldc + 8, m1, rows[r][1]);
+      simd::store(c + r * ldc, m0, rows[r][0]);
+      simd::store(c + r * ldc + kLanes, m1, rows[r][1]);
     }
   }
 }
 
-// C[mr × nr] = A[mr × kc] B for mr ≤ 6 rows and nr ≤ 16 columns, B a packed panel.
+// C[mr × nr] = A[mr × kc] B for mr ≤ 6 rows and nr ≤ kCols columns, B a packed panel.
 void tile(int mr, int kc, Operand a, const float* b, float* c, long ldc, int nr) {
   switch (mr) {
     case 6: micro_kernel<6>(kc, a, b, c, ldc, nr); break;
@@ -143,27 +209,17 @@ void multiply(int m, int n, int k, Operand a, const float* b, float* c, long ldc
 }
 
 // exp(x) for x ≤ 0; exp(−inf) and underflow give 0. Relative error ~2e-7.
-__m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-float sum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+vec exp_nonpositive(vec x) {
+  using simd::fmadd, simd::fnmadd, simd::splat;
+  x = simd::max(x, splat(-87.0f));
+  const vec n = simd::round(x * splat(1.44269504088896341f));
+  vec r = fnmadd(n, splat(0.693359375f), x);
+  r = fnmadd(n, splat(-2.12194440e-4f), r);
+  vec p = splat(1.9875691500e-4f);
+  for (float a : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = fmadd(p, r, splat(a));
+  p = fmadd(p, r * r, r + splat(1.0f));
+  return p * simd::exp2_integer(n);
 }
 
 // work(begin, end) over [0, items) in `parts` contiguous ranges (so that no two threads write the
@@ -190,5 +246,3 @@ void in_parallel(ffi::ThreadPool pool, long items, Work work, long max_parts = 1
 }
 
 }  // namespace
-
-#pragma GCC pop_options

@@ -20,7 +20,17 @@ import jax.numpy as jnp
 HERE = Path(__file__).parent
 SOURCES = [HERE / "attention.cc", HERE / "lstm.cc", HERE / "ssm.cc"]
 HEADERS = [HERE / "cpu.h"]
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+# -march=native: the kernels' vectors take this CPU's width (cpu.h's `simd`: AVX-512 or AVX2).
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+
+
+def _this_cpu() -> bytes:
+    """What -march=native compiles for: the CPU's model and flags (one cache entry per CPU kind)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return b""
+    return "\n".join(next((l for l in lines if l.startswith(key)), "") for key in ("model name", "flags")).encode()
 
 
 def cache_dir() -> Path:
@@ -30,12 +40,12 @@ def cache_dir() -> Path:
 
 def build(sources=SOURCES, flags=()) -> Path:
     """Compile `sources` (+ `flags`, e.g. a library to link) into one shared library, once per
-    sources, flags and jaxlib version; returns its path. The library is written to a temporary
+    sources, flags, jaxlib version and CPU; returns its path. The library is written to a temporary
     name and renamed, so concurrent builds are safe."""
     include = jax.ffi.include_dir()
     flags = [*FLAGS, f"-I{include}", *flags]
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources + HEADERS) + " ".join(flags).encode()
-                            + jax.lib.__version__.encode()).hexdigest()[:16]
+                            + jax.lib.__version__.encode() + _this_cpu()).hexdigest()[:16]
     library = cache_dir() / f"kernels-{digest}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)

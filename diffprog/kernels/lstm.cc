@@ -1,4 +1,5 @@
-// The LSTM recurrence for float32 on x86-64 CPUs with AVX2 and FMA, as two XLA FFI handlers.
+// The LSTM recurrence for float32 on x86-64 CPUs with AVX2 and FMA or AVX-512 (cpu.h's `simd`),
+// as two XLA FFI handlers.
 // The input projection x_t W_x (all steps at once) and the weight gradients are XLA's matrix
 // products; these handlers run what is left, the T steps one after the other. Per step t:
 //   z_t = xw_t + bias + h_{t-1} W_h                      (G = 4H columns: remember|save|focus|candidate)
@@ -16,30 +17,28 @@
 
 #include "cpu.h"
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-
 namespace {
 
 // tanh(x) as a rational function of x on [−7.9053, 7.9053] (outside it ±1 to float precision),
 // absolute error ~2e-7; the approximation XLA and Eigen use for float32.
-__m256 tanh(__m256 x) {
-  const __m256 limit = _mm256_set1_ps(7.90531110763549805f);
-  x = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), limit), _mm256_min_ps(limit, x));
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_set1_ps(-2.76076847742355e-16f);
+vec tanh(vec x) {
+  using simd::fmadd, simd::splat;
+  const vec limit = splat(7.90531110763549805f);
+  x = simd::max(-limit, simd::min(limit, x));
+  const vec x2 = x * x;
+  vec p = splat(-2.76076847742355e-16f);
   for (float a : {2.00018790482477e-13f, -8.60467152213735e-11f, 5.12229709037114e-08f, 1.48572235717979e-05f,
                   6.37261928875436e-04f, 4.89352455891786e-03f})
-    p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(a));
-  __m256 q = _mm256_set1_ps(1.19825839466702e-06f);
+    p = fmadd(p, x2, splat(a));
+  vec q = splat(1.19825839466702e-06f);
   for (float b : {1.18534705686654e-04f, 2.26843463243900e-03f, 4.89352518554385e-03f})
-    q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(b));
-  return _mm256_div_ps(_mm256_mul_ps(p, x), q);
+    q = fmadd(q, x2, splat(b));
+  return p * x / q;
 }
 
-__m256 sigmoid(__m256 x) {  // σ(x) = (1 + tanh(x/2)) / 2
-  const __m256 half = _mm256_set1_ps(0.5f);
-  return _mm256_fmadd_ps(half, tanh(_mm256_mul_ps(half, x)), half);
+vec sigmoid(vec x) {  // σ(x) = (1 + tanh(x/2)) / 2
+  const vec half = simd::splat(0.5f);
+  return simd::fmadd(half, tanh(half * x), half);
 }
 
 struct Sizes {
@@ -53,17 +52,17 @@ struct Sizes {
 // One row's step forward: the gates from z (= pre + xw + bias), the new state (c, h) in place.
 void cell_forward(int hidden, const float* pre, const float* xw, const float* bias, float* c, float* h,
                   float* gates, float* h_out, float* c_out) {
-  for (int j = 0; j < hidden; j += 8) {
+  for (int j = 0; j < hidden; j += kLanes) {
     const Lanes m(hidden - j);
-    __m256 z[4];
+    vec z[4];
     for (int k = 0; k < 4; ++k) {
       const int at = k * hidden + j;
-      z[k] = _mm256_add_ps(m.load(pre + at), _mm256_add_ps(m.load(xw + at), m.load(bias + at)));
+      z[k] = m.load(pre + at) + (m.load(xw + at) + m.load(bias + at));
     }
-    const __m256 remember = sigmoid(z[0]), save = sigmoid(z[1]), focus = sigmoid(z[2]), candidate = tanh(z[3]);
-    const __m256 cell = _mm256_fmadd_ps(remember, m.load(c + j), _mm256_mul_ps(save, candidate));
-    const __m256 out = _mm256_mul_ps(focus, tanh(cell));
-    const __m256 values[4] = {remember, save, focus, candidate};
+    const vec remember = sigmoid(z[0]), save = sigmoid(z[1]), focus = sigmoid(z[2]), candidate = tanh(z[3]);
+    const vec cell = simd::fmadd(remember, m.load(c + j), save * candidate);
+    const vec out = focus * tanh(cell);
+    const vec values[4] = {remember, save, focus, candidate};
     for (int k = 0; k < 4; ++k) m.store(gates + k * hidden + j, values[k]);
     m.store(c + j, cell), m.store(c_out + j, cell);
     m.store(h + j, out), m.store(h_out + j, out);
@@ -73,25 +72,24 @@ void cell_forward(int hidden, const float* pre, const float* xw, const float* bi
 // One row's step backward: ∂z from ∂h_t = d_out + d_h and ∂c_t = d_c; d_c becomes ∂c_{t-1}.
 void cell_backward(int hidden, const float* gates, const float* c, const float* c_prev, const float* d_out,
                    const float* d_h, float* d_c, float* d_z) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  for (int j = 0; j < hidden; j += 8) {
+  const vec one = simd::splat(1.0f);
+  for (int j = 0; j < hidden; j += kLanes) {
     const Lanes m(hidden - j);
-    const __m256 remember = m.load(gates + j), save = m.load(gates + hidden + j);
-    const __m256 focus = m.load(gates + 2 * hidden + j);
-    const __m256 candidate = m.load(gates + 3 * hidden + j);
-    const __m256 squashed = tanh(m.load(c + j));
-    const __m256 dh = _mm256_add_ps(m.load(d_out + j), m.load(d_h + j));
-    const __m256 d_focus = _mm256_mul_ps(dh, squashed);
-    const __m256 dc = _mm256_fmadd_ps(_mm256_mul_ps(dh, focus), _mm256_fnmadd_ps(squashed, squashed, one),
-                                      m.load(d_c + j));
-    const __m256 d_remember = _mm256_mul_ps(dc, m.load(c_prev + j));
-    const __m256 d_save = _mm256_mul_ps(dc, candidate), d_candidate = _mm256_mul_ps(dc, save);
-    auto through_sigmoid = [&](__m256 d, __m256 s) { return _mm256_mul_ps(d, _mm256_mul_ps(s, _mm256_sub_ps(one, s))); };
+    const vec remember = m.load(gates + j), save = m.load(gates + hidden + j);
+    const vec focus = m.load(gates + 2 * hidden + j);
+    const vec candidate = m.load(gates + 3 * hidden + j);
+    const vec squashed = tanh(m.load(c + j));
+    const vec dh = m.load(d_out + j) + m.load(d_h + j);
+    const vec d_focus = dh * squashed;
+    const vec dc = simd::fmadd(dh * focus, simd::fnmadd(squashed, squashed, one), m.load(d_c + j));
+    const vec d_remember = dc * m.load(c_prev + j);
+    const vec d_save = dc * candidate, d_candidate = dc * save;
+    auto through_sigmoid = [&](vec d, vec s) { return d * (s * (one - s)); };
     m.store(d_z + j, through_sigmoid(d_remember, remember));
     m.store(d_z + hidden + j, through_sigmoid(d_save, save));
     m.store(d_z + 2 * hidden + j, through_sigmoid(d_focus, focus));
-    m.store(d_z + 3 * hidden + j, _mm256_mul_ps(d_candidate, _mm256_fnmadd_ps(candidate, candidate, one)));
-    m.store(d_c + j, _mm256_mul_ps(dc, remember));
+    m.store(d_z + 3 * hidden + j, d_candidate * simd::fnmadd(candidate, candidate, one));
+    m.store(d_c + j, dc * remember);
   }
 }
 
@@ -178,8 +176,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer
 }
 
 }  // namespace
-
-#pragma GCC pop_options
 
 extern "C" void diffprog_use_sgemm(void* sgemm) { vendor_sgemm.store(reinterpret_cast<Sgemm>(sgemm)); }
 
