@@ -94,7 +94,7 @@ def lstm_arguments(key, steps, batch, d, hidden, lengths):
 
 @pytest.fixture(params=["mkl", "micro-kernel"])
 def lstm_products(request):
-    """The LSTM kernel's per-step products by MKL's sgemm (where installed) and by cpu.h's
+    """The LSTM kernel's per-step products by MKL's packed sgemm (where installed) and by cpu.h's
     micro-kernel; the switch is read as the kernel runs, so the tests block on every result."""
     if request.param == "mkl" and kernels.vendor_blas() is None:
         pytest.skip("MKL is not installed")

@@ -18,12 +18,18 @@
 
 namespace ffi = xla::ffi;
 
-// The vendor's float32 GEMM, cblas_sgemm's signature (row-major = 101, no transpose = 111,
-// transpose = 112): MKL's, handed over by Python where it is installed (`diffprog_use_sgemm`,
-// lstm.cc); null: the kernels multiply with the micro-kernel below.
-using Sgemm = void (*)(int layout, int transpose_a, int transpose_b, int m, int n, int k, float alpha,
-                       const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
-inline std::atomic<Sgemm> vendor_sgemm{nullptr};
+// The vendor's float32 GEMM with a packed operand, MKL's cblas_sgemm_pack_get_size /
+// cblas_sgemm_pack / cblas_sgemm_compute (row-major = 101, no transpose = 111, transpose = 112,
+// packed = 151, B matrix = 162): handed over by Python where MKL is installed
+// (`diffprog_use_sgemm`, lstm.cc); null: the kernels multiply with the micro-kernel below.
+struct PackedSgemm {
+  size_t (*size)(int identifier, int m, int n, int k);
+  void (*pack)(int layout, int identifier, int transpose, int m, int n, int k, float alpha, const float* src,
+               int ld, float* dest);
+  void (*compute)(int layout, int transpose_a, int transpose_b, int m, int n, int k, const float* a, int lda,
+                  const float* b, int ldb, float beta, float* c, int ldc);
+};
+inline std::atomic<const PackedSgemm*> vendor_sgemm{nullptr};
 
 namespace simd {
 

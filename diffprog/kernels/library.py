@@ -95,7 +95,8 @@ def _mkl_files() -> tuple[Path, Path] | None:
 def vendor_blas() -> dict | None:
     """MKL's matrix products (gemm.cc), built and registered for the CPU, and handed to the
     kernels' own per-step products: {"bfloat16": True when its bfloat16 products have hardware
-    under them (AMX or AVX512-BF16), "sgemm": MKL's cblas_sgemm}; None where MKL is not installed
+    under them (AMX or AVX512-BF16), "sgemm": MKL's packed sgemm (the addresses of
+    cblas_sgemm_pack_get_size, cblas_sgemm_pack and cblas_sgemm_compute)}; None where MKL is not installed
     (it is a dependency on x86-64 Linux), the CPU lacks AVX2, or the build fails — then `product`
     stays with XLA's dot and the kernels with cpu.h's micro-kernel."""
     files = _mkl_files()
@@ -108,7 +109,9 @@ def vendor_blas() -> dict | None:
         warnings.warn(f"diffprog: MKL's products are not available ({error}); matrix products on the CPU use XLA's dot",
                       stacklevel=2)
         return None
-    blas = {"bfloat16": bool(library.diffprog_gemm_setup()), "sgemm": ctypes.cast(library.cblas_sgemm, ctypes.c_void_p)}
+    blas = {"bfloat16": bool(library.diffprog_gemm_setup()),
+            "sgemm": tuple(ctypes.cast(getattr(library, f"cblas_sgemm_{name}"), ctypes.c_void_p)
+                           for name in ("pack_get_size", "pack", "compute"))}
     for name in ("diffprog_gemm_f32", "diffprog_gemm_bf16"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
     _use_sgemm(blas["sgemm"])
@@ -116,16 +119,16 @@ def vendor_blas() -> dict | None:
 
 
 def use_vendor_sgemm(on: bool):
-    """Whether the C++ kernels' own per-step products (lstm.cc) call MKL's sgemm (on, where
+    """Whether the C++ kernels' own per-step products (lstm.cc) call MKL's packed sgemm (on, where
     `vendor_blas()` found it: the default) or cpu.h's micro-kernel. Switching takes effect at the
     next kernel call, not at tracing (the kernel reads it as it runs)."""
     blas = vendor_blas()
     if blas is not None:
-        _use_sgemm(blas["sgemm"] if on else None)
+        _use_sgemm(blas["sgemm"] if on else (None, None, None))
 
 
-def _use_sgemm(sgemm):
-    ctypes.CDLL(str(build())).diffprog_use_sgemm(sgemm)
+def _use_sgemm(functions):
+    ctypes.CDLL(str(build())).diffprog_use_sgemm(*functions)
 
 
 _switch = threading.local()

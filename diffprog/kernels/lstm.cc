@@ -10,8 +10,8 @@
 //   ∂z = [∂f f(1−f), ∂i i(1−i), ∂o o(1−o), ∂g (1−g²)],  ∂c_{t-1} = ∂c ⊙ f,  ∂h_{t-1} = ∂z W_hᵀ
 // Rows of the batch are independent, so each thread runs all T steps for its own rows. A row
 // past its length keeps its state, outputs 0 and passes its gradients through. The per-step
-// products h_{t-1} W_h and ∂z W_hᵀ are MKL's sgemm where Python handed it over (cpu.h's
-// `vendor_sgemm`), else cpu.h's micro-kernel on a packed W_h.
+// products h_{t-1} W_h and ∂z W_hᵀ multiply by W_h packed once per call: by MKL's packed sgemm
+// where Python handed it over (cpu.h's `vendor_sgemm`), else by cpu.h's micro-kernel.
 // Layout: xw, gates, ∂z (T, B, G); hs, cs, ∂hs (T, B, H); states (B, H); lengths (B,) int32.
 #include <vector>
 
@@ -93,6 +93,31 @@ void cell_backward(int hidden, const float* gates, const float* c, const float* 
   }
 }
 
+// C (rows × n) = A (rows × k) W at every step, W (k × n) the same at all of them: W_h, or W_hᵀ
+// (`transposed`: w is stored n × k), packed once, for MKL's packed sgemm or for the micro-kernel.
+class StepProduct {
+ public:
+  StepProduct(const float* w, bool transposed, int rows, int k, int n)
+      : vendor_(vendor_sgemm.load()), rows_(rows), k_(k), n_(n) {
+    if (vendor_) {
+      packed_.resize(vendor_->size(162, rows, n, k) / sizeof(float) + 1);
+      vendor_->pack(101, 162, transposed ? 112 : 111, rows, n, k, 1.0f, w, transposed ? k : n, packed_.data());
+    } else {
+      packed_.resize(packed_size(k, n));
+      transposed ? pack_transposed(w, k, n, k, packed_.data()) : pack(w, n, k, n, packed_.data());
+    }
+  }
+  void operator()(const float* a, float* c) const {
+    if (vendor_) vendor_->compute(101, 111, 151, rows_, n_, k_, a, k_, packed_.data(), n_, 0.0f, c, n_);
+    else multiply(rows_, n_, k_, {a, k_, 1}, packed_.data(), c, n_);
+  }
+
+ private:
+  const PackedSgemm* vendor_;
+  int rows_, k_, n_;
+  std::vector<float> packed_;
+};
+
 Sizes sizes_of(ffi::Buffer<ffi::F32>& xw) {
   auto dims = xw.dimensions();
   return {static_cast<int>(dims[0]), static_cast<int>(dims[1]), static_cast<int>(dims[2] / 4)};
@@ -104,20 +129,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<f
                    ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> cs) {
   const Sizes n = sizes_of(xw);
   const int H = n.hidden, G = n.gates();
-  const Sgemm vendor = vendor_sgemm.load();
-  std::vector<float> packed(vendor ? 0 : packed_size(H, G));
-  if (!vendor) pack(w_h.typed_data(), G, H, G, packed.data());
   std::copy_n(h0.typed_data(), static_cast<size_t>(n.batch) * H, h->typed_data());
   std::copy_n(c0.typed_data(), static_cast<size_t>(n.batch) * H, c->typed_data());
   in_parallel(pool, n.batch, [&](long begin, long end) {
     const int rows = static_cast<int>(end - begin);
     std::vector<float> pre(static_cast<size_t>(rows) * G);
     float *h_rows = h->typed_data() + begin * H, *c_rows = c->typed_data() + begin * H;
+    const StepProduct by_w_h(w_h.typed_data(), false, rows, H, G);
     for (int t = 0; t < n.steps; ++t) {
-      if (vendor)
-        vendor(101, 111, 111, rows, G, H, 1.0f, h_rows, H, w_h.typed_data(), G, 0.0f, pre.data(), G);
-      else
-        multiply(rows, G, H, {h_rows, H, 1}, packed.data(), pre.data(), G);
+      by_w_h(h_rows, pre.data());
       for (int r = 0; r < rows; ++r) {
         const int b = static_cast<int>(begin) + r;
         float *h_out = hs->typed_data() + n.at(t, b, H), *c_out = cs->typed_data() + n.at(t, b, H);
@@ -142,15 +162,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer
                     ffi::ResultBuffer<ffi::F32> d_c0) {
   const Sizes n = sizes_of(gates);
   const int H = n.hidden, G = n.gates();
-  const Sgemm vendor = vendor_sgemm.load();
-  std::vector<float> packed(vendor ? 0 : packed_size(G, H));
-  if (!vendor) pack_transposed(w_h.typed_data(), G, H, G, packed.data());
   std::copy_n(d_h.typed_data(), static_cast<size_t>(n.batch) * H, d_h0->typed_data());
   std::copy_n(d_c.typed_data(), static_cast<size_t>(n.batch) * H, d_c0->typed_data());
   in_parallel(pool, n.batch, [&](long begin, long end) {
     const int rows = static_cast<int>(end - begin);
     std::vector<float> back(static_cast<size_t>(rows) * H);
     float *dh_rows = d_h0->typed_data() + begin * H, *dc_rows = d_c0->typed_data() + begin * H;
+    const StepProduct by_w_h_transposed(w_h.typed_data(), true, rows, G, H);
     for (int t = n.steps - 1; t >= 0; --t) {
       float* d_z_rows = d_z->typed_data() + n.at(t, static_cast<int>(begin), G);
       for (int r = 0; r < rows; ++r) {
@@ -164,10 +182,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer
           std::fill_n(d_z_rows + static_cast<size_t>(r) * G, G, 0.0f);
         }
       }
-      if (vendor)
-        vendor(101, 111, 112, rows, H, G, 1.0f, d_z_rows, G, w_h.typed_data(), G, 0.0f, back.data(), H);
-      else
-        multiply(rows, H, G, {d_z_rows, G, 1}, packed.data(), back.data(), H);
+      by_w_h_transposed(d_z_rows, back.data());
       for (int r = 0; r < rows; ++r)
         if (t < lengths.typed_data()[begin + r]) std::copy_n(back.data() + r * H, H, dh_rows + r * H);
     }
@@ -177,7 +192,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer
 
 }  // namespace
 
-extern "C" void diffprog_use_sgemm(void* sgemm) { vendor_sgemm.store(reinterpret_cast<Sgemm>(sgemm)); }
+// MKL's packed sgemm (its three functions), or null for the micro-kernel.
+extern "C" void diffprog_use_sgemm(void* size, void* pack, void* compute) {
+  static PackedSgemm mkl;
+  if (!size || !pack || !compute) return vendor_sgemm.store(nullptr);
+  mkl = {reinterpret_cast<decltype(mkl.size)>(size), reinterpret_cast<decltype(mkl.pack)>(pack),
+         reinterpret_cast<decltype(mkl.compute)>(compute)};
+  vendor_sgemm.store(&mkl);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_lstm_forward, Forward,
                               ffi::Ffi::Bind()
