@@ -92,6 +92,10 @@ def lstm_arguments(key, steps, batch, d, hidden, lengths):
     return layer, (weights._replace(b_x=weights.b_x + 0.1), xs, carry, valid)
 
 
+needs_bfloat16_mkl = pytest.mark.skipif(not (kernels.vendor_blas() or {}).get("bfloat16"),
+                                        reason="MKL with bfloat16 hardware (AMX or AVX512-BF16) is not here")
+
+
 @pytest.fixture(params=["mkl", "micro-kernel"])
 def lstm_products(request):
     """The LSTM kernel's per-step products by MKL's packed sgemm (where installed) and by cpu.h's
@@ -109,7 +113,7 @@ def test_lstm_kernel_matches_the_scan_values_and_gradients(steps, batch, d, hidd
     """Hidden sizes not a multiple of 8 and batches not a multiple of 6 exercise the masked lanes
     and the narrow tiles; `lengths` the rows that stop early."""
     layer, args = lstm_arguments(key, steps, batch, d, hidden, lengths)
-    kernel = jax.jit(lambda *a: kernels.lstm_recurrence(layer, *a))
+    kernel = jax.jit(lambda *a: kernels.lstm_recurrence(layer, False, *a))
     scan = jax.jit(lambda *a: kernels.scan_recurrence(layer, *a))
     chex.assert_trees_all_close(kernel(*args), scan(*args), atol=1e-6)
     kc, kh, ky = jax.random.split(jax.random.key(1), 3)
@@ -124,11 +128,50 @@ def test_lstm_kernel_matches_the_scan_values_and_gradients(steps, batch, d, hidd
     chex.assert_trees_all_close(loss(kernel)(*args), loss(scan)(*args), atol=2e-5)
 
 
+@needs_bfloat16_mkl
+def test_lstm_kernel_in_bfloat16_rounds_each_steps_product(key):
+    """With bfloat16 (autocast's LSTM), each step's h_{t-1} W_h rounds both to bfloat16 and sums
+    in float32: the steps equal a scan written so; the gradients stay within bfloat16's error of
+    float32's, and autocast is what turns it on."""
+    layer, (weights, xs, carry, valid) = lstm_arguments(key, 9, 7, 5, 21, [9, 3, 1, 2, 7, 9, 8])
+    rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+
+    def written(weights, xs, carry, valid):  # the notes' LSTM step, h W_h from rounded operands
+        def step(state, inputs):
+            xw, v = inputs
+            z = xw + weights.b_x + weights.b_h + rounded(state["h"]) @ rounded(weights.w_h)
+            remember, save, focus, candidate = jnp.split(z, 4, -1)
+            c = jax.nn.sigmoid(remember) * state["c"] + jax.nn.sigmoid(save) * jnp.tanh(candidate)
+            h = jax.nn.sigmoid(focus) * jnp.tanh(c)
+            keep = lambda new, old: jnp.where(v[:, None], new, old)
+            return {"h": keep(h, state["h"]), "c": keep(c, state["c"])}, jnp.where(v[:, None], h, 0.0)
+        final, hs = jax.lax.scan(step, carry, (xs @ weights.w_x, valid))
+        return final, {"h": hs}
+    in_bfloat16 = jax.jit(lambda *a: kernels.lstm_recurrence(layer, True, *a))
+    in_float32 = jax.jit(lambda *a: kernels.lstm_recurrence(layer, False, *a))
+    args = (weights, xs, carry, valid)
+    chex.assert_trees_all_close(in_bfloat16(*args), written(*args), atol=2e-6)
+    assert jnp.max(jnp.abs(in_bfloat16(*args)[1]["h"] - in_float32(*args)[1]["h"])) > 1e-4
+
+    def grads(f):
+        return jax.grad(lambda w, xs: jnp.sum(jnp.sin(f(w, xs, carry, valid)[1]["h"])), (0, 1))(weights, xs)
+    low, full = grads(in_bfloat16), grads(in_float32)
+    chex.assert_trees_all_close(low, full, atol=3e-2)
+    assert max(jnp.max(jnp.abs(a - b)) for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(full))) > 1e-5
+
+    net = dp.batched(dp.LSTM(21))
+    params = net.layer.init(key, xs[:, 0])
+    with kernels.autocast(jnp.bfloat16):
+        hlo = jax.jit(net.apply).lower(params, jnp.swapaxes(xs, 0, 1)).compile().as_text()
+    assert "bfloat16 = true" in hlo and "bfloat16 = false" not in hlo
+    assert "bfloat16 = false" in jax.jit(net.apply).lower(params, jnp.swapaxes(xs, 0, 1)).compile().as_text()
+
+
 def test_lstm_kernel_gradients_against_finite_differences(key):
     layer, (weights, xs, carry, valid) = lstm_arguments(key, 5, 3, 2, 4, [5, 2, 4])
 
     def f(w_x, w_h, xs, carry):
-        final, outs = kernels.lstm_recurrence(layer, weights._replace(w_x=w_x, w_h=w_h), xs, carry, valid)
+        final, outs = kernels.lstm_recurrence(layer, False, weights._replace(w_x=w_x, w_h=w_h), xs, carry, valid)
         return outs["h"], final
     check_grads(f, (weights.w_x, weights.w_h, xs, carry), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 

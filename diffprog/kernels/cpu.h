@@ -12,22 +12,30 @@
 #include <atomic>
 #include <memory>
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
-// The vendor's float32 GEMM with a packed operand, MKL's cblas_sgemm_pack_get_size /
-// cblas_sgemm_pack / cblas_sgemm_compute (row-major = 101, no transpose = 111, transpose = 112,
-// packed = 151, B matrix = 162): handed over by Python where MKL is installed
-// (`diffprog_use_sgemm`, lstm.cc); null: the kernels multiply with the micro-kernel below.
+// The vendor's GEMM with a packed operand, MKL's {cblas_sgemm, cblas_gemm_bf16bf16f32} ×
+// {_pack_get_size, _pack, _compute} (row-major = 101, no transpose = 111, transpose = 112,
+// packed = 151, B matrix = 162; bfloat16 as its uint16_t bits): handed over by Python where MKL
+// is installed (`diffprog_use_sgemm`, lstm.cc); null: the kernels multiply with the micro-kernel
+// below.
 struct PackedSgemm {
   size_t (*size)(int identifier, int m, int n, int k);
   void (*pack)(int layout, int identifier, int transpose, int m, int n, int k, float alpha, const float* src,
                int ld, float* dest);
   void (*compute)(int layout, int transpose_a, int transpose_b, int m, int n, int k, const float* a, int lda,
                   const float* b, int ldb, float beta, float* c, int ldc);
+  size_t (*size_bf16)(int identifier, int m, int n, int k);
+  void (*pack_bf16)(int layout, int identifier, int transpose, int m, int n, int k, const uint16_t* src, int ld,
+                    uint16_t* dest);
+  void (*compute_bf16)(int layout, int transpose_a, int transpose_b, int m, int n, int k, float alpha,
+                       const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
 };
 inline std::atomic<const PackedSgemm*> vendor_sgemm{nullptr};
 
@@ -212,6 +220,14 @@ void multiply(int m, int n, int k, Operand a, const float* b, float* c, long ldc
     for (int i = 0; i < m; i += kRows)
       tile(std::min(kRows, m - i), k, a.at(i, 0), b + static_cast<size_t>(j) * k, c + i * ldc + j, ldc,
            std::min(kCols, n - j));
+}
+
+// bfloat16 bits of x rounded to nearest even (as XLA's convert); a NaN stays a (quiet) NaN.
+inline uint16_t to_bfloat16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
 // exp(x) for x ≤ 0; exp(−inf) and underflow give 0. Relative error ~2e-7.

@@ -95,8 +95,8 @@ def _mkl_files() -> tuple[Path, Path] | None:
 def vendor_blas() -> dict | None:
     """MKL's matrix products (gemm.cc), built and registered for the CPU, and handed to the
     kernels' own per-step products: {"bfloat16": True when its bfloat16 products have hardware
-    under them (AMX or AVX512-BF16), "sgemm": MKL's packed sgemm (the addresses of
-    cblas_sgemm_pack_get_size, cblas_sgemm_pack and cblas_sgemm_compute)}; None where MKL is not installed
+    under them (AMX or AVX512-BF16), "packed": MKL's packed GEMMs (the addresses of
+    cblas_sgemm_{pack_get_size, pack, compute} and of cblas_gemm_bf16bf16f32_{the same})}; None where MKL is not installed
     (it is a dependency on x86-64 Linux), the CPU lacks AVX2, or the build fails — then `product`
     stays with XLA's dot and the kernels with cpu.h's micro-kernel."""
     files = _mkl_files()
@@ -110,11 +110,11 @@ def vendor_blas() -> dict | None:
                       stacklevel=2)
         return None
     blas = {"bfloat16": bool(library.diffprog_gemm_setup()),
-            "sgemm": tuple(ctypes.cast(getattr(library, f"cblas_sgemm_{name}"), ctypes.c_void_p)
-                           for name in ("pack_get_size", "pack", "compute"))}
+            "packed": tuple(ctypes.cast(getattr(library, f"cblas_{gemm}_{name}"), ctypes.c_void_p)
+                            for gemm in ("sgemm", "gemm_bf16bf16f32") for name in ("pack_get_size", "pack", "compute"))}
     for name in ("diffprog_gemm_f32", "diffprog_gemm_bf16"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
-    _use_sgemm(blas["sgemm"])
+    _use_sgemm(blas["packed"])
     return blas
 
 
@@ -124,7 +124,7 @@ def use_vendor_sgemm(on: bool):
     next kernel call, not at tracing (the kernel reads it as it runs)."""
     blas = vendor_blas()
     if blas is not None:
-        _use_sgemm(blas["sgemm"] if on else (None, None, None))
+        _use_sgemm(blas["packed"] if on else (None,) * 6)
 
 
 def _use_sgemm(functions):

@@ -11,7 +11,8 @@
 // Rows of the batch are independent, so each thread runs all T steps for its own rows. A row
 // past its length keeps its state, outputs 0 and passes its gradients through. The per-step
 // products h_{t-1} W_h and ∂z W_hᵀ multiply by W_h packed once per call: by MKL's packed sgemm
-// where Python handed it over (cpu.h's `vendor_sgemm`), else by cpu.h's micro-kernel.
+// where Python handed it over (cpu.h's `vendor_sgemm`) — its bfloat16 GEMM under autocast
+// (`bfloat16`) — else by cpu.h's micro-kernel.
 // Layout: xw, gates, ∂z (T, B, G); hs, cs, ∂hs (T, B, H); states (B, H); lengths (B,) int32.
 #include <vector>
 
@@ -94,28 +95,45 @@ void cell_backward(int hidden, const float* gates, const float* c, const float* 
 }
 
 // C (rows × n) = A (rows × k) W at every step, W (k × n) the same at all of them: W_h, or W_hᵀ
-// (`transposed`: w is stored n × k), packed once, for MKL's packed sgemm or for the micro-kernel.
+// (`transposed`: w is stored n × k), packed once: for MKL's packed sgemm, or with `bfloat16` for
+// its bfloat16 × bfloat16 → float32 GEMM (A and W rounded to bfloat16: autocast's products, on
+// AMX or AVX512-BF16), or, without MKL, for the micro-kernel (float32).
 class StepProduct {
  public:
-  StepProduct(const float* w, bool transposed, int rows, int k, int n)
-      : vendor_(vendor_sgemm.load()), rows_(rows), k_(k), n_(n) {
-    if (vendor_) {
-      packed_.resize(vendor_->size(162, rows, n, k) / sizeof(float) + 1);
-      vendor_->pack(101, 162, transposed ? 112 : 111, rows, n, k, 1.0f, w, transposed ? k : n, packed_.data());
+  StepProduct(const float* w, bool transposed, int rows, int k, int n, bool bfloat16)
+      : vendor_(vendor_sgemm.load()), bfloat16_(vendor_ && bfloat16), rows_(rows), k_(k), n_(n) {
+    const int ld = transposed ? k : n, identifier = 162, transpose = transposed ? 112 : 111;
+    if (bfloat16_) {
+      std::vector<uint16_t> rounded(static_cast<size_t>(k) * n);
+      for (size_t i = 0; i < rounded.size(); ++i) rounded[i] = to_bfloat16(w[i]);
+      packed16_.resize(vendor_->size_bf16(identifier, rows, n, k) / sizeof(uint16_t) + 1);
+      vendor_->pack_bf16(101, identifier, transpose, rows, n, k, rounded.data(), ld, packed16_.data());
+      a16_.resize(static_cast<size_t>(rows) * k);
+    } else if (vendor_) {
+      packed_.resize(vendor_->size(identifier, rows, n, k) / sizeof(float) + 1);
+      vendor_->pack(101, identifier, transpose, rows, n, k, 1.0f, w, ld, packed_.data());
     } else {
       packed_.resize(packed_size(k, n));
       transposed ? pack_transposed(w, k, n, k, packed_.data()) : pack(w, n, k, n, packed_.data());
     }
   }
-  void operator()(const float* a, float* c) const {
-    if (vendor_) vendor_->compute(101, 111, 151, rows_, n_, k_, a, k_, packed_.data(), n_, 0.0f, c, n_);
-    else multiply(rows_, n_, k_, {a, k_, 1}, packed_.data(), c, n_);
+  void operator()(const float* a, float* c) {
+    if (bfloat16_) {
+      for (size_t i = 0; i < a16_.size(); ++i) a16_[i] = to_bfloat16(a[i]);
+      vendor_->compute_bf16(101, 111, 151, rows_, n_, k_, 1.0f, a16_.data(), k_, packed16_.data(), n_, 0.0f, c, n_);
+    } else if (vendor_) {
+      vendor_->compute(101, 111, 151, rows_, n_, k_, a, k_, packed_.data(), n_, 0.0f, c, n_);
+    } else {
+      multiply(rows_, n_, k_, {a, k_, 1}, packed_.data(), c, n_);
+    }
   }
 
  private:
   const PackedSgemm* vendor_;
+  bool bfloat16_;
   int rows_, k_, n_;
   std::vector<float> packed_;
+  std::vector<uint16_t> packed16_, a16_;
 };
 
 Sizes sizes_of(ffi::Buffer<ffi::F32>& xw) {
@@ -125,7 +143,7 @@ Sizes sizes_of(ffi::Buffer<ffi::F32>& xw) {
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
                    ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                   ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> h,
+                   ffi::Buffer<ffi::S32> lengths, bool bfloat16, ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> h,
                    ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> cs) {
   const Sizes n = sizes_of(xw);
   const int H = n.hidden, G = n.gates();
@@ -135,7 +153,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<f
     const int rows = static_cast<int>(end - begin);
     std::vector<float> pre(static_cast<size_t>(rows) * G);
     float *h_rows = h->typed_data() + begin * H, *c_rows = c->typed_data() + begin * H;
-    const StepProduct by_w_h(w_h.typed_data(), false, rows, H, G);
+    StepProduct by_w_h(w_h.typed_data(), false, rows, H, G, bfloat16);
     for (int t = 0; t < n.steps; ++t) {
       by_w_h(h_rows, pre.data());
       for (int r = 0; r < rows; ++r) {
@@ -158,7 +176,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<f
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> gates,
                     ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::S32> lengths,
                     ffi::Buffer<ffi::F32> d_hs, ffi::Buffer<ffi::F32> d_h, ffi::Buffer<ffi::F32> d_c,
-                    ffi::ResultBuffer<ffi::F32> d_z, ffi::ResultBuffer<ffi::F32> d_h0,
+                    bool bfloat16, ffi::ResultBuffer<ffi::F32> d_z, ffi::ResultBuffer<ffi::F32> d_h0,
                     ffi::ResultBuffer<ffi::F32> d_c0) {
   const Sizes n = sizes_of(gates);
   const int H = n.hidden, G = n.gates();
@@ -168,7 +186,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer
     const int rows = static_cast<int>(end - begin);
     std::vector<float> back(static_cast<size_t>(rows) * H);
     float *dh_rows = d_h0->typed_data() + begin * H, *dc_rows = d_c0->typed_data() + begin * H;
-    const StepProduct by_w_h_transposed(w_h.typed_data(), true, rows, G, H);
+    StepProduct by_w_h_transposed(w_h.typed_data(), true, rows, G, H, bfloat16);
     for (int t = n.steps - 1; t >= 0; --t) {
       float* d_z_rows = d_z->typed_data() + n.at(t, static_cast<int>(begin), G);
       for (int r = 0; r < rows; ++r) {
@@ -192,12 +210,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer
 
 }  // namespace
 
-// MKL's packed sgemm (its three functions), or null for the micro-kernel.
-extern "C" void diffprog_use_sgemm(void* size, void* pack, void* compute) {
+// MKL's packed GEMMs (float32's three functions, then bfloat16's), or nulls for the micro-kernel.
+extern "C" void diffprog_use_sgemm(void* size, void* pack, void* compute, void* size_bf16, void* pack_bf16,
+                                   void* compute_bf16) {
   static PackedSgemm mkl;
-  if (!size || !pack || !compute) return vendor_sgemm.store(nullptr);
+  if (!size || !pack || !compute || !size_bf16 || !pack_bf16 || !compute_bf16) return vendor_sgemm.store(nullptr);
   mkl = {reinterpret_cast<decltype(mkl.size)>(size), reinterpret_cast<decltype(mkl.pack)>(pack),
-         reinterpret_cast<decltype(mkl.compute)>(compute)};
+         reinterpret_cast<decltype(mkl.compute)>(compute), reinterpret_cast<decltype(mkl.size_bf16)>(size_bf16),
+         reinterpret_cast<decltype(mkl.pack_bf16)>(pack_bf16),
+         reinterpret_cast<decltype(mkl.compute_bf16)>(compute_bf16)};
   vendor_sgemm.store(&mkl);
 }
 
@@ -210,6 +231,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_lstm_forward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c0
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Attr<bool>("bfloat16")        // the per-step products in bfloat16
                                   .Ret<ffi::Buffer<ffi::F32>>()  // hs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // h
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c
@@ -227,6 +249,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_lstm_backward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_hs
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_h
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_c
+                                  .Attr<bool>("bfloat16")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_z
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_h0
                                   .Ret<ffi::Buffer<ffi::F32>>());  // d_c0

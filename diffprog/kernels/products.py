@@ -47,6 +47,17 @@ def autocast(dtype=jnp.bfloat16):
         _autocast.dtype = before
 
 
+def bfloat16_products() -> bool:
+    """Whether the float32 products traced now run in bfloat16 on this CPU: inside
+    `autocast(bfloat16)`, with MKL there and bfloat16 hardware under it (AMX or AVX512-BF16)."""
+    if getattr(_autocast, "dtype", None) != jnp.bfloat16 or not enabled():
+        return False
+    blas = vendor_blas()
+    if blas is not None and not blas["bfloat16"]:
+        _bfloat16_in_float32()
+    return blas is not None and blas["bfloat16"]
+
+
 def product(a, b, transpose_a=False, transpose_b=False):
     """op(a) op(b), op the transpose where asked (a (M, K) or (K, M); b (K, N) or (N, K)): the
     matrix product of `Dense` and its kin, and of the written-out gradients of the kernels; under

@@ -5,7 +5,9 @@
 backends, chosen here:
 
 - the LSTM on the CPU in float32 (`lstm_recurrence`): the steps forward and backward are the
-  C++ kernels of lstm.cc, the products over all steps around them XLA's;
+  C++ kernels of lstm.cc, the products over all steps around them XLA's; inside
+  `autocast(bfloat16)` the kernels' per-step products h W_h and ∂z W_hᵀ run in bfloat16 (MKL,
+  where the CPU has AMX or AVX512-BF16), as PyTorch's autocast LSTM;
 - everywhere else (`scan_recurrence`): the scan, with its backward pass written out — the
   reverse scan carries only the state gradients, and the weight gradient Σ_t h_{t-1}ᵀ ∂gh_t is
   one matrix product over all examples and steps after it, instead of T small ones inside it.
@@ -17,12 +19,13 @@ kept and the output is 0). They return (final carry, outs (T, B, ...)).
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
 
 from .library import on_cpu, require
+from .products import bfloat16_products
 from .partition import batch_partitioned
 
 
@@ -30,7 +33,7 @@ def recurrence(layer, weights, xs, carry, valid):
     """The batch loop of `layer`; the backend is chosen here (see the module docstring)."""
     args = (weights, xs, carry, valid)
     if getattr(layer, "kernel", None) == "lstm":
-        return on_cpu(partial(lstm_recurrence, layer), partial(scan_recurrence, layer), *args)
+        return on_cpu(partial(lstm_recurrence, layer, bfloat16_products()), partial(scan_recurrence, layer), *args)
     return scan_recurrence(layer, *args)
 
 
@@ -86,25 +89,25 @@ scan_recurrence.defvjp(_scan_fwd, _scan_bwd)
 
 # -- the LSTM's C++ kernels ------------------------------------------------------------------
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def lstm_recurrence(layer, weights, xs, carry, valid):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def lstm_recurrence(layer, bfloat16, weights, xs, carry, valid):
     """`scan_recurrence` for the LSTM by the C++ kernels (CPU, float32; `dp.kernels.available()`):
-    its steps forward and backward are `lstm_forward` / `lstm_backward`, the products over all
-    steps stay XLA's."""
-    return _lstm_fwd(layer, weights, xs, carry, valid)[0]
+    its steps forward and backward are `lstm_forward` / `lstm_backward` (their per-step products
+    in bfloat16 with `bfloat16`), the products over all steps stay XLA's."""
+    return _lstm_fwd(layer, bfloat16, weights, xs, carry, valid)[0]
 
 
-def _lstm_fwd(layer, weights, xs, carry, valid):
+def _lstm_fwd(layer, bfloat16, weights, xs, carry, valid):
     steps, batch = xs.shape[:2]
     lengths = jnp.full((batch,), steps, jnp.int32) if valid is None else valid.sum(0, dtype=jnp.int32)
-    hs, h, c, gates, cs = lstm_forward(weights, _projected(weights.w_x, xs), carry, lengths)
+    hs, h, c, gates, cs = lstm_forward(weights, _projected(weights.w_x, xs), carry, lengths, bfloat16)
     return ({"h": h, "c": c}, {"h": hs}), (weights, xs, carry, lengths, hs, gates, cs)
 
 
-def _lstm_bwd(layer, residuals, cotangents):
+def _lstm_bwd(layer, bfloat16, residuals, cotangents):
     weights, xs, carry, lengths, hs, gates, cs = residuals
     d_final, d_outs = cotangents
-    d_z, d_h0, d_c0 = lstm_backward(weights, gates, cs, carry, lengths, d_outs["h"], d_final)
+    d_z, d_h0, d_c0 = lstm_backward(weights, gates, cs, carry, lengths, d_outs["h"], d_final, bfloat16)
     h_prev = jnp.concatenate([carry["h"][None], hs[:-1]])  # past a length h_prev is 0, but so is ∂z there
     d_weights, d_xs = _projection_gradients(weights, xs, h_prev, d_z, d_z)
     return d_weights, d_xs, {"h": d_h0, "c": d_c0}, None
@@ -113,12 +116,13 @@ def _lstm_bwd(layer, residuals, cotangents):
 lstm_recurrence.defvjp(_lstm_fwd, _lstm_bwd)
 
 
-def lstm_forward(weights, xw, carry, lengths):
+def lstm_forward(weights, xw, carry, lengths, bfloat16=False):
     """The LSTM's T steps (see lstm.cc) on time-major float32 inputs: xw = x W_x (T, B, 4H), the
     weights' w_h (H, 4H) and b_x + b_h (4H,), the carry's h and c (B, H), lengths (B,) int32
-    (steps at and past an example's length keep its state and output 0). Returns hs (T, B, H),
-    the final h and c (B, H), and for `lstm_backward` the gate activations (T, B, 4H) and cell
-    states cs (T, B, H). Not differentiable by itself: `lstm_recurrence` is."""
+    (steps at and past an example's length keep its state and output 0); with `bfloat16`, each
+    step's h W_h rounds h and W_h to bfloat16 (MKL's bfloat16 GEMM; float32 without MKL). Returns
+    hs (T, B, H), the final h and c (B, H), and for `lstm_backward` the gate activations
+    (T, B, 4H) and cell states cs (T, B, H). Not differentiable by itself: `lstm_recurrence` is."""
     steps, batch, gates = xw.shape
     hidden = gates // 4
     bias = weights.b_x + weights.b_h
@@ -129,29 +133,36 @@ def lstm_forward(weights, xw, carry, lengths):
     if gates % 4 or got != expected:
         raise ValueError(f"lstm_forward: for xw {xw.shape} (T, B, 4H) expected {expected}, got {got}")
     require("lstm_forward")
-    return _lstm_forward_call(xw, bias, weights.w_h, carry["h"], carry["c"], lengths.astype(jnp.int32))
+    return _lstm_forward_call(bool(bfloat16))(xw, bias, weights.w_h, carry["h"], carry["c"], lengths.astype(jnp.int32))
 
 
-def lstm_backward(weights, gates, cs, carry, lengths, d_hs, d_final):
+def lstm_backward(weights, gates, cs, carry, lengths, d_hs, d_final, bfloat16=False):
     """The reverse of `lstm_forward`'s steps: from the cotangents of hs (T, B, H) and of the final
-    carry, the gradient ∂z of every step's pre-activations (T, B, 4H) and those of h0 and c0."""
+    carry, the gradient ∂z of every step's pre-activations (T, B, 4H) and those of h0 and c0
+    (each step's ∂z W_hᵀ in bfloat16 with `bfloat16`)."""
     require("lstm_backward")
-    return _lstm_backward_call(weights.w_h, gates, cs, carry["c"], lengths.astype(jnp.int32), d_hs,
-                               d_final["h"], d_final["c"])
+    return _lstm_backward_call(bool(bfloat16))(weights.w_h, gates, cs, carry["c"], lengths.astype(jnp.int32), d_hs,
+                                               d_final["h"], d_final["c"])
 
 
-@batch_partitioned("t b g, g, h g, b h, b h, b -> t b h, b h, b h, t b g, t b h", batch="b")
-def _lstm_forward_call(xw, bias, w_h, h0, c0, lengths):
-    steps, batch, _ = xw.shape
-    like = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    state = like(batch, w_h.shape[0])
-    return tuple(jax.ffi.ffi_call("diffprog_lstm_forward", (like(steps, batch, w_h.shape[0]), state, state,
-                                                            like(*xw.shape), like(steps, batch, w_h.shape[0])))(
-        xw, bias, w_h, h0, c0, lengths))
+@cache
+def _lstm_forward_call(bfloat16):
+    @batch_partitioned("t b g, g, h g, b h, b h, b -> t b h, b h, b h, t b g, t b h", batch="b")
+    def call(xw, bias, w_h, h0, c0, lengths):
+        steps, batch, _ = xw.shape
+        like = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+        state = like(batch, w_h.shape[0])
+        return tuple(jax.ffi.ffi_call("diffprog_lstm_forward", (like(steps, batch, w_h.shape[0]), state, state,
+                                                                like(*xw.shape), like(steps, batch, w_h.shape[0])))(
+            xw, bias, w_h, h0, c0, lengths, bfloat16=bfloat16))
+    return call
 
 
-@batch_partitioned("h g, t b g, t b h, b h, b, t b h, b h, b h -> t b g, b h, b h", batch="b")
-def _lstm_backward_call(w_h, gates, cs, c0, lengths, d_hs, d_h, d_c):
-    state = jax.ShapeDtypeStruct(c0.shape, jnp.float32)
-    return tuple(jax.ffi.ffi_call("diffprog_lstm_backward", (jax.ShapeDtypeStruct(gates.shape, jnp.float32), state, state))(
-        w_h, gates, cs, c0, lengths, d_hs, d_h, d_c))
+@cache
+def _lstm_backward_call(bfloat16):
+    @batch_partitioned("h g, t b g, t b h, b h, b, t b h, b h, b h -> t b g, b h, b h", batch="b")
+    def call(w_h, gates, cs, c0, lengths, d_hs, d_h, d_c):
+        state = jax.ShapeDtypeStruct(c0.shape, jnp.float32)
+        return tuple(jax.ffi.ffi_call("diffprog_lstm_backward", (jax.ShapeDtypeStruct(gates.shape, jnp.float32), state, state))(
+            w_h, gates, cs, c0, lengths, d_hs, d_h, d_c, bfloat16=bfloat16))
+    return call
