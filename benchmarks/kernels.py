@@ -147,7 +147,7 @@ def main(argv=None):
     lstm = dp.LSTM(W)
     weights = lstm.weights(lstm.init(jax.random.key(0), xs[0]))
     time_major, carry = jnp.swapaxes(xs, 0, 1), lstm.initial_carry(xs.dtype, (B,))
-    loops = {"C++ kernel (dp.LSTM on the CPU)": partial(dp.kernels.lstm_recurrence, lstm)}
+    loops = {"C++ kernel (dp.LSTM on the CPU)": partial(dp.kernels.lstm_recurrence, lstm, False)}
     loops |= {f"lax.scan, unroll={unroll}": partial(dp.kernels.scan_recurrence, dp.LSTM(W, unroll=unroll))
               for unroll in (1, 2, 4, 8)}
     for name, loop in loops.items():
