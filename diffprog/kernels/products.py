@@ -50,7 +50,7 @@ def autocast(dtype=jnp.bfloat16):
 def bfloat16_products() -> bool:
     """Whether the float32 products traced now run in bfloat16 on this CPU: inside
     `autocast(bfloat16)`, with MKL there and bfloat16 hardware under it (AMX or AVX512-BF16)."""
-    if getattr(_autocast, "dtype", None) != jnp.bfloat16 or not enabled():
+    if getattr(_autocast, "dtype", None) != jnp.bfloat16 or not enabled() or hijax is None:
         return False
     blas = vendor_blas()
     if blas is not None and not blas["bfloat16"]:

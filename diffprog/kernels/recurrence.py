@@ -6,8 +6,9 @@ backends, chosen here:
 
 - the LSTM on the CPU in float32 (`lstm_recurrence`): the steps forward and backward are the
   C++ kernels of lstm.cc, the products over all steps around them XLA's; inside
-  `autocast(bfloat16)` the kernels' per-step products h W_h and ∂z W_hᵀ run in bfloat16 (MKL,
-  where the CPU has AMX or AVX512-BF16), as PyTorch's autocast LSTM;
+  `autocast(bfloat16)` the kernels' per-step products h W_h and ∂z W_hᵀ and the products over
+  all steps run in bfloat16 (MKL, where the CPU has AMX or AVX512-BF16), as PyTorch's autocast
+  LSTM;
 - everywhere else (`scan_recurrence`): the scan, with its backward pass written out — the
   reverse scan carries only the state gradients, and the weight gradient Σ_t h_{t-1}ᵀ ∂gh_t is
   one matrix product over all examples and steps after it, instead of T small ones inside it.
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from .library import on_cpu, require
-from .products import bfloat16_products
+from .products import bfloat16_products, gemm
 from .partition import batch_partitioned
 
 
@@ -37,8 +38,22 @@ def recurrence(layer, weights, xs, carry, valid):
     return scan_recurrence(layer, *args)
 
 
-def _projected(w_x, xs):
-    return xs if w_x is None else xs @ w_x
+def _projected(w_x, xs, bfloat16=False):
+    """x W_x (T, B, G) for time-major xs; with `bfloat16`, by MKL's bfloat16 GEMM on batch-major
+    rows (see `_rows`)."""
+    if w_x is None:
+        return xs
+    if not bfloat16:
+        return xs @ w_x
+    steps, batch = xs.shape[:2]
+    return jnp.swapaxes(gemm(_rows(xs), w_x, precision=jnp.bfloat16).reshape(batch, steps, -1), 0, 1)
+
+
+def _rows(x):
+    """(T, B, n) → (B·T, n), batch-major: under a batch-sharded mesh the rows stay sharded (a
+    time-major merge would gather the batch), and the transpose fuses with the rounding to
+    bfloat16 in front of MKL's product."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, x.shape[-1])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -74,14 +89,24 @@ def _scan_bwd(layer, residuals, cotangents):
     return d_weights, d_xs, d_carry, None
 
 
-def _projection_gradients(weights, xs, h_prev, d_gxs, d_ghs):
+def _projection_gradients(weights, xs, h_prev, d_gxs, d_ghs, bfloat16=False):
     """The gradients of gx_t = x_t W_x + b_x and gh_t = h_{t-1} W_h + b_h given ∂gx, ∂gh (T, B, G),
     each one product over all T·B rows: ∂W_x = Σ x_tᵀ ∂gx_t, ∂b_x, ∂W_h = Σ h_{t-1}ᵀ ∂gh_t, ∂b_h,
-    and ∂x_t = ∂gx_t W_xᵀ. (Written out rather than left to autodiff of `xs @ w_x`, whose
-    transpose XLA:CPU ran as a slower dot on a transposed copy of ∂gx.) Returns (∂weights, ∂xs)."""
-    over, w_x = ((0, 1), (0, 1)), weights.w_x
-    d_w_x, d_xs = (None, d_gxs) if w_x is None else (jnp.tensordot(xs, d_gxs, over), d_gxs @ w_x.T)
-    return type(weights)(d_w_x, jnp.tensordot(h_prev, d_ghs, over), d_gxs.sum((0, 1)), d_ghs.sum((0, 1))), d_xs
+    and ∂x_t = ∂gx_t W_xᵀ — with `bfloat16` by MKL's bfloat16 GEMM on batch-major rows. (Written
+    out rather than left to autodiff of `xs @ w_x`, whose transpose XLA:CPU ran as a slower dot on
+    a transposed copy of ∂gx.) Returns (∂weights, ∂xs)."""
+    w_x = weights.w_x
+    if bfloat16:
+        steps, batch = xs.shape[:2]
+        summed = lambda a, b: gemm(_rows(a), _rows(b), transpose_a=True, precision=jnp.bfloat16)
+        d_w_x, d_xs = (None, d_gxs) if w_x is None else (summed(xs, d_gxs), jnp.swapaxes(
+            gemm(_rows(d_gxs), w_x, transpose_b=True, precision=jnp.bfloat16).reshape(batch, steps, -1), 0, 1))
+        d_w_h = summed(h_prev, d_ghs)
+    else:
+        over = ((0, 1), (0, 1))
+        d_w_x, d_xs = (None, d_gxs) if w_x is None else (jnp.tensordot(xs, d_gxs, over), d_gxs @ w_x.T)
+        d_w_h = jnp.tensordot(h_prev, d_ghs, over)
+    return type(weights)(d_w_x, d_w_h, d_gxs.sum((0, 1)), d_ghs.sum((0, 1))), d_xs
 
 
 scan_recurrence.defvjp(_scan_fwd, _scan_bwd)
@@ -92,15 +117,15 @@ scan_recurrence.defvjp(_scan_fwd, _scan_bwd)
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def lstm_recurrence(layer, bfloat16, weights, xs, carry, valid):
     """`scan_recurrence` for the LSTM by the C++ kernels (CPU, float32; `dp.kernels.available()`):
-    its steps forward and backward are `lstm_forward` / `lstm_backward` (their per-step products
-    in bfloat16 with `bfloat16`), the products over all steps stay XLA's."""
+    its steps forward and backward are `lstm_forward` / `lstm_backward`, the products over all
+    steps XLA's — with `bfloat16`, all of them MKL's bfloat16 products."""
     return _lstm_fwd(layer, bfloat16, weights, xs, carry, valid)[0]
 
 
 def _lstm_fwd(layer, bfloat16, weights, xs, carry, valid):
     steps, batch = xs.shape[:2]
     lengths = jnp.full((batch,), steps, jnp.int32) if valid is None else valid.sum(0, dtype=jnp.int32)
-    hs, h, c, gates, cs = lstm_forward(weights, _projected(weights.w_x, xs), carry, lengths, bfloat16)
+    hs, h, c, gates, cs = lstm_forward(weights, _projected(weights.w_x, xs, bfloat16), carry, lengths, bfloat16)
     return ({"h": h, "c": c}, {"h": hs}), (weights, xs, carry, lengths, hs, gates, cs)
 
 
@@ -109,7 +134,7 @@ def _lstm_bwd(layer, bfloat16, residuals, cotangents):
     d_final, d_outs = cotangents
     d_z, d_h0, d_c0 = lstm_backward(weights, gates, cs, carry, lengths, d_outs["h"], d_final, bfloat16)
     h_prev = jnp.concatenate([carry["h"][None], hs[:-1]])  # past a length h_prev is 0, but so is ∂z there
-    d_weights, d_xs = _projection_gradients(weights, xs, h_prev, d_z, d_z)
+    d_weights, d_xs = _projection_gradients(weights, xs, h_prev, d_z, d_z, bfloat16)
     return d_weights, d_xs, {"h": d_h0, "c": d_c0}, None
 
 
