@@ -25,7 +25,7 @@ namespace ffi = xla::ffi;
 // packed = 151, B matrix = 162; bfloat16 as its uint16_t bits): handed over by Python where MKL
 // is installed (`diffprog_use_sgemm`, lstm.cc); null: the kernels multiply with the micro-kernel
 // below.
-struct PackedSgemm {
+struct PackedGemms {
   size_t (*size)(int identifier, int m, int n, int k);
   void (*pack)(int layout, int identifier, int transpose, int m, int n, int k, float alpha, const float* src,
                int ld, float* dest);
@@ -37,7 +37,7 @@ struct PackedSgemm {
   void (*compute_bf16)(int layout, int transpose_a, int transpose_b, int m, int n, int k, float alpha,
                        const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
 };
-inline std::atomic<const PackedSgemm*> vendor_sgemm{nullptr};
+inline std::atomic<const PackedGemms*> vendor_gemms{nullptr};
 
 namespace simd {
 

@@ -11,7 +11,7 @@
 // Rows of the batch are independent, so each thread runs all T steps for its own rows. A row
 // past its length keeps its state, outputs 0 and passes its gradients through. The per-step
 // products h_{t-1} W_h and ∂z W_hᵀ multiply by W_h packed once per call: by MKL's packed sgemm
-// where Python handed it over (cpu.h's `vendor_sgemm`) — its bfloat16 GEMM under autocast
+// where Python handed it over (cpu.h's `vendor_gemms`) — its bfloat16 GEMM under autocast
 // (`bfloat16`) — else by cpu.h's micro-kernel.
 // Layout: xw, gates, ∂z (T, B, G); hs, cs, ∂hs (T, B, H); states (B, H); lengths (B,) int32.
 #include <vector>
@@ -101,7 +101,7 @@ void cell_backward(int hidden, const float* gates, const float* c, const float* 
 class StepProduct {
  public:
   StepProduct(const float* w, bool transposed, int rows, int k, int n, bool bfloat16)
-      : vendor_(vendor_sgemm.load()), bfloat16_(vendor_ && bfloat16), rows_(rows), k_(k), n_(n) {
+      : vendor_(vendor_gemms.load()), bfloat16_(vendor_ && bfloat16), rows_(rows), k_(k), n_(n) {
     const int ld = transposed ? k : n, identifier = 162, transpose = transposed ? 112 : 111;
     if (bfloat16_) {
       std::vector<uint16_t> rounded(static_cast<size_t>(k) * n);
@@ -129,7 +129,7 @@ class StepProduct {
   }
 
  private:
-  const PackedSgemm* vendor_;
+  const PackedGemms* vendor_;
   bool bfloat16_;
   int rows_, k_, n_;
   std::vector<float> packed_;
@@ -213,13 +213,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer
 // MKL's packed GEMMs (float32's three functions, then bfloat16's), or nulls for the micro-kernel.
 extern "C" void diffprog_use_sgemm(void* size, void* pack, void* compute, void* size_bf16, void* pack_bf16,
                                    void* compute_bf16) {
-  static PackedSgemm mkl;
-  if (!size || !pack || !compute || !size_bf16 || !pack_bf16 || !compute_bf16) return vendor_sgemm.store(nullptr);
+  static PackedGemms mkl;
+  if (!size || !pack || !compute || !size_bf16 || !pack_bf16 || !compute_bf16) return vendor_gemms.store(nullptr);
   mkl = {reinterpret_cast<decltype(mkl.size)>(size), reinterpret_cast<decltype(mkl.pack)>(pack),
          reinterpret_cast<decltype(mkl.compute)>(compute), reinterpret_cast<decltype(mkl.size_bf16)>(size_bf16),
          reinterpret_cast<decltype(mkl.pack_bf16)>(pack_bf16),
          reinterpret_cast<decltype(mkl.compute_bf16)>(compute_bf16)};
-  vendor_sgemm.store(&mkl);
+  vendor_gemms.store(&mkl);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_lstm_forward, Forward,

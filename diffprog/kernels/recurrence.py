@@ -43,10 +43,7 @@ def _projected(w_x, xs, bfloat16=False):
     rows (see `_rows`)."""
     if w_x is None:
         return xs
-    if not bfloat16:
-        return xs @ w_x
-    steps, batch = xs.shape[:2]
-    return jnp.swapaxes(gemm(_rows(xs), w_x, precision=jnp.bfloat16).reshape(batch, steps, -1), 0, 1)
+    return _by_rows(xs, w_x) if bfloat16 else xs @ w_x
 
 
 def _rows(x):
@@ -54,6 +51,14 @@ def _rows(x):
     time-major merge would gather the batch), and the transpose fuses with the rounding to
     bfloat16 in front of MKL's product."""
     return jnp.swapaxes(x, 0, 1).reshape(-1, x.shape[-1])
+
+
+def _by_rows(xs, w, transpose_w=False):
+    """xs (T, B, k) times w (k, n), or wᵀ with `transpose_w`, → (T, B, n): MKL's bfloat16 GEMM on
+    `_rows(xs)`."""
+    steps, batch = xs.shape[:2]
+    product = gemm(_rows(xs), w, transpose_b=transpose_w, precision=jnp.bfloat16)
+    return jnp.swapaxes(product.reshape(batch, steps, -1), 0, 1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -97,10 +102,8 @@ def _projection_gradients(weights, xs, h_prev, d_gxs, d_ghs, bfloat16=False):
     a transposed copy of ∂gx.) Returns (∂weights, ∂xs)."""
     w_x = weights.w_x
     if bfloat16:
-        steps, batch = xs.shape[:2]
         summed = lambda a, b: gemm(_rows(a), _rows(b), transpose_a=True, precision=jnp.bfloat16)
-        d_w_x, d_xs = (None, d_gxs) if w_x is None else (summed(xs, d_gxs), jnp.swapaxes(
-            gemm(_rows(d_gxs), w_x, transpose_b=True, precision=jnp.bfloat16).reshape(batch, steps, -1), 0, 1))
+        d_w_x, d_xs = (None, d_gxs) if w_x is None else (summed(xs, d_gxs), _by_rows(d_gxs, w_x, transpose_w=True))
         d_w_h = summed(h_prev, d_ghs)
     else:
         over = ((0, 1), (0, 1))
