@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import chex
@@ -165,6 +166,24 @@ def test_lstm_kernel_in_bfloat16_rounds_each_steps_product(key):
         hlo = jax.jit(net.apply).lower(params, jnp.swapaxes(xs, 0, 1)).compile().as_text()
     assert "bfloat16 = true" in hlo and "bfloat16 = false" not in hlo
     assert "bfloat16 = false" in jax.jit(net.apply).lower(params, jnp.swapaxes(xs, 0, 1)).compile().as_text()
+
+
+def test_lstm_under_autocast_keeps_float32_without_bfloat16_mkl(key, monkeypatch):
+    """Where MKL is missing or has no bfloat16 hardware, autocast leaves the LSTM's kernel and
+    its products in float32 (a warning says so where MKL lacks the hardware): the same values as
+    without autocast."""
+    net = dp.batched(dp.LSTM(8))
+    xs = jax.random.normal(key, (3, 5, 4))
+    params = net.layer.init(key, xs[0])
+    for blas in (None, {"bfloat16": False}):
+        monkeypatch.setattr(kernels.products, "vendor_blas", lambda: blas)
+        kernels.products._bfloat16_in_float32.cache_clear()
+        with kernels.autocast(jnp.bfloat16), warnings.catch_warnings(record=True):
+            assert not kernels.products.bfloat16_products()
+            apply = jax.jit(net.apply)
+            out, hlo = apply(params, xs), apply.lower(params, xs).compile().as_text()
+        assert "bfloat16 = true" not in hlo and "bf16" not in hlo
+        chex.assert_trees_all_close(out, jax.jit(net.apply)(params, xs), atol=1e-6)
 
 
 def test_lstm_kernel_gradients_against_finite_differences(key):
