@@ -11,9 +11,10 @@
 - the attention's score product q·kᵀ for all B·H heads at B32 T128 H4 D64: XLA's batched
   product vs one 2-D product of the same FLOPs, and PyTorch's torch.bmm when torch is installed;
 - matrix products x w (M × K)·(K × N) at the shapes of the char-LMs' layers (B32·T128 rows) and
-  of generation (4 rows), float32 and bfloat16: XLA's dot vs `dp.kernels.gemm` (MKL, the seam
-  `product` chooses on the CPU at ≥ `VENDOR_MIN_WORK` multiply-adds, sides ≥ `VENDOR_MIN_SIDE`) vs PyTorch's matmul,
-  forward and forward + backward (both gradients), with GFLOP/s of the forward;
+  of generation (4 rows), float32 and bfloat16: XLA's dot (in bfloat16 also into a float32
+  result) vs MKL (gemm.cc) vs `dp.kernels.gemm` as `runs_on_mkl` chooses between them (the seam
+  `product` takes on the CPU at ≥ `VENDOR_MIN_WORK` multiply-adds, sides ≥ `VENDOR_MIN_SIDE`) vs
+  PyTorch's matmul, forward and forward + backward (both gradients), with GFLOP/s of the forward;
 - pooling: MaxPool by reshape-fold vs `lax.reduce_window` (window == stride == 2);
 - LSTM: one layer's batch loop (input projection included; gradients for the weights) as
   the C++ kernel of `dp.kernels` and as `lax.scan` with unroll 1, 2, 4, 8, and PyTorch's
@@ -22,7 +23,9 @@ Writes benchmarks/results/kernels.{json,md}.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -97,11 +100,17 @@ def products(results, quick, reps):
     for m, k, n in [(64, 64, 64), (4, 32, 32)] if quick else PRODUCT_SHAPES:
         for dtype in (jnp.float32, jnp.bfloat16):
             x, w = (jax.random.normal(key, shape, dtype) for key, shape in zip(jax.random.split(jax.random.key(4)), ((m, k), (k, n))))
-            variants = [("XLA dot", jnp.matmul)]
+            variants = [("XLA dot", jnp.matmul, False)]
+            if dtype == jnp.bfloat16:
+                variants.append(("XLA dot into float32", partial(jnp.matmul, preferred_element_type=jnp.float32), False))
             if dp.kernels.vendor_blas() is not None:
-                variants.append(("dp.kernels.gemm (MKL)", dp.kernels.gemm))
-            for name, f in variants:
-                fwd, bwd = jax.jit(f), jax.jit(jax.grad(lambda x, w: f(x, w).astype(jnp.float32).sum(), (0, 1)))
+                variants.append(("MKL (gemm.cc)", dp.kernels.gemm, True))
+                if dtype == jnp.bfloat16:
+                    variants.append(("dp.kernels.gemm (as `runs_on_mkl` chooses)", dp.kernels.gemm, False))
+            for name, f, mkl_only in variants:
+                with mock.patch.object(dp.kernels.products, "runs_on_mkl", lambda *_: True) if mkl_only else nullcontext():
+                    fwd, bwd = jax.jit(f).lower(x, w).compile(), jax.jit(jax.grad(
+                        lambda x, w: f(x, w).astype(jnp.float32).sum(), (0, 1))).lower(x, w).compile()
                 results[f"product/{m}x{k}x{n}/{dtype.__name__}/{name}"] = r = {
                     "forward_s": median_time(lambda: block(fwd(x, w)), reps), "backward_s": median_time(lambda: block(bwd(x, w)), reps)}
                 rows.append([f"product ({m}×{k})·({k}×{n}) {dtype.__name__}", name,

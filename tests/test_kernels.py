@@ -304,11 +304,14 @@ needs_mkl = pytest.mark.skipif(kernels.vendor_blas() is None, reason="MKL is not
 
 
 @needs_mkl
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype, route", [(jnp.float32, "chosen"), (jnp.bfloat16, "chosen"), (jnp.bfloat16, "mkl")])
 @pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (False, True), (True, False), (True, True)])
-def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dtype, key):
-    """C = op(A) op(B) by MKL against XLA's dot: values, both gradients, and vmap over A (folded
-    into rows), over B and over both (XLA's batched dot)."""
+def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dtype, route, key, monkeypatch):
+    """C = op(A) op(B) by MKL (or, in bfloat16, where `runs_on_mkl` chooses XLA's dot into
+    float32) against XLA's dot: values, both gradients, and vmap over A (folded into rows), over B
+    and over both (XLA's batched dot)."""
+    if route == "mkl":
+        monkeypatch.setattr(kernels.products, "runs_on_mkl", lambda *_: True)
     ka, kb, kc = jax.random.split(key, 3)
     a = jax.random.normal(ka, (37, 50) if transpose_a else (50, 37), dtype)
     b = jax.random.normal(kb, (29, 37) if transpose_b else (37, 29), dtype)
@@ -442,6 +445,27 @@ def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state["params"]))
         final[dtype] = float(value)
     assert final[None] < 1.0 and abs(final[jnp.bfloat16] - final[None]) < 0.02 * final[None]
+
+
+@pytest.mark.skipif(not (kernels.vendor_blas() or {}).get("bfloat16"), reason="no MKL with bfloat16 hardware")
+def test_bfloat16_products_take_xlas_dot_but_for_the_weight_gradients(key):
+    """Under autocast, with bfloat16 hardware: x W and ∂y Wᵀ run as XLA's dot into float32 (the
+    faster there), xᵀ ∂y (A contracted over its rows) as MKL's; the values and gradients are
+    those of products of the rounded operands."""
+    x, w = jax.random.normal(key, (2, 256, 256))
+    rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+    loss = lambda x, w: jnp.sum(jnp.sin(kernels.product(x, w)))
+    with kernels.autocast(jnp.bfloat16):
+        forward, gradient = jax.jit(lambda x, w: kernels.product(x, w)), jax.jit(jax.grad(loss, (0, 1)))
+        compiled = forward.lower(x, w).compile().as_text(), gradient.lower(x, w).compile().as_text()
+        got = forward(x, w), gradient(x, w)
+    assert "diffprog_gemm" not in compiled[0] and "bf16" in compiled[0]
+    assert compiled[1].count('custom_call_target="diffprog_gemm_bf16"') == 1  # xᵀ ∂y alone
+    cotangent = jnp.cos(rounded(x) @ rounded(w))
+    chex.assert_trees_all_close(got[0], rounded(x) @ rounded(w), atol=1e-3, rtol=1e-4)
+    assert jnp.max(jnp.abs(got[0] - x @ w)) > 1e-2  # the operands were rounded
+    want = rounded(cotangent) @ rounded(w).T, rounded(x).T @ rounded(cotangent)
+    chex.assert_trees_all_close(got[1], want, atol=5e-2, rtol=1e-3)  # a cotangent may round the other way
 
 
 @needs_mkl

@@ -9,7 +9,7 @@ the definition stays the reference it is tested against and the path taken every
 | `causal_attention_blocks`: blocks of 64 queries | the same, causal | elsewhere | the same |
 | `recurrence` → `lstm_recurrence`: C++ kernels (lstm.cc), per-step products by MKL's packed sgemm where installed (`library.use_vendor_sgemm`; bfloat16 under `autocast`) | `LSTM` on a batch | CPU, float32 | `LSTM.scan` |
 | `recurrence` → `scan_recurrence`: written-out backward pass | recurrent layers on a batch | elsewhere | `Recurrent.scan` |
-| `product` → `gemm`: MKL's GEMM, float32 and bfloat16 (AMX where the CPU has it), ≥ `VENDOR_MIN_WORK` multiply-adds, sides ≥ `VENDOR_MIN_SIDE` | `Dense`, `FeedForward`, ... | CPU, MKL installed | `x @ w` |
+| `product` → `gemm`: MKL's GEMM, float32 and bfloat16 (AMX where the CPU has it; bfloat16 products other than Aᵀ B run as XLA's dot into float32, the faster there: `runs_on_mkl`), ≥ `VENDOR_MIN_WORK` multiply-adds, sides ≥ `VENDOR_MIN_SIDE` | `Dense`, `FeedForward`, ... | CPU, MKL installed | `x @ w` |
 | `product` → `_narrowing_product`: transposed-operand gradient | the same | CPU, no MKL | the same |
 | `selective_scan` → `kernel_selective`: C++ kernels (ssm.cc), the (T, I, N) terms never stored | `SelectiveSSM` | CPU, float32 | `scan_selective` (`lax.scan`, autodiff) |
 | `selective_scan` → `written_selective`: the scan with a written-out backward pass | the same | CPU, other dtypes | the same |

@@ -1,5 +1,5 @@
 """The matrix product of `Dense` and its kin, and where it runs on the CPU: the vendor's GEMM
-(MKL, gemm.cc) in float32 or bfloat16, or a rewrite of XLA:CPU's slow transposed-operand dot; and
+(MKL, gemm.cc) in float32 or bfloat16, XLA's dot where it is the faster one, or a rewrite of XLA:CPU's slow transposed-operand dot; and
 `autocast`, products in bfloat16 inside a float32 program."""
 from __future__ import annotations
 
@@ -83,8 +83,9 @@ def product(a, b, transpose_a=False, transpose_b=False):
 def gemm(a, b, transpose_a=False, transpose_b=False, precision=None):
     """op(a) op(b), op the transpose where asked: a (M, K) or, transposed, (K, M); b (K, N) or
     (N, K); one dtype, float32 or bfloat16; the result (M, N) in that dtype, its sums in float32;
-    with `precision` (bfloat16) float32 operands are rounded to it first. MKL on the CPU
-    (`vendor_blas()` must be there), `lax.dot_general` elsewhere. Its gradient is two more such
+    with `precision` (bfloat16) float32 operands are rounded to it first. On the CPU MKL
+    (`vendor_blas()` must be there), or XLA's dot into float32 where `runs_on_mkl` says MKL is
+    the slower (bfloat16 products but the weight gradients'); `lax.dot_general` elsewhere. Its gradient is two more such
     products, transposes read in place; under vmap, a batch of `a` alone folds into its rows (one
     product), any other batch runs XLA's batched dot."""
     aval = lambda array: hijax.ShapedArray(array.shape, array.dtype)
@@ -98,6 +99,23 @@ def _dot(a, b, transpose_a, transpose_b, precision=None):
     if precision is None or precision == a.dtype == b.dtype:
         return jnp.matmul(a, b)
     return jnp.matmul(a.astype(precision), b.astype(precision), preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def runs_on_mkl(transpose_a, precision) -> bool:
+    """Whether `gemm` runs op(A) op(B) by MKL on this CPU, else by XLA's dot: in float32
+    always (MKL 1.05–1.4× faster at the char-LMs' shapes); in bfloat16 where the CPU has its
+    hardware, only where A is contracted over its rows (Aᵀ B, the weight gradients: MKL 3.5–4×
+    faster) — XLA's dot into float32 (YNNPACK, on AMX) runs the others 1.1–2.8× faster, most at
+    K = 256, where MKL's float32 result costs as much as its products. On the Xeon measured
+    (`benchmarks.kernels`)."""
+    blas = vendor_blas()
+    return precision != jnp.bfloat16 or transpose_a or blas is None or not blas["bfloat16"]
+
+
+def _dot_into_float32(a, b, transpose_a, transpose_b, precision):
+    """op(a) op(b) by XLA's dot, the operands in `precision`, the result float32 (as `_mkl`)."""
+    contract = ((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ())
+    return jax.lax.dot_general(a.astype(precision), b.astype(precision), contract, preferred_element_type=jnp.float32)
 
 
 @functools.cache
@@ -146,7 +164,8 @@ if hijax is not None:
 
         def expand(self, a, b):
             flags = self.transpose_a, self.transpose_b, self.precision
-            return jax.lax.platform_dependent(a, b, cpu=lambda a, b: _mkl(a, b, *flags).astype(a.dtype),
+            cpu = _mkl if runs_on_mkl(self.transpose_a, self.precision) else _dot_into_float32
+            return jax.lax.platform_dependent(a, b, cpu=lambda a, b: cpu(a, b, *flags).astype(a.dtype),
                                               default=lambda a, b: _dot(a, b, *flags))
 
         def vjp_fwd(self, nonzeros, a, b):
