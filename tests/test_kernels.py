@@ -330,6 +330,27 @@ def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dt
 
 
 @needs_mkl
+def test_a_jitted_step_with_mkl_products_is_dispatched_without_python(key, monkeypatch):
+    """`gemm` is a plain JAX primitive: after the first call, a jitted training step holding it
+    (forward and both gradients) runs on jit's C++ dispatch path. With `jax_no_tracing` any call
+    that falls back to Python (a retrace, or a per-call lowering) raises."""
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_WORK", 1)
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_SIDE", 1)
+    model = dp.batched(dp.Dense(4) @ dp.FeedForward(16))
+    xs = jax.random.normal(key, (3, 5, 8))
+    step = jax.jit(jax.value_and_grad(lambda p, xs: jnp.sum(model.apply(p, xs) ** 2)))
+    params = model.init(key, xs)
+    assert 'custom_call_target="diffprog_gemm_f32"' in step.lower(params, xs).compile().as_text()
+    first = step(params, xs)
+    jax.config.update("jax_no_tracing", True)
+    try:
+        again = step(params, xs)
+    finally:
+        jax.config.update("jax_no_tracing", False)
+    chex.assert_trees_all_equal(again, first)
+
+
+@needs_mkl
 def test_gemm_derivatives_to_second_order_against_finite_differences(key):
     a, b = jax.random.normal(key, (2, 6, 6))
     check_grads(lambda a, b: kernels.gemm(a, b, False, True), (a, b), order=2, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
@@ -481,15 +502,6 @@ def test_without_bfloat16_hardware_autocast_keeps_float32_products_and_says_so(k
     compiled = product.lower(a, b).compile().as_text()
     assert 'custom_call_target="diffprog_gemm_f32"' in compiled and "diffprog_gemm_bf16" not in compiled
     chex.assert_trees_all_close(out, a @ b, atol=1e-3, rtol=1e-5)
-
-
-def test_without_hijax_the_products_are_xlas(key, monkeypatch):
-    """A jax without `jax.experimental.hijax` (it is experimental): `product` keeps XLA's dot."""
-    monkeypatch.setattr(kernels.products, "hijax", None)
-    a, b = jax.random.normal(key, (2, 256, 256))
-    product = jax.jit(lambda a, b: kernels.product(a, b))
-    assert "diffprog_gemm" not in product.lower(a, b).compile().as_text()
-    chex.assert_trees_all_close(product(a, b), a @ b, atol=1e-4)
 
 
 def test_autocast_and_gemm_reject_what_they_cannot_compute(key):

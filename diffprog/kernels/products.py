@@ -11,14 +11,12 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from jax._src import dispatch  # prim_requires_devices_during_lowering (as for custom_partitioning)
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
 from .library import enabled, on_cpu, vendor_blas
 from .partition import product_partitioned
-
-try:  # experimental in jax: a primitive that carries its own vjp and batching rules
-    from jax.experimental import hijax
-    hijax.VJPHiPrimitive, hijax.ShapedArray, hijax.Zero  # the names used below
-except (ImportError, AttributeError):  # a jax without them: the products stay with XLA's dot
-    hijax = None
 
 # The vendor's GEMM is chosen for products of at least VENDOR_MIN_WORK multiply-adds whose three
 # sides are all ≥ VENDOR_MIN_SIDE: below either, XLA's dot was as fast or faster on the Xeon
@@ -50,7 +48,7 @@ def autocast(dtype=jnp.bfloat16):
 def bfloat16_products() -> bool:
     """Whether the float32 products traced now run in bfloat16 on this CPU: inside
     `autocast(bfloat16)`, with MKL there and bfloat16 hardware under it (AMX or AVX512-BF16)."""
-    if getattr(_autocast, "dtype", None) != jnp.bfloat16 or not enabled() or hijax is None:
+    if getattr(_autocast, "dtype", None) != jnp.bfloat16 or not enabled():
         return False
     blas = vendor_blas()
     if blas is not None and not blas["bfloat16"]:
@@ -68,7 +66,7 @@ def product(a, b, transpose_a=False, transpose_b=False):
     m, k = a.shape[::-1] if transpose_a else a.shape
     n = b.shape[0] if transpose_b else b.shape[1]
     precision = getattr(_autocast, "dtype", None) if a.dtype == b.dtype == jnp.float32 else None
-    if (hijax is not None and enabled() and a.dtype == b.dtype and a.dtype in TYPES and m * k * n >= VENDOR_MIN_WORK
+    if (enabled() and a.dtype == b.dtype and a.dtype in TYPES and m * k * n >= VENDOR_MIN_WORK
             and min(m, k, n) >= VENDOR_MIN_SIDE and vendor_blas() is not None):
         return gemm(a, b, transpose_a, transpose_b, precision)
     if precision is not None:
@@ -88,8 +86,7 @@ def gemm(a, b, transpose_a=False, transpose_b=False, precision=None):
     the slower (bfloat16 products but the weight gradients'); `lax.dot_general` elsewhere. Its gradient is two more such
     products, transposes read in place; under vmap, a batch of `a` alone folds into its rows (one
     product), any other batch runs XLA's batched dot."""
-    aval = lambda array: hijax.ShapedArray(array.shape, array.dtype)
-    return _Gemm(aval(a), aval(b), transpose_a, transpose_b, jnp.dtype(precision or a.dtype))(a, b)
+    return _gemm.bind(a, b, transpose_a=transpose_a, transpose_b=transpose_b, precision=jnp.dtype(precision or a.dtype))
 
 
 def _dot(a, b, transpose_a, transpose_b, precision=None):
@@ -147,80 +144,63 @@ def _partitioned_call(target, transpose_a, transpose_b):
     return product_partitioned(call, transpose_a, transpose_b)
 
 
-if hijax is not None:
-    class _Gemm(hijax.VJPHiPrimitive):
-        """C = op(A) op(B) (see `gemm`): MKL on the CPU, XLA's dot elsewhere."""
+# `gemm` as a primitive of its own: JAX differentiates it by the bilinear rules below and batches
+# it by `_batched_gemm`; it becomes MKL's call (or XLA's dot) only when lowered, per platform.
+_gemm = Primitive("diffprog_gemm")
 
-        def __init__(self, a, b, transpose_a, transpose_b, precision):
-            m = a.shape[1] if transpose_a else a.shape[0]
-            k, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
-            if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or (a.shape[0] if transpose_a else a.shape[1]) != k:
-                raise ValueError(f"gemm: expected matrices of one dtype whose products chain, got {a.shape} {a.dtype}"
-                                 f"{'ᵀ' * transpose_a} and {b.shape} {b.dtype}{'ᵀ' * transpose_b}")
-            self.in_avals = (a, b)
-            self.out_aval = hijax.ShapedArray((m, n), a.dtype)
-            self.params = {"transpose_a": transpose_a, "transpose_b": transpose_b, "precision": precision}
-            super().__init__()
 
-        def expand(self, a, b):
-            flags = self.transpose_a, self.transpose_b, self.precision
-            cpu = _mkl if runs_on_mkl(self.transpose_a, self.precision) else _dot_into_float32
-            return jax.lax.platform_dependent(a, b, cpu=lambda a, b: cpu(a, b, *flags).astype(a.dtype),
-                                              default=lambda a, b: _dot(a, b, *flags))
+@_gemm.def_abstract_eval
+def _gemm_shape(a, b, *, transpose_a, transpose_b, precision):
+    m = a.shape[1] if transpose_a else a.shape[0]
+    k, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
+    if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or (a.shape[0] if transpose_a else a.shape[1]) != k:
+        raise ValueError(f"gemm: expected matrices of one dtype whose products chain, got {a.shape} {a.dtype}"
+                         f"{'ᵀ' * transpose_a} and {b.shape} {b.dtype}{'ᵀ' * transpose_b}")
+    return jax.core.ShapedArray((m, n), a.dtype)
 
-        def vjp_fwd(self, nonzeros, a, b):
-            return gemm(a, b, self.transpose_a, self.transpose_b, self.precision), (a, b)
 
-        def vjp_bwd_retval(self, residuals, grad):
-            a, b = residuals
-            return self.grad_a(grad, b), self.grad_b(grad, a)
+def _on_cpu(a, b, *, transpose_a, transpose_b, precision):
+    cpu = _mkl if runs_on_mkl(transpose_a, precision) else _dot_into_float32
+    return cpu(a, b, transpose_a, transpose_b, precision).astype(a.dtype)
 
-        # C = op(A) op(B): ∂op(A) = ∂C op(B)ᵀ, ∂op(B) = op(A)ᵀ ∂C, each transposed back when op is.
-        def grad_a(self, grad, b):
-            ta, tb, p = self.transpose_a, self.transpose_b, self.precision
-            return gemm(b, grad, tb, True, p) if ta else gemm(grad, b, False, not tb, p)
 
-        def grad_b(self, grad, a):
-            ta, tb, p = self.transpose_a, self.transpose_b, self.precision
-            return gemm(grad, a, True, ta, p) if tb else gemm(a, grad, not ta, False, p)
+_gemm.def_impl(lambda a, b, **flags: _eager(**flags)(a, b))
+dispatch.prim_requires_devices_during_lowering.add(_gemm)  # its CPU lowering holds a custom_partitioning
+_eager = functools.cache(lambda **flags: jax.jit(functools.partial(_gemm.bind, **flags)))
+mlir.register_lowering(_gemm, mlir.lower_fun(_on_cpu, multiple_results=False), platform="cpu")
+mlir.register_lowering(_gemm, mlir.lower_fun(
+    lambda a, b, *, transpose_a, transpose_b, precision: _dot(a, b, transpose_a, transpose_b, precision),
+    multiple_results=False))
 
-        def jvp(self, primals, tangents):
-            return gemm(*primals, self.transpose_a, self.transpose_b, self.precision), self.linearized(primals, *tangents)
 
-        def lin(self, nonzeros, a, b):
-            return gemm(a, b, self.transpose_a, self.transpose_b, self.precision), (a, b)
+# C = op(A) op(B): ∂op(A) = ∂C op(B)ᵀ, ∂op(B) = op(A)ᵀ ∂C, each transposed back when op is.
+def _grad_a(grad, a, b, *, transpose_a, transpose_b, precision):
+    return gemm(b, grad, transpose_b, True, precision) if transpose_a else gemm(grad, b, False, not transpose_b, precision)
 
-        def linearized(self, residuals, da, db):
-            """∂C = op(∂A) op(B) + op(A) op(∂B), the terms of symbolic-zero tangents left out."""
-            (a, b), flags = residuals, (self.transpose_a, self.transpose_b, self.precision)
-            terms = [gemm(da, b, *flags)] if not isinstance(da, hijax.Zero) else []
-            terms += [gemm(a, db, *flags)] if not isinstance(db, hijax.Zero) else []
-            return sum(terms[1:], terms[0]) if terms else jnp.zeros(self.out_aval.shape, self.out_aval.dtype)
 
-        def transpose(self, grad, a, b):
-            """The product is linear in each operand (jvp's terms; under `jax.checkpoint` and
-            `jax.linearize` reverse mode transposes them): the operand being transposed is an
-            accumulator, the other a value."""
-            if isinstance(grad, hijax.Zero):
-                return
-            if hasattr(a, "accum"):
-                a.accum(self.grad_a(grad, b))
-            if hasattr(b, "accum"):
-                b.accum(self.grad_b(grad, a))
+def _grad_b(grad, a, b, *, transpose_a, transpose_b, precision):
+    return gemm(grad, a, True, transpose_a, precision) if transpose_b else gemm(a, grad, not transpose_a, False, precision)
 
-        def batch(self, axis_data, args, dims):
-            (a, b), (da, db) = args, dims
-            ta, tb, p = self.transpose_a, self.transpose_b, self.precision
-            if da is None and db is None:
-                return gemm(a, b, ta, tb, p), None
-            if da is not None and db is None and not ta:  # a batch of A's rows: one product
-                a = jnp.moveaxis(a, da, 0)
-                c = gemm(a.reshape(-1, a.shape[-1]), b, False, tb, p)
-                return c.reshape(a.shape[:-1] + c.shape[-1:]), 0
-            op = lambda x, d, t: jnp.swapaxes(x if d is None else jnp.moveaxis(x, d, 0), -1, -2) if t else (
-                x if d is None else jnp.moveaxis(x, d, 0))
-            spec = ("bmk," if da is not None else "mk,") + ("bkn" if db is not None else "kn") + "->bmn"
-            return jnp.einsum(spec, op(a, da, ta).astype(p), op(b, db, tb).astype(p)).astype(a.dtype), 0
+
+ad.defbilinear(_gemm, _grad_a, _grad_b)
+
+
+def _batched_gemm(args, dims, *, transpose_a, transpose_b, precision):
+    """A batch of A's rows alone folds into one product; any other batch runs XLA's batched dot."""
+    (a, b), (da, db) = args, dims
+    if da is not None and db is None and not transpose_a:
+        a = jnp.moveaxis(a, da, 0)
+        c = gemm(a.reshape(-1, a.shape[-1]), b, False, transpose_b, precision)
+        return c.reshape(a.shape[:-1] + c.shape[-1:]), 0
+    batch_first = lambda x, d: x if d is None else jnp.moveaxis(x, d, 0)
+    op = lambda x, d, t: jnp.swapaxes(batch_first(x, d), -1, -2) if t else batch_first(x, d)
+    spec = ("mk," if da is None else "bmk,") + ("kn" if db is None else "bkn") + "->bmn"
+    product = jnp.einsum(spec, op(a, da, transpose_a).astype(precision), op(b, db, transpose_b).astype(precision),
+                         preferred_element_type=jnp.float32)
+    return product.astype(a.dtype), 0
+
+
+batching.primitive_batchers[_gemm] = _batched_gemm
 
 
 @jax.custom_jvp
