@@ -323,6 +323,8 @@ def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dt
     as32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
     chex.assert_trees_all_close(as32(jax.jit(ours)(a, b)), as32(xla(a, b)), **tol)
     chex.assert_trees_all_close(as32(loss(ours)(a, b)), as32(loss(xla)(a, b)), **tol)
+    on_mkl = 'custom_call_target="diffprog_gemm_' in jax.jit(ours).lower(a, b).compile().as_text()
+    assert on_mkl == (route == "mkl" or kernels.products.runs_on_mkl(transpose_a, jnp.dtype(dtype)))
     stacked = lambda x: jnp.stack([x, 2 * x, -x])
     for axes in ((0, None), (None, 0), (0, 0)):
         args = [stacked(x) if axis == 0 else x for x, axis in zip((a, b), axes)]

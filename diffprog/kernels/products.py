@@ -83,10 +83,12 @@ def gemm(a, b, transpose_a=False, transpose_b=False, precision=None):
     (N, K); one dtype, float32 or bfloat16; the result (M, N) in that dtype, its sums in float32;
     with `precision` (bfloat16) float32 operands are rounded to it first. On the CPU MKL
     (`vendor_blas()` must be there), or XLA's dot into float32 where `runs_on_mkl` says MKL is
-    the slower (bfloat16 products but the weight gradients'); `lax.dot_general` elsewhere. Its gradient is two more such
-    products, transposes read in place; under vmap, a batch of `a` alone folds into its rows (one
-    product), any other batch runs XLA's batched dot."""
-    return _gemm.bind(a, b, transpose_a=transpose_a, transpose_b=transpose_b, precision=jnp.dtype(precision or a.dtype))
+    the slower (decided when traced: the primitive's `mkl`); `lax.dot_general` elsewhere. Its
+    gradient is two more such products, transposes read in place; under vmap, a batch of `a`
+    alone folds into its rows (one product), any other batch runs XLA's batched dot."""
+    precision = jnp.dtype(precision or a.dtype)
+    return _gemm.bind(a, b, transpose_a=transpose_a, transpose_b=transpose_b, precision=precision,
+                      mkl=runs_on_mkl(transpose_a, precision))
 
 
 def _dot(a, b, transpose_a, transpose_b, precision=None):
@@ -150,7 +152,7 @@ _gemm = Primitive("diffprog_gemm")
 
 
 @_gemm.def_abstract_eval
-def _gemm_shape(a, b, *, transpose_a, transpose_b, precision):
+def _gemm_shape(a, b, *, transpose_a, transpose_b, precision, mkl):
     m = a.shape[1] if transpose_a else a.shape[0]
     k, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
     if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or (a.shape[0] if transpose_a else a.shape[1]) != k:
@@ -159,8 +161,8 @@ def _gemm_shape(a, b, *, transpose_a, transpose_b, precision):
     return jax.core.ShapedArray((m, n), a.dtype)
 
 
-def _on_cpu(a, b, *, transpose_a, transpose_b, precision):
-    cpu = _mkl if runs_on_mkl(transpose_a, precision) else _dot_into_float32
+def _on_cpu(a, b, *, transpose_a, transpose_b, precision, mkl):
+    cpu = _mkl if mkl else _dot_into_float32
     return cpu(a, b, transpose_a, transpose_b, precision).astype(a.dtype)
 
 
@@ -169,23 +171,23 @@ dispatch.prim_requires_devices_during_lowering.add(_gemm)  # its CPU lowering ho
 _eager = functools.cache(lambda **flags: jax.jit(functools.partial(_gemm.bind, **flags)))
 mlir.register_lowering(_gemm, mlir.lower_fun(_on_cpu, multiple_results=False), platform="cpu")
 mlir.register_lowering(_gemm, mlir.lower_fun(
-    lambda a, b, *, transpose_a, transpose_b, precision: _dot(a, b, transpose_a, transpose_b, precision),
+    lambda a, b, *, transpose_a, transpose_b, precision, mkl: _dot(a, b, transpose_a, transpose_b, precision),
     multiple_results=False))
 
 
 # C = op(A) op(B): ∂op(A) = ∂C op(B)ᵀ, ∂op(B) = op(A)ᵀ ∂C, each transposed back when op is.
-def _grad_a(grad, a, b, *, transpose_a, transpose_b, precision):
+def _grad_a(grad, a, b, *, transpose_a, transpose_b, precision, mkl):
     return gemm(b, grad, transpose_b, True, precision) if transpose_a else gemm(grad, b, False, not transpose_b, precision)
 
 
-def _grad_b(grad, a, b, *, transpose_a, transpose_b, precision):
+def _grad_b(grad, a, b, *, transpose_a, transpose_b, precision, mkl):
     return gemm(grad, a, True, transpose_a, precision) if transpose_b else gemm(a, grad, not transpose_a, False, precision)
 
 
 ad.defbilinear(_gemm, _grad_a, _grad_b)
 
 
-def _batched_gemm(args, dims, *, transpose_a, transpose_b, precision):
+def _batched_gemm(args, dims, *, transpose_a, transpose_b, precision, mkl):
     """A batch of A's rows alone folds into one product; any other batch runs XLA's batched dot."""
     (a, b), (da, db) = args, dims
     if da is not None and db is None and not transpose_a:
