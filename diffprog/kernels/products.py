@@ -104,9 +104,9 @@ def runs_on_mkl(transpose_a, precision) -> bool:
     """Whether `gemm` runs op(A) op(B) by MKL on this CPU, else by XLA's dot: in float32
     always (MKL 1.05–1.4× faster at the char-LMs' shapes); in bfloat16 where the CPU has its
     hardware, only where A is contracted over its rows (Aᵀ B, the weight gradients: MKL 3.5–4×
-    faster) — XLA's dot into float32 (YNNPACK, on AMX) runs the others 1.1–2.8× faster, most at
-    K = 256, where MKL's float32 result costs as much as its products. On the Xeon measured
-    (`benchmarks.kernels`)."""
+    faster) — XLA's dot into float32 (YNNPACK, on AMX) runs the others 1.1–2.8× faster where the
+    result stays float32 (`autocast`), most at K = 256, and level with MKL where it is rounded
+    to bfloat16. On the Xeon measured (`benchmarks.kernels`)."""
     blas = vendor_blas()
     return precision != jnp.bfloat16 or transpose_a or blas is None or not blas["bfloat16"]
 
