@@ -46,7 +46,8 @@ def test_compare_refuses_lengths_outside_the_preset(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["experiments.compare", "experiments.charlm", "experiments.seq2seq",
                                   "experiments.soft_programs", "experiments.lstm_counter", "experiments.vision",
                                   "experiments.bert_qa", "benchmarks.sequence_models", "benchmarks.pretrained",
-                                  "benchmarks.kernels", "benchmarks.layers", "benchmarks.depth", "benchmarks.page_faults"])
+                                  "benchmarks.kernels", "benchmarks.layers", "benchmarks.depth", "benchmarks.page_faults",
+                                  "benchmarks.nanogpt"])
 def test_help_of_every_experiment_and_benchmark(name, capsys):
     module = __import__(name, fromlist=["main"])
     with pytest.raises(SystemExit) as exit:
@@ -128,6 +129,22 @@ def test_benchmarks_quick(name, flags, tmp_path):
     figure = {"sequence_models": "step_time_vs_T", "depth": "depth"}.get(name)
     assert figure is None or (tmp_path / f"{figure}_quick.png").exists()
     assert results["machine"]["cores"] >= 1
+
+
+def test_nanogpt_benchmark_writes_the_data_as_nanogpts_prepare_does(tmp_path):
+    """benchmarks.nanogpt writes nanoGPT's shakespeare_char files: uint16 ids of the sorted
+    characters, the first 90 % for training; meta.pkl's itos reads them back into the text."""
+    import pickle
+
+    from benchmarks import nanogpt
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3
+    nanogpt.prepare(tmp_path, text)
+    folder = tmp_path / "data" / "shakespeare_char"
+    meta = pickle.loads((folder / "meta.pkl").read_bytes())
+    train, val = (np.fromfile(folder / f"{split}.bin", np.uint16) for split in ("train", "val"))
+    assert meta["vocab_size"] == len(set(text)) and len(train) == int(0.9 * len(text))
+    assert "".join(meta["itos"][i] for i in np.concatenate([train, val])) == text
+    assert [meta["stoi"][c] for c in sorted(set(text))] == list(range(meta["vocab_size"]))
 
 
 @pytest.mark.slow
