@@ -352,6 +352,20 @@ def test_a_jitted_step_with_mkl_products_is_dispatched_without_python(key, monke
     chex.assert_trees_all_equal(again, first)
 
 
+def test_without_jaxs_device_registry_the_products_are_xlas(key, monkeypatch):
+    """gemm's CPU lowering needs jax's (internal) registry of primitives that lower with their
+    devices; a jax without it keeps XLA's dot in `product`, in float32 and under autocast."""
+    monkeypatch.setattr(kernels.products, "_needs_devices", None)
+    a, b = jax.random.normal(key, (2, 256, 256))
+    product = jax.jit(lambda a, b: kernels.product(a, b))
+    assert "diffprog_gemm" not in product.lower(a, b).compile().as_text()
+    chex.assert_trees_all_close(product(a, b), a @ b, atol=1e-4)
+    with kernels.autocast(jnp.bfloat16):
+        assert not kernels.products.bfloat16_products()
+        rounded = jax.jit(lambda a, b: kernels.product(a, b))
+        assert "diffprog_gemm" not in rounded.lower(a, b).compile().as_text()
+
+
 @needs_mkl
 def test_gemm_derivatives_to_second_order_against_finite_differences(key):
     a, b = jax.random.normal(key, (2, 6, 6))

@@ -11,12 +11,17 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from jax._src import dispatch  # prim_requires_devices_during_lowering (as for custom_partitioning)
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from .library import enabled, on_cpu, vendor_blas
 from .partition import product_partitioned
+
+try:  # jax's set of primitives whose lowering needs the devices: gemm's CPU lowering holds a
+    # custom_partitioning. Internal to jax; without it `product` keeps XLA's dot.
+    from jax._src.dispatch import prim_requires_devices_during_lowering as _needs_devices
+except ImportError:
+    _needs_devices = None
 
 # The vendor's GEMM is chosen for products of at least VENDOR_MIN_WORK multiply-adds whose three
 # sides are all ≥ VENDOR_MIN_SIDE: below either, XLA's dot was as fast or faster on the Xeon
@@ -48,7 +53,7 @@ def autocast(dtype=jnp.bfloat16):
 def bfloat16_products() -> bool:
     """Whether the float32 products traced now run in bfloat16 on this CPU: inside
     `autocast(bfloat16)`, with MKL there and bfloat16 hardware under it (AMX or AVX512-BF16)."""
-    if getattr(_autocast, "dtype", None) != jnp.bfloat16 or not enabled():
+    if getattr(_autocast, "dtype", None) != jnp.bfloat16 or not enabled() or _needs_devices is None:
         return False
     blas = vendor_blas()
     if blas is not None and not blas["bfloat16"]:
@@ -66,7 +71,7 @@ def product(a, b, transpose_a=False, transpose_b=False):
     m, k = a.shape[::-1] if transpose_a else a.shape
     n = b.shape[0] if transpose_b else b.shape[1]
     precision = getattr(_autocast, "dtype", None) if a.dtype == b.dtype == jnp.float32 else None
-    if (enabled() and a.dtype == b.dtype and a.dtype in TYPES and m * k * n >= VENDOR_MIN_WORK
+    if (enabled() and _needs_devices is not None and a.dtype == b.dtype and a.dtype in TYPES and m * k * n >= VENDOR_MIN_WORK
             and min(m, k, n) >= VENDOR_MIN_SIDE and vendor_blas() is not None):
         return gemm(a, b, transpose_a, transpose_b, precision)
     if precision is not None:
@@ -167,7 +172,8 @@ def _on_cpu(a, b, *, transpose_a, transpose_b, precision, mkl):
 
 
 _gemm.def_impl(lambda a, b, **flags: _eager(**flags)(a, b))
-dispatch.prim_requires_devices_during_lowering.add(_gemm)  # its CPU lowering holds a custom_partitioning
+if _needs_devices is not None:
+    _needs_devices.add(_gemm)
 _eager = functools.cache(lambda **flags: jax.jit(functools.partial(_gemm.bind, **flags)))
 mlir.register_lowering(_gemm, mlir.lower_fun(_on_cpu, multiple_results=False), platform="cpu")
 mlir.register_lowering(_gemm, mlir.lower_fun(
