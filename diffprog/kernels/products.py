@@ -98,11 +98,14 @@ def gemm(a, b, transpose_a=False, transpose_b=False, precision=None):
 
 def _dot(a, b, transpose_a, transpose_b, precision=None):
     """op(a) op(b) by XLA (dtypes promoted as by `jnp.matmul`); with `precision`, the operands
-    rounded to it, the sums in float32."""
-    a, b = (a.T if transpose_a else a), (b.T if transpose_b else b)
-    if precision is None or precision == a.dtype == b.dtype:
-        return jnp.matmul(a, b)
-    return jnp.matmul(a.astype(precision), b.astype(precision), preferred_element_type=jnp.float32).astype(a.dtype)
+    rounded to it and the product computed into float32, then given a's dtype (on the CPU, XLA's
+    fast bfloat16 path: into a bfloat16 result it is 4× slower; the transposes as the dot's
+    contracted dimensions, which XLA:CPU runs 4× faster than a transposed operand's copy)."""
+    if precision is None:
+        return jnp.matmul(a.T if transpose_a else a, b.T if transpose_b else b)
+    contract = ((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ())
+    return jax.lax.dot_general(a.astype(precision), b.astype(precision), contract,
+                               preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 def runs_on_mkl(transpose_a, precision) -> bool:
@@ -114,12 +117,6 @@ def runs_on_mkl(transpose_a, precision) -> bool:
     to bfloat16. On the Xeon measured (`benchmarks.kernels`)."""
     blas = vendor_blas()
     return precision != jnp.bfloat16 or transpose_a or blas is None or not blas["bfloat16"]
-
-
-def _dot_into_float32(a, b, transpose_a, transpose_b, precision):
-    """op(a) op(b) by XLA's dot, the operands in `precision`, the result float32 (as `_mkl`)."""
-    contract = ((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ())
-    return jax.lax.dot_general(a.astype(precision), b.astype(precision), contract, preferred_element_type=jnp.float32)
 
 
 @functools.cache
@@ -166,19 +163,19 @@ def _gemm_shape(a, b, *, transpose_a, transpose_b, precision, mkl):
     return jax.core.ShapedArray((m, n), a.dtype)
 
 
-def _on_cpu(a, b, *, transpose_a, transpose_b, precision, mkl):
-    cpu = _mkl if mkl else _dot_into_float32
-    return cpu(a, b, transpose_a, transpose_b, precision).astype(a.dtype)
+def _lowered(on_cpu):
+    def product(a, b, *, transpose_a, transpose_b, precision, mkl):
+        run = _mkl if on_cpu and mkl else _dot
+        return run(a, b, transpose_a, transpose_b, precision).astype(a.dtype)
+    return mlir.lower_fun(product, multiple_results=False)
 
 
+_eager = functools.cache(lambda **flags: jax.jit(functools.partial(_gemm.bind, **flags)))
 _gemm.def_impl(lambda a, b, **flags: _eager(**flags)(a, b))
+mlir.register_lowering(_gemm, _lowered(on_cpu=True), platform="cpu")
+mlir.register_lowering(_gemm, _lowered(on_cpu=False))
 if _needs_devices is not None:
     _needs_devices.add(_gemm)
-_eager = functools.cache(lambda **flags: jax.jit(functools.partial(_gemm.bind, **flags)))
-mlir.register_lowering(_gemm, mlir.lower_fun(_on_cpu, multiple_results=False), platform="cpu")
-mlir.register_lowering(_gemm, mlir.lower_fun(
-    lambda a, b, *, transpose_a, transpose_b, precision, mkl: _dot(a, b, transpose_a, transpose_b, precision),
-    multiple_results=False))
 
 
 # C = op(A) op(B): ∂op(A) = ∂C op(B)ᵀ, ∂op(B) = op(A)ᵀ ∂C, each transposed back when op is.
