@@ -52,9 +52,15 @@ class Layer:
         """Parameters for inputs shaped like `x` (one example; array or ShapeDtypeStruct).
 
         Side inputs are optional here; give those a layer needs in order to run (e.g. the
-        `context=` of cross-attention) so that shapes can be inferred through it."""
-        with _outermost():  # the applies inside init (shape inference) check no params
-            return self.init_params(key, spec_of(x), **spec_of(side))
+        `context=` of cross-attention) so that shapes can be inferred through it.
+        Called outside a trace, the whole initialisation runs as one program compiled for
+        compile time (`INIT_COMPILER_OPTIONS`): XLA compiles each distinct op of an eager
+        initialisation separately: 4.6 s for charlm's 4-layer Transformer against 1.3 s;
+        the values are the op-by-op run's (`jax.disable_jit()`) to float32 rounding."""
+        specs = _Specs(spec_of((x, side)))
+        if isinstance(key, jax.core.Tracer):  # inside a trace (a composition's init, a user's jit)
+            return _init_params(self, key, specs)
+        return _compiled_init(self, key, specs)
 
     def apply(self, params: Params, x, **side):
         """Run the layer on one example. Pure; works under jit, vmap and grad. The outermost
@@ -600,3 +606,30 @@ def _as_array(value):
     if isinstance(value, list) and all(isinstance(e, (int, float, np.number)) for e in value):
         return jnp.asarray(value)
     return value
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Specs:
+    """An init's (input, side inputs) specs as a static argument: hashed by structure and leaves."""
+    tree: Any
+
+    def _key(self):
+        leaves, treedef = jax.tree.flatten(self.tree)
+        return treedef, tuple(leaves)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, _Specs) and self._key() == other._key()
+
+
+def _init_params(layer, key, specs):
+    spec, side = specs.tree
+    with _outermost():  # the applies inside init (shape inference) check no params
+        return layer.init_params(key, spec, **side)
+
+
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+"""XLA options for `Layer.init`'s program, which runs once: the least compile time."""
+_compiled_init = jax.jit(_init_params, static_argnums=(0, 2), compiler_options=INIT_COMPILER_OPTIONS)

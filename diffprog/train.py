@@ -234,6 +234,8 @@ def _clipped(optimizer, clip_norm):
 
 
 _evaluate = jax.jit(TrainStep.evaluate, static_argnums=(0, 1))
+_all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(a).all() for a in jax.tree.leaves(tree)])))
+"""One program for the whole tree (op by op, each leaf's shape compiled its own two ops)."""
 
 
 def _check_arguments(*, steps, keep, log_every, workdir, checkpoint_every, resume, eval_every):
@@ -382,7 +384,7 @@ def train(model: Layer, loss: Callable, optimizer: optax.GradientTransformation,
         if evaluating:
             run_eval(done)
         if saving:
-            if not all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(state["params"])):
+            if not _all_finite(state["params"]):
                 raise TrainingError(f"step {step}: parameters are not finite; checkpoint not saved")
             checkpoints.save(done, state)
     bar.close()

@@ -73,7 +73,8 @@ def main(argv=None):
         return {"inputs": take[:, :-1], "targets": take[:, 1:]}
 
     data = jax.jit(lambda step: windows(train_ids, jax.random.fold_in(jax.random.key(args.seed), step), args.batch_size))
-    val = [windows(val_ids, jax.random.fold_in(jax.random.key(10_000), i), 32) for i in range(args.eval_batches)]
+    val_batch = jax.jit(lambda i: windows(val_ids, jax.random.fold_in(jax.random.key(10_000), i), 32))
+    val = [val_batch(i) for i in range(args.eval_batches)]
     model = build(args.body, len(chars), args.n_layer, args.n_head, args.n_embd, args.block_size, args.dropout)
     loss = lambda logits, b: dp.metrics.cross_entropy(logits, b["targets"])
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.max_iters // 10), args.max_iters, 0.1 * args.lr)

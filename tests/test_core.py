@@ -122,6 +122,25 @@ def test_init_from_shape_dtype_struct_matches_init_from_array(key):
                                 model.init(key, jax.ShapeDtypeStruct(x.shape, x.dtype)))
 
 
+def test_init_is_one_compiled_program_equal_to_the_op_by_op_run(key):
+    model = dp.LanguageModel(61, 24, dp.TransformerBlock(24, 4, 40, causal=True) ** 2,  # shapes no other test uses:
+                             positions=dp.LearnedPositions(13), final_norm=True, per_position=True)  # not compiled yet
+    spec = jax.ShapeDtypeStruct((13,), jnp.int32)
+    compiles = []
+    listener = lambda event, seconds, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        params = model.init(key, spec)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(compiles) == 1, compiles
+    with jax.disable_jit():  # each op on its own: the reference
+        reference = model.init(key, spec)
+    chex.assert_trees_all_close(params, reference, rtol=1e-5, atol=1e-6)  # the inverse-erf fused: float32 rounding
+    inside = jax.jit(model.init, static_argnums=1)(key, spec)  # inside a trace: traced in place
+    chex.assert_trees_all_close(inside, params, rtol=1e-5, atol=1e-6)
+
+
 def test_jit_vmap_grad_through_a_composition(key):
     model = dp.Dense(1) @ dp.FeedForward(8) ** 3
     x = jax.random.normal(key, (5, 8))

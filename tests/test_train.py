@@ -75,6 +75,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     chex.assert_tree_all_finite(restored.params)
 
 
+def test_non_finite_parameters_after_a_finite_loss_are_not_saved(tmp_path):
+    poisoned = optax.chain(train_toy.OPTIMIZER, optax.stateless(lambda updates, params: jax.tree.map(
+        lambda u: u.at[(0,) * u.ndim].set(jnp.inf) if u.ndim == 2 else u, updates)))
+    with pytest.raises(dp.TrainingError, match=r"step 0: parameters are not finite; checkpoint not saved"):
+        dp.train(train_toy.MODEL, train_toy.loss, poisoned, train_toy.data, steps=3, workdir=tmp_path,
+                 checkpoint_every=1, quiet=True)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
 def test_corrupt_and_incompatible_checkpoints_name_the_file(tmp_path):
     train_toy.run(tmp_path, 4, checkpoint_every=4)
     wide = dp.Dense(1) @ dp.FeedForward(32) ** 2
