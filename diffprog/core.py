@@ -56,10 +56,13 @@ class Layer:
         Called outside a trace, the whole initialisation runs as one program compiled for
         compile time (`INIT_COMPILER_OPTIONS`): XLA compiles each distinct op of an eager
         initialisation separately: 4.6 s for charlm's 4-layer Transformer against 1.3 s;
-        the values are the op-by-op run's (`jax.disable_jit()`) to float32 rounding."""
+        the values are the op-by-op run's (`jax.disable_jit()`) to float32 rounding. An
+        initialisation that calls a library (a custom call: LAPACK's QR for the recurrent
+        layers' orthogonal W_h) runs op by op: two batched QRs at once in one program wait for
+        each other's work on XLA's CPU threads and never finish (jaxlib 0.10.2, 2 cores)."""
         specs = _Specs(spec_of((x, side)))
-        if isinstance(key, jax.core.Tracer):  # inside a trace (a composition's init, a user's jit)
-            return _init_params(self, key, specs)
+        if isinstance(key, jax.core.Tracer) or "custom_call" in _compiled_init.lower(self, key, specs).as_text():
+            return _init_params(self, key, specs)  # inside a trace (a composition's init, a user's jit), or a library call
         return _compiled_init(self, key, specs)
 
     def apply(self, params: Params, x, **side):

@@ -141,6 +141,23 @@ def test_init_is_one_compiled_program_equal_to_the_op_by_op_run(key):
     chex.assert_trees_all_close(inside, params, rtol=1e-5, atol=1e-6)
 
 
+def test_init_with_a_library_call_runs_op_by_op_and_finishes():
+    """A stacked LSTM's orthogonal W_h are batched QRs (LAPACK, a custom call): compiled into one
+    program, two of them wait for each other on XLA's 2 CPU threads forever. In its own process:
+    a hang fails here instead of stopping the suite."""
+    code = """if True:
+        import jax, jax.numpy as jnp, diffprog as dp
+        model = dp.Dense(65) @ dp.LSTM(256) ** 2 @ dp.EmbedToken(65, 256)
+        params = jax.block_until_ready(model.init(jax.random.key(0), jnp.zeros((8,), jnp.int32)))
+        w = params["1_LSTM^n"]["stack"]["remember"]["w_h"]
+        print(float(jnp.abs(w[1] @ w[1].T - jnp.eye(256)).max()))"""
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=True).stdout
+    except subprocess.TimeoutExpired:
+        pytest.fail("the LSTM's init did not finish in 180 s (a compiled program with two batched QRs)")
+    assert float(out.splitlines()[-1]) < 1e-4, out  # orthogonal
+
+
 def test_jit_vmap_grad_through_a_composition(key):
     model = dp.Dense(1) @ dp.FeedForward(8) ** 3
     x = jax.random.normal(key, (5, 8))
