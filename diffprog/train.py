@@ -219,7 +219,7 @@ class TrainStep:
         """(jit-compiled step with the state donated, the state placed for it, put(batch) that
         places a batch), sharded over `mesh` when there is one."""
         if self.mesh is None:
-            return jax.jit(self, donate_argnums=0), state, lambda b: b
+            return _jitted(self), state, lambda b: b
         state_sharding, batch_sharding = _shardings(self.mesh, state, batch, self.fsdp)
         step = jax.jit(self, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, None))
@@ -231,6 +231,14 @@ def _clipped(optimizer, clip_norm):
     """clip_by_global_norm, then the optimiser: one object per pair, so equal train() calls
     build equal TrainSteps (and compile once)."""
     return optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(step: TrainStep):
+    """The step under jit, one object per equal step: jit's caches hold a function weakly, so a
+    step's program would be traced and compiled again once the TrainStep of an earlier, equal
+    train() call is freed."""
+    return jax.jit(step, donate_argnums=0)
 
 
 _evaluate = jax.jit(TrainStep.evaluate, static_argnums=(0, 1))

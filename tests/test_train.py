@@ -1,4 +1,5 @@
 """The trainer: reproducibility, checkpoints and resume, bad states, data parallel, bf16."""
+import gc
 import json
 import os
 import signal
@@ -122,6 +123,12 @@ def test_equal_train_calls_compile_once(compiles):
     assert len(compiles) == before
     run(optax.adam(1e-2))
     assert len(compiles) > before
+    plain = lambda: dp.train(train_toy.MODEL, train_toy.loss, train_toy.OPTIMIZER, train_toy.data, steps=3, quiet=True)
+    plain()  # no evaluation: nothing else holds the first call's TrainStep
+    gc.collect()
+    before = len(compiles)
+    plain()
+    assert len(compiles) == before
 
 
 def test_bf16_compute_trains_like_float32():
