@@ -242,7 +242,7 @@ def _jitted(step: TrainStep):
 
 
 _evaluate = jax.jit(TrainStep.evaluate, static_argnums=(0, 1))
-_all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(a).all() for a in jax.tree.leaves(tree)])))
+_all_finite = jax.jit(lambda tree: jnp.array([jnp.isfinite(a).all() for a in jax.tree.leaves(tree)], bool).all())
 """One program for the whole tree (op by op, each leaf's shape compiled its own two ops)."""
 
 

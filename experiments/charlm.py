@@ -10,6 +10,7 @@ samples, checkpoints to runs/charlm/<timestamp>/ (or --workdir) and resumes with
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -67,14 +68,16 @@ def main(argv=None):
     train_ids, val_ids = jnp.asarray(ids[:split]), jnp.asarray(ids[split:])
     save_config(out, {**vars(args), "characters": len(text), "vocab": len(chars)})
 
-    def windows(source, key, batch):
+    @functools.partial(jax.jit, static_argnums=3)
+    def windows(source, seed, index, batch):
+        """Batch `index` of random windows from `source`: one compiled program per source and batch."""
+        key = jax.random.fold_in(jax.random.key(seed), index)
         starts = jax.random.randint(key, (batch,), 0, source.shape[0] - args.block_size - 1)
         take = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(source, s, args.block_size + 1))(starts)
         return {"inputs": take[:, :-1], "targets": take[:, 1:]}
 
-    data = jax.jit(lambda step: windows(train_ids, jax.random.fold_in(jax.random.key(args.seed), step), args.batch_size))
-    val_batch = jax.jit(lambda i: windows(val_ids, jax.random.fold_in(jax.random.key(10_000), i), 32))
-    val = [val_batch(i) for i in range(args.eval_batches)]
+    data = lambda step: windows(train_ids, args.seed, step, args.batch_size)
+    val = [windows(val_ids, 10_000, i, 32) for i in range(args.eval_batches)]
     model = build(args.body, len(chars), args.n_layer, args.n_head, args.n_embd, args.block_size, args.dropout)
     loss = lambda logits, b: dp.metrics.cross_entropy(logits, b["targets"])
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.max_iters // 10), args.max_iters, 0.1 * args.lr)
