@@ -47,7 +47,7 @@ def time_case(tree: Path, case: str, quick: bool, reps: int) -> float:
 
 
 def main(argv=None):
-    p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for commits.json and commits.md")
+    p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for commits.json and commits.md", compile_cache=False)
     p.add_argument("base")
     p.add_argument("head", nargs="?", default=".")
     p.add_argument("--cases", nargs="+", choices=CASES, default=CASES)

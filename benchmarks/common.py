@@ -16,7 +16,7 @@ from experiments.common import at_least, markdown_table, parser  # noqa: F401  (
 
 def timing_arguments(doc: str, quick_help: str):
     """The flags of a benchmark that times interleaved rounds: --quick, --reps, --rounds, --out."""
-    p = parser(doc.splitlines()[0], "benchmarks/results", "folder for the JSON, markdown and plots")
+    p = parser(doc.splitlines()[0], "benchmarks/results", "folder for the JSON, markdown and plots", compile_cache=False)
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--reps", type=at_least(1), default=10)
     p.add_argument("--rounds", type=at_least(1), default=3)

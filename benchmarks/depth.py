@@ -38,7 +38,7 @@ def measure(model, x, reps):
 
 def main(argv=None):
     dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
-    p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for the JSON, markdown and plots")
+    p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for the JSON, markdown and plots", compile_cache=False)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     depths, d, T, B, reps = ((1, 2), 16, 8, 2, 2) if args.quick else ((1, 2, 4, 8, 16, 24, 48), 64, 64, 8, 5)

@@ -130,7 +130,7 @@ def products(results, quick, reps):
 
 def main(argv=None):
     dp.keep_freed_memory()  # glibc keeps XLA's freed buffers: no page faults per step
-    p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for the JSON, markdown and plots")
+    p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for the JSON, markdown and plots", compile_cache=False)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     reps = 3 if args.quick else 20

@@ -33,7 +33,7 @@ STEP = """if True:
 
 
 def main(argv=None):
-    p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for the JSON and markdown")
+    p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for the JSON and markdown", compile_cache=False)
     p.add_argument("--quick", action="store_true", help="n = 512, 2 calls")
     args = p.parse_args(argv)
     n, reps = (512, 2) if args.quick else (2048, 10)

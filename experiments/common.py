@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import tempfile
 from pathlib import Path
 
 import jax
 import matplotlib
+from jax.experimental.compilation_cache import compilation_cache
 
 matplotlib.use("Agg")
 
@@ -91,11 +93,37 @@ def probability(text):
     return value
 
 
+def default_compile_cache() -> str:
+    """JAX's own setting when the user made one (JAX_COMPILATION_CACHE_DIR), else
+    $XDG_CACHE_HOME/diffprog/jax (~/.cache/diffprog/jax)."""
+    return jax.config.jax_compilation_cache_dir or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffprog" / "jax")
+
+
+def use_compile_cache(folder: str) -> None:
+    """JAX's persistent compilation cache in `folder` ("": none): a later run of the same
+    experiment loads its compiled programs (the training step, evaluation, generation) instead
+    of compiling them again — what torch.compile's cache does for PyTorch users. Programs that
+    compile in under 0.1 s are not stored (unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
+    says otherwise). XLA:CPU checks that a stored program was compiled for this CPU's features
+    before running it (a folder shared by different machines recompiles, it never runs
+    instructions the CPU lacks)."""
+    if (folder or None) == jax.config.jax_compilation_cache_dir:
+        return
+    compilation_cache.reset_cache()  # a folder already in use by this process is let go
+    compilation_cache.set_cache_dir(folder or None)
+    if folder and "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, and `--out` must be a folder it can write to, checked before any work."""
+    """argparse, and `--out` must be a folder it can write to, checked before any work; with
+    `--compile_cache` (experiments), JAX's persistent compilation cache is set up."""
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
+        if "compile_cache" in parsed:
+            use_compile_cache(parsed.compile_cache)
         out = Path(parsed.out)
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +134,13 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
-def parser(description: str, out: str = "runs", out_help: str = "root folder for runs/<name>/<timestamp>/") -> Parser:
+def parser(description: str, out: str = "runs", out_help: str = "root folder for runs/<name>/<timestamp>/", *,
+           compile_cache: bool = True) -> Parser:
+    """The command line every experiment and benchmark shares: --out, and for experiments
+    (`compile_cache`) --compile_cache. Benchmarks that time compilation go without it."""
     p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=out, help=out_help)
+    if compile_cache:
+        p.add_argument("--compile_cache", default=default_compile_cache(), metavar="FOLDER",
+                       help='JAX\'s persistent compilation cache: later runs load compiled programs ("": compile every run)')
     return p

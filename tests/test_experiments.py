@@ -72,6 +72,34 @@ def test_charlm_trains_samples_and_resumes(tmp_path):
         charlm.main(["--text", str(tmp_path / "missing.txt")])
 
 
+@pytest.mark.slow
+def test_a_second_run_loads_its_compiled_programs_from_the_compile_cache(tmp_path):
+    """--compile_cache FOLDER: the first run stores every program it compiles there, a second
+    run in a new process finds each of them (it adds none: the keys do not change between
+    processes) and computes the same results; --compile_cache "" stores nothing, not even in
+    JAX's own JAX_COMPILATION_CACHE_DIR."""
+    import os
+    import subprocess
+    import sys
+
+    def run(name, cache, env_cache):
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(env_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        subprocess.run([sys.executable, "-m", "experiments.charlm", "--body", "rnn", "--n_layer", "1", "--n_embd", "8",
+                        "--max_iters", "3", "--eval_interval", "2", "--eval_batches", "1", "--checkpoint_every", "0",
+                        "--sample_chars", "5", "--workdir", str(tmp_path / name), "--compile_cache", cache],
+                       check=True, env=env, capture_output=True, timeout=300)
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    cache, unused = tmp_path / "cache", tmp_path / "unused"
+    unused.mkdir()
+    first = run("first", str(cache), unused)
+    stored = sorted(p.name for p in cache.iterdir())
+    assert len(stored) >= 5  # init, the training step, evaluation, generation, the batches
+    second = run("second", str(cache), unused)
+    assert sorted(p.name for p in cache.iterdir()) == stored
+    assert second == first and not any(unused.iterdir())
+    assert run("uncached", "", unused) == first and not any(unused.iterdir())
+
 def test_default_corpus_ships_with_python():
     from experiments.common import default_text
     text = default_text()
