@@ -1,5 +1,6 @@
 """Every experiment and benchmark runs end to end on tiny settings and writes what it promises."""
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +175,31 @@ def test_nanogpt_benchmark_writes_the_data_as_nanogpts_prepare_does(tmp_path):
     assert "".join(meta["itos"][i] for i in np.concatenate([train, val])) == text
     assert [meta["stoi"][c] for c in sorted(set(text))] == list(range(meta["vocab_size"]))
 
+
+def test_nanogpt_benchmark_alternates_and_gives_charlm_one_compile_cache(tmp_path, monkeypatch):
+    """benchmarks.nanogpt runs nanoGPT then charlm in every round (processes stood in for here),
+    charlm with the same --compile_cache folder each time (round 1 fills it), and reports the
+    ratio of each round's two wall times."""
+    from benchmarks import nanogpt
+    order, caches = [], []
+
+    def run(command, cwd=None):
+        order.append("nanoGPT" if "train.py" in command else "charlm")
+        if order[-1] == "nanoGPT":
+            return 60.0 + 10 * len(order), "iter 1: loss 2.0, time 30.0ms\nstep 2000: train loss 1.7, val loss 1.886\n"
+        caches.append(command[command.index("--compile_cache") + 1])
+        workdir = Path(command[command.index("--workdir") + 1])
+        workdir.mkdir(parents=True)
+        (workdir / "results.json").write_text(json.dumps({"val_loss": 1.842}))
+        (workdir / "metrics.jsonl").write_text(json.dumps({"tokens_per_s": 32000}) + "\n")
+        return 50.0, ""
+    monkeypatch.setattr(nanogpt, "timed", run)
+    (tmp_path / "train.py").write_text("")
+    (tmp_path / "text.txt").write_text("to be or not to be " * 20)
+    nanogpt.main(["--nanogpt", str(tmp_path), "--text", str(tmp_path / "text.txt"), "--rounds", "3", "--out", str(tmp_path)])
+    assert order == ["nanoGPT", "charlm"] * 3 and len(caches) == 3 and len(set(caches)) == 1
+    report = (tmp_path / "nanogpt.md").read_text()
+    assert "round 1 (charlm compiling every program) 1.40×" in report and "1.80× / 2.20×" in report
 
 @pytest.mark.slow
 def test_commits_guard_times_two_versions_interleaved(tmp_path):
