@@ -230,14 +230,17 @@ def test_lstm_kernel_rejects_mismatched_shapes():
                              {"h": state, "c": state}, jnp.array([3, 3]))
 
 
-def test_kernels_run_on_each_devices_shard_of_the_batch():
+def test_kernels_run_on_each_devices_shard_of_the_batch(monkeypatch):
     """Under a 4-device data-parallel mesh (conftest's host devices) the C++ kernels (LSTM,
     causal attention) run on each device's quarter of the batch: the compiled step has the
     kernels and no all-gather (XLA would otherwise gather the batch in front of each kernel and
-    run it whole on every device), and its losses equal the 1-device run's. So for the LSTM in
-    bfloat16 (autocast: MKL's products over all steps on batch-major rows) where MKL has
-    bfloat16 hardware."""
+    run it whole on every device), and its losses equal the 1-device run's. So for the LSTM's
+    weight gradients by MKL over its time-major rows (`summed_products`, at any size here), and
+    for the LSTM in bfloat16 (autocast: MKL's products over all steps on batch-major rows) where
+    MKL has bfloat16 hardware."""
     assert len(jax.devices()) >= 4
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_WORK", 1)
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_SIDE", 1)
     bodies = {"lstm": (dp.LSTM(16) ** 2, None), "transformer": (dp.TransformerBlock(16, 2, 32, causal=True) ** 2, None)}
     if (kernels.vendor_blas() or {}).get("bfloat16"):
         bodies["lstm in bfloat16"] = (dp.LSTM(16) ** 2, jnp.bfloat16)
@@ -413,6 +416,40 @@ def test_dense_takes_mkl_on_the_cpu_only_and_agrees_with_xla(key, monkeypatch):
         want = jax.grad(lambda p, xs: net.apply(p, xs).sum())(params, xs), \
             jax.vmap(jax.grad(lambda p, x: net.layer.apply(p, x).sum()), (None, 0))(params, xs)
     chex.assert_trees_all_close(got, want, atol=1e-5)
+
+
+@needs_mkl
+def test_summed_products_by_mkl_agree_with_tensordot_under_grad_vmap_and_a_mesh(key, monkeypatch):
+    """summed_products(a (T, B, K), b (T, B, N)) = Σ_{t,b} a_tbᵀ b_tb: on the CPU one MKL call
+    (Aᵀ B on the merged rows) whose value, gradients (to second order) and vmap equal
+    tensordot's; small sums and `disabled()` stay tensordot; under a 4-device mesh sharding B,
+    each device sums its rows and the devices add them (no all-gather of the batch)."""
+    a, b = jax.random.normal(key, (7, 8, 5)), jax.random.normal(jax.random.fold_in(key, 1), (7, 8, 3))
+    fresh = lambda: jax.jit(lambda a, b: kernels.products.summed_products(a, b))  # traced anew: jit caches by function
+    assert "diffprog_gemm" not in fresh().lower(a, b).as_text()  # below VENDOR_MIN_WORK
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_WORK", 1)
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_SIDE", 1)
+    summed = fresh()
+    assert summed.lower(a, b).compile().as_text().count('custom_call_target="diffprog_gemm_f32"') == 1
+    reference = lambda a, b: jnp.tensordot(a, b, ((0, 1), (0, 1)))
+    np.testing.assert_allclose(summed(a, b), reference(a, b), rtol=1e-5, atol=1e-5)
+    weights = jax.random.normal(jax.random.fold_in(key, 2), (5, 3))
+    loss = lambda f: lambda a, b: jnp.sum(jnp.tanh(f(a, b)) * weights)
+    chex.assert_trees_all_close(jax.grad(loss(summed), (0, 1))(a, b), jax.grad(loss(reference), (0, 1))(a, b), atol=1e-5)
+    second = lambda f: jax.grad(lambda a: jnp.sum(jax.grad(loss(f))(a, b) ** 2))(a)
+    np.testing.assert_allclose(second(summed), second(reference), rtol=1e-4, atol=1e-4)
+    stacked = jnp.stack([a, -a]), jnp.stack([b, 2 * b])
+    np.testing.assert_allclose(jax.vmap(summed)(*stacked), jax.vmap(reference)(*stacked), rtol=1e-5, atol=1e-5)
+    with kernels.disabled():
+        assert "diffprog_gemm" not in fresh().lower(a, b).as_text()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", None))
+    hlo = summed.lower(jax.device_put(a, sharded), jax.device_put(b, sharded)).compile().as_text()
+    assert "diffprog_gemm_f32" in hlo and "all-gather" not in hlo and "all-reduce" in hlo
+    np.testing.assert_allclose(summed(jax.device_put(a, sharded), jax.device_put(b, sharded)), reference(a, b),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="same leading axes"):
+        kernels.products.summed_products(a, b[:, :4])
 
 
 @needs_mkl

@@ -10,8 +10,10 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.interpreters import ad, batching, mlir
 
 from .library import enabled, on_cpu, vendor_blas
@@ -138,14 +140,96 @@ def _mkl(a, b, transpose_a, transpose_b, precision):
     return _partitioned_call(target, transpose_a, transpose_b)(a.astype(precision), b.astype(precision))
 
 
+def _call(target, a, b, transpose_a, transpose_b):
+    """gemm.cc's op(a) op(b) on one device."""
+    m = a.shape[1] if transpose_a else a.shape[0]
+    n = b.shape[0] if transpose_b else b.shape[1]
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")(
+        a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
 @functools.cache
 def _partitioned_call(target, transpose_a, transpose_b):
     def call(a, b):
-        m = a.shape[1] if transpose_a else a.shape[0]
-        n = b.shape[0] if transpose_b else b.shape[1]
-        return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")(
-            a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+        return _call(target, a, b, transpose_a, transpose_b)
     return product_partitioned(call, transpose_a, transpose_b)
+
+
+def summed_products(a, b):
+    """Σ_r a_rᵀ b_r over every row r of a (..., K) and b (..., N), two arrays with the same
+    leading axes: (K, N). The weight gradient of a product applied at every step and example,
+    ∂W = Σ_{t,b} x_{t,b}ᵀ ∂y_{t,b}, read in the layout it is in. On the CPU, float32, at
+    `product`'s sizes: MKL's Aᵀ B on the rows, the leading axes merged on each device (under a mesh
+    each sums its shard, and the devices add theirs: no gather of the batch); XLA:CPU's dot
+    contracting two leading axes is about half as fast. Elsewhere, and under vmap, `jnp.tensordot`."""
+    rows = a.ndim - 1
+    if a.shape[:rows] != b.shape[:rows] or b.ndim != a.ndim:
+        raise ValueError(f"summed_products: expected a (..., K) and b (..., N) with the same leading axes, "
+                         f"got {a.shape} and {b.shape}")
+    count = int(np.prod(a.shape[:rows]))
+    if (not enabled() or a.dtype != jnp.float32 or b.dtype != jnp.float32
+            or count * a.shape[-1] * b.shape[-1] < VENDOR_MIN_WORK or min(count, a.shape[-1], b.shape[-1]) < VENDOR_MIN_SIDE
+            or vendor_blas() is None):
+        return _summed_reference(a, b)
+    return on_cpu(_summed_by_mkl, _summed_reference, a, b, kernel=False)
+
+
+def _summed_reference(a, b):
+    over = tuple(range(a.ndim - 1))
+    return jnp.tensordot(a, b, (over, over))
+
+
+@jax.custom_vjp
+def _summed_by_mkl(a, b):
+    return _summed_mapped(a, b)
+
+
+def _summed_fwd(a, b):
+    return _summed_by_mkl(a, b), (a, b)
+
+
+def _summed_bwd(residuals, grad):  # ∂a_r = b_r ∂Sᵀ, ∂b_r = a_r ∂S
+    a, b = residuals
+    return b @ grad.T, a @ grad
+
+
+_summed_by_mkl.defvjp(_summed_fwd, _summed_bwd)
+
+
+@jax.custom_batching.custom_vmap
+def _summed_mapped(a, b):
+    return _summed_partitioned(a.ndim)(a, b)
+
+
+@_summed_mapped.def_vmap
+def _summed_under_vmap(axis_size, in_batched, a, b):
+    a, b = (x if mapped else jnp.broadcast_to(x, (axis_size,) + x.shape) for x, mapped in zip((a, b), in_batched))
+    return jax.vmap(_summed_reference)(a, b), True
+
+
+@functools.cache
+def _summed_partitioned(ndim):
+    """MKL's Aᵀ B over the merged leading axes of a, b (each device its shard of them; the
+    partial sums added across the devices)."""
+    def local(a, b):
+        return _call("diffprog_gemm_f32", a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), True, False)
+
+    def shardings(mesh, arg_shapes):
+        spec = tuple(arg_shapes[0].sharding.spec)[:ndim - 1]
+        leading = spec + (None,) * (ndim - 1 - len(spec))
+        operand = NamedSharding(mesh, P(*leading, None))
+        return leading, (operand, operand), NamedSharding(mesh, P())
+
+    def partition(mesh, arg_shapes, result_shape):
+        leading, args, result = shardings(mesh, arg_shapes)
+        axes = tuple(a for entry in leading if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,)))
+        return mesh, (lambda a, b: jax.lax.psum(local(a, b), axes)) if axes else local, result, args
+
+    partitioned = custom_partitioning(local)
+    factors = " ".join(f"r{i}" for i in range(ndim - 1))
+    partitioned.def_partition(partition, infer_sharding_from_operands=lambda mesh, args, result: shardings(mesh, args)[2],
+                              sharding_rule=f"{factors} k, {factors} n -> k n")
+    return partitioned
 
 
 # `gemm` as a primitive of its own: JAX differentiates it by the bilinear rules below and batches

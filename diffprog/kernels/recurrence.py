@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from .library import on_cpu, require
-from .products import bfloat16_products, gemm
+from .products import bfloat16_products, gemm, summed_products
 from .partition import batch_partitioned
 
 
@@ -97,18 +97,18 @@ def _scan_bwd(layer, residuals, cotangents):
 def _projection_gradients(weights, xs, h_prev, d_gxs, d_ghs, bfloat16=False):
     """The gradients of gx_t = x_t W_x + b_x and gh_t = h_{t-1} W_h + b_h given ∂gx, ∂gh (T, B, G),
     each one product over all T·B rows: ∂W_x = Σ x_tᵀ ∂gx_t, ∂b_x, ∂W_h = Σ h_{t-1}ᵀ ∂gh_t, ∂b_h,
-    and ∂x_t = ∂gx_t W_xᵀ — with `bfloat16` by MKL's bfloat16 GEMM on batch-major rows. (Written
-    out rather than left to autodiff of `xs @ w_x`, whose transpose XLA:CPU ran as a slower dot on
-    a transposed copy of ∂gx.) Returns (∂weights, ∂xs)."""
+    and ∂x_t = ∂gx_t W_xᵀ — the sums by `summed_products` on the time-major rows as they are, with
+    `bfloat16` all by MKL's bfloat16 GEMM on batch-major rows. (Written out rather than left to
+    autodiff of `xs @ w_x`, whose transpose XLA:CPU ran as a slower dot on a transposed copy of
+    ∂gx.) Returns (∂weights, ∂xs)."""
     w_x = weights.w_x
     if bfloat16:
         summed = lambda a, b: gemm(_rows(a), _rows(b), transpose_a=True, precision=jnp.bfloat16)
         d_w_x, d_xs = (None, d_gxs) if w_x is None else (summed(xs, d_gxs), _by_rows(d_gxs, w_x, transpose_w=True))
         d_w_h = summed(h_prev, d_ghs)
     else:
-        over = ((0, 1), (0, 1))
-        d_w_x, d_xs = (None, d_gxs) if w_x is None else (jnp.tensordot(xs, d_gxs, over), d_gxs @ w_x.T)
-        d_w_h = jnp.tensordot(h_prev, d_ghs, over)
+        d_w_x, d_xs = (None, d_gxs) if w_x is None else (summed_products(xs, d_gxs), d_gxs @ w_x.T)
+        d_w_h = summed_products(h_prev, d_ghs)
     return type(weights)(d_w_x, d_w_h, d_gxs.sum((0, 1)), d_ghs.sum((0, 1))), d_xs
 
 
