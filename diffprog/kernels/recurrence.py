@@ -5,7 +5,8 @@
 backends, chosen here:
 
 - the LSTM on the CPU in float32 (`lstm_recurrence`): the steps forward and backward are the
-  C++ kernels of lstm.cc, the products over all steps around them XLA's; inside
+  C++ kernels of lstm.cc, the products over all steps around them XLA's, but for the weight
+  gradients (MKL's, `summed_products`, on the CPU wherever MKL is installed); inside
   `autocast(bfloat16)` the kernels' per-step products h W_h and ∂z W_hᵀ and the products over
   all steps run in bfloat16 (MKL, where the CPU has AMX or AVX512-BF16), as PyTorch's autocast
   LSTM;
@@ -121,7 +122,7 @@ scan_recurrence.defvjp(_scan_fwd, _scan_bwd)
 def lstm_recurrence(layer, bfloat16, weights, xs, carry, valid):
     """`scan_recurrence` for the LSTM by the C++ kernels (CPU, float32; `dp.kernels.available()`):
     its steps forward and backward are `lstm_forward` / `lstm_backward`, the products over all
-    steps XLA's — with `bfloat16`, all of them MKL's bfloat16 products."""
+    steps those of `_projection_gradients` — with `bfloat16`, all of them MKL's bfloat16 products."""
     return _lstm_fwd(layer, bfloat16, weights, xs, carry, valid)[0]
 
 
