@@ -73,8 +73,7 @@ def product(a, b, transpose_a=False, transpose_b=False):
     m, k = a.shape[::-1] if transpose_a else a.shape
     n = b.shape[0] if transpose_b else b.shape[1]
     precision = getattr(_autocast, "dtype", None) if a.dtype == b.dtype == jnp.float32 else None
-    if (enabled() and _needs_devices is not None and a.dtype == b.dtype and a.dtype in TYPES and m * k * n >= VENDOR_MIN_WORK
-            and min(m, k, n) >= VENDOR_MIN_SIDE and vendor_blas() is not None):
+    if _needs_devices is not None and a.dtype == b.dtype and a.dtype in TYPES and _vendor_takes(m, k, n):
         return gemm(a, b, transpose_a, transpose_b, precision)
     if precision is not None:
         flags = dict(transpose_a=transpose_a, transpose_b=transpose_b)
@@ -83,6 +82,13 @@ def product(a, b, transpose_a=False, transpose_b=False):
     if transpose_a or transpose_b or k <= n:
         return _dot(a, b, transpose_a, transpose_b)
     return on_cpu(_narrowing_product, jnp.matmul, a, b, kernel=False)
+
+
+def _vendor_takes(m, k, n) -> bool:
+    """Whether an (M × K)·(K × N) product goes to MKL: the kernels enabled, MKL installed, and
+    ≥ VENDOR_MIN_WORK multiply-adds with every side ≥ VENDOR_MIN_SIDE."""
+    return (enabled() and m * k * n >= VENDOR_MIN_WORK and min(m, k, n) >= VENDOR_MIN_SIDE
+            and vendor_blas() is not None)
 
 
 def gemm(a, b, transpose_a=False, transpose_b=False, precision=None):
@@ -166,12 +172,9 @@ def summed_products(a, b):
     if a.shape[:rows] != b.shape[:rows] or b.ndim != a.ndim:
         raise ValueError(f"summed_products: expected a (..., K) and b (..., N) with the same leading axes, "
                          f"got {a.shape} and {b.shape}")
-    count = int(np.prod(a.shape[:rows]))
-    if (not enabled() or a.dtype != jnp.float32 or b.dtype != jnp.float32
-            or count * a.shape[-1] * b.shape[-1] < VENDOR_MIN_WORK or min(count, a.shape[-1], b.shape[-1]) < VENDOR_MIN_SIDE
-            or vendor_blas() is None):
-        return _summed_reference(a, b)
-    return on_cpu(_summed_by_mkl, _summed_reference, a, b, kernel=False)
+    if a.dtype == b.dtype == jnp.float32 and _vendor_takes(int(np.prod(a.shape[:rows])), a.shape[-1], b.shape[-1]):
+        return on_cpu(_summed_by_mkl, _summed_reference, a, b, kernel=False)
+    return _summed_reference(a, b)
 
 
 def _summed_reference(a, b):
