@@ -13,6 +13,7 @@ the rest ignore it); other side inputs (`lengths=`, `mask=`, ...) are listed in 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator
 
 import jax
@@ -55,13 +56,14 @@ class Layer:
         `context=` of cross-attention) so that shapes can be inferred through it.
         Called outside a trace, the whole initialisation runs as one program compiled for
         compile time (`INIT_COMPILER_OPTIONS`): XLA compiles each distinct op of an eager
-        initialisation separately (charlm's 4-layer Transformer: 4.6 s, against 1.3 s); the values are the op-by-op run's (`jax.disable_jit()`) to float32 rounding. An
+        initialisation separately (charlm's 4-layer Transformer: 4.6 s, against 1.3 s); the
+        values are the op-by-op run's (`jax.disable_jit()`) to float32 rounding. An
         initialisation that calls a library (a custom call: LAPACK's QR for the recurrent
         layers' orthogonal W_h) runs op by op: two batched QRs at once in one program wait for
         each other's work on XLA's CPU threads and never finish (jaxlib 0.10.2, 2 cores)."""
         leaves, structure = jax.tree.flatten(spec_of((x, side)))
         specs = (structure, tuple(leaves))  # hashable: a static argument of the compiled init
-        if isinstance(key, jax.core.Tracer) or "custom_call" in _compiled_init.lower(self, key, specs).as_text():
+        if isinstance(key, jax.core.Tracer) or _calls_a_library(self, jax.ShapeDtypeStruct(key.shape, key.dtype), specs):
             return _init_params(self, key, specs)  # inside a trace (a composition's init, a user's jit), or a library call
         return _compiled_init(self, key, specs)
 
@@ -620,3 +622,10 @@ def _init_params(layer, key, specs):
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 """XLA options for `Layer.init`'s program, which runs once: the least compile time."""
 _compiled_init = jax.jit(_init_params, static_argnums=(0, 2), compiler_options=INIT_COMPILER_OPTIONS)
+
+
+@functools.lru_cache(maxsize=256)
+def _calls_a_library(layer, key_spec, specs) -> bool:
+    """Whether `layer`'s init program for these specs holds a custom call: lowered once per
+    (layer, key type, specs), not at every `init`."""
+    return "custom_call" in _compiled_init.lower(layer, key_spec, specs).as_text()
