@@ -111,3 +111,26 @@ def product_partitioned(fn, transpose_a: bool, transpose_b: bool):
     partitioned.def_partition(partition, infer_sharding_from_operands=lambda mesh, args, result: shardings(mesh, args)[2],
                               sharding_rule=f"{a_factors}, {b_factors} -> m n")
     return partitioned
+
+
+def summed_partitioned(fn, ndim: int):
+    """fn(a, b) = Σ over the leading axes of a (..., K) and b (..., N) (see
+    `dp.kernels.summed_products`; ndim axes each) under a mesh, split along the sharding the
+    leading axes of a have: each device sums its slice of both, and the partial sums are added
+    across the devices. The last axes are whole; the rows are never gathered."""
+    def shardings(mesh, arg_shapes):
+        spec = tuple(arg_shapes[0].sharding.spec)[:ndim - 1]
+        leading = spec + (None,) * (ndim - 1 - len(spec))
+        operand = NamedSharding(mesh, P(*leading, None))
+        return leading, (operand, operand), NamedSharding(mesh, P())
+
+    def partition(mesh, arg_shapes, result_shape):
+        leading, args, result = shardings(mesh, arg_shapes)
+        axes = tuple(a for entry in leading if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,)))
+        return mesh, (lambda a, b: jax.lax.psum(fn(a, b), axes)) if axes else fn, result, args
+
+    partitioned = custom_partitioning(fn)
+    factors = " ".join(f"r{i}" for i in range(ndim - 1))
+    partitioned.def_partition(partition, infer_sharding_from_operands=lambda mesh, args, result: shardings(mesh, args)[2],
+                              sharding_rule=f"{factors} k, {factors} n -> k n")
+    return partitioned

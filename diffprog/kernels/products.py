@@ -11,13 +11,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
-from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.interpreters import ad, batching, mlir
 
 from .library import enabled, on_cpu, vendor_blas
-from .partition import product_partitioned
+from .partition import product_partitioned, summed_partitioned
 
 try:  # jax's set of primitives whose lowering needs the devices: gemm's CPU lowering holds a
     # custom_partitioning. Internal to jax; without it `product` keeps XLA's dot.
@@ -168,11 +166,10 @@ def summed_products(a, b):
     `product`'s sizes: MKL's Aᵀ B on the rows, the leading axes merged on each device (under a mesh
     each sums its shard, and the devices add theirs: no gather of the batch); XLA:CPU's dot
     contracting two leading axes is about half as fast. Elsewhere, and under vmap, `jnp.tensordot`."""
-    rows = a.ndim - 1
-    if a.shape[:rows] != b.shape[:rows] or b.ndim != a.ndim:
+    if a.shape[:-1] != b.shape[:-1] or b.ndim != a.ndim:
         raise ValueError(f"summed_products: expected a (..., K) and b (..., N) with the same leading axes, "
                          f"got {a.shape} and {b.shape}")
-    if a.dtype == b.dtype == jnp.float32 and _vendor_takes(int(np.prod(a.shape[:rows])), a.shape[-1], b.shape[-1]):
+    if a.dtype == b.dtype == jnp.float32 and _vendor_takes(int(np.prod(a.shape[:-1])), a.shape[-1], b.shape[-1]):
         return on_cpu(_summed_by_mkl, _summed_reference, a, b, kernel=False)
     return _summed_reference(a, b)
 
@@ -187,16 +184,12 @@ def _summed_by_mkl(a, b):
     return _summed_mapped(a, b)
 
 
-def _summed_fwd(a, b):
-    return _summed_by_mkl(a, b), (a, b)
-
-
 def _summed_bwd(residuals, grad):  # ∂a_r = b_r ∂Sᵀ, ∂b_r = a_r ∂S
     a, b = residuals
     return b @ grad.T, a @ grad
 
 
-_summed_by_mkl.defvjp(_summed_fwd, _summed_bwd)
+_summed_by_mkl.defvjp(lambda a, b: (_summed_by_mkl(a, b), (a, b)), _summed_bwd)
 
 
 @jax.custom_batching.custom_vmap
@@ -212,27 +205,9 @@ def _summed_under_vmap(axis_size, in_batched, a, b):
 
 @functools.cache
 def _summed_partitioned(ndim):
-    """MKL's Aᵀ B over the merged leading axes of a, b (each device its shard of them; the
-    partial sums added across the devices)."""
-    def local(a, b):
-        return _call("diffprog_gemm_f32", a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), True, False)
-
-    def shardings(mesh, arg_shapes):
-        spec = tuple(arg_shapes[0].sharding.spec)[:ndim - 1]
-        leading = spec + (None,) * (ndim - 1 - len(spec))
-        operand = NamedSharding(mesh, P(*leading, None))
-        return leading, (operand, operand), NamedSharding(mesh, P())
-
-    def partition(mesh, arg_shapes, result_shape):
-        leading, args, result = shardings(mesh, arg_shapes)
-        axes = tuple(a for entry in leading if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,)))
-        return mesh, (lambda a, b: jax.lax.psum(local(a, b), axes)) if axes else local, result, args
-
-    partitioned = custom_partitioning(local)
-    factors = " ".join(f"r{i}" for i in range(ndim - 1))
-    partitioned.def_partition(partition, infer_sharding_from_operands=lambda mesh, args, result: shardings(mesh, args)[2],
-                              sharding_rule=f"{factors} k, {factors} n -> k n")
-    return partitioned
+    """MKL's Aᵀ B over the merged leading axes of a, b (ndim axes each)."""
+    return summed_partitioned(lambda a, b: _call("diffprog_gemm_f32", a.reshape(-1, a.shape[-1]),
+                                                 b.reshape(-1, b.shape[-1]), True, False), ndim)
 
 
 # `gemm` as a primitive of its own: JAX differentiates it by the bilinear rules below and batches
