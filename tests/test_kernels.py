@@ -52,6 +52,46 @@ def test_kernel_matches_the_definition_values_and_gradients(shape, causal, key):
     assert "diffprog_attention_forward" in jax.jit(fast).lower(q, k, v).as_text()
 
 
+@pytest.mark.skipif(not kernels.library.amx_attention(), reason="no AMX here (the bfloat16 attention kernel needs it)")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 5, 1, 8), (3, 37, 2, 24), (1, 70, 2, 80)])
+def test_attention_kernel_in_bfloat16_is_attention_on_rounded_products(shape, causal, key):
+    """On AMX, under autocast: the kernel's products take bfloat16 operands (the forward pass
+    within bfloat16's error of the definition on rounded q, k, v, and not float32's values), its
+    gradients within bfloat16's error of float32's; autocast alone turns it on, and without
+    bfloat16 products (no MKL bfloat16 hardware) it stays float32. Odd sizes: the zero padding
+    to AMX's 32 × 32 blocks."""
+    q, k, v, ct = (jax.random.normal(kk, shape) for kk in jax.random.split(key, 4))
+    rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+    definition = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    fast = functools.partial(kernels.self_attention, causal=causal)
+    with kernels.autocast(jnp.bfloat16):
+        low = jax.jit(fast)
+        out, hlo = low(q, k, v), low.lower(q, k, v).as_text()
+        low_grads = jax.grad(lambda q, k, v: jnp.sum(fast(q, k, v) * ct), (0, 1, 2))(q, k, v)
+    assert "diffprog_attention_forward_bf16" in hlo
+    assert "_bf16" not in jax.jit(lambda q, k, v: fast(q, k, v)).lower(q, k, v).as_text()  # traced outside autocast
+    chex.assert_trees_all_close(out, definition(*map(rounded, (q, k, v))), atol=2e-2)
+    assert jnp.max(jnp.abs(out - fast(q, k, v))) > 1e-4
+    full = jax.grad(lambda q, k, v: jnp.sum(fast(q, k, v) * ct), (0, 1, 2))(q, k, v)
+    for a, b in zip(low_grads, full):
+        assert 1e-5 < jnp.max(jnp.abs(a - b)) < 2e-2 * jnp.max(jnp.abs(b))
+
+
+def test_attention_under_autocast_stays_float32_without_bfloat16_products(key, monkeypatch):
+    """Where autocast's products stay float32 (no MKL with bfloat16 hardware) or AMX is missing,
+    the attention kernel keeps its float32 products: the same values as without autocast."""
+    q, k, v = (jax.random.normal(kk, (2, 9, 2, 8)) for kk in jax.random.split(key, 3))
+    for blas, amx in ((None, True), ({"bfloat16": True, "packed": None}, False)):
+        monkeypatch.setattr(kernels.products, "vendor_blas", lambda: blas)
+        monkeypatch.setattr(kernels.attention, "amx_attention", lambda: amx)
+        with kernels.autocast(jnp.bfloat16), warnings.catch_warnings(record=True):
+            step = jax.jit(lambda q, k, v: kernels.causal_attention(q, k, v))
+            out, hlo = step(q, k, v), step.lower(q, k, v).as_text()
+        assert "diffprog_attention_forward" in hlo and "_bf16" not in hlo
+        chex.assert_trees_all_close(out, kernels.causal_attention(q, k, v), atol=1e-6)
+
+
 def test_kernel_gradients_against_finite_differences(key):
     q, k, v = (jax.random.normal(kk, (2, 9, 2, 4)) for kk in jax.random.split(key, 3))
     for causal in (True, False):

@@ -212,7 +212,297 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+
 }  // namespace
+
+// ---- bfloat16 products on AMX (`autocast`): the same two passes, each product's operands rounded
+// to bfloat16 and summed in float32 by AMX tiles; the exponentials, dS and the rescaling stay
+// float32. Operands are copied per item into zero-padded bfloat16 buffers (T and D rounded up to
+// kBlock): A row-major, B "paired" — panels of 16 columns, each panel rows 2r and 2r + 1
+// interleaved, as the tiles read it. A product's C is computed in blocks of kBlock × kBlock
+// (2 × 2 tiles of 16 × 16); causal products skip the blocks and the K ranges that only meet zeros
+// of P or dS. Products with a transposed operand are computed transposed (dVᵀ = dOᵀ P,
+// dKᵀ = Qᵀ dS), so only T × D operands are transposed, never T × T ones.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace {
+namespace amx {
+
+constexpr int kBlock = 32;
+using bf16 = uint16_t;
+
+int padded(long n) { return static_cast<int>((n + kBlock - 1) / kBlock * kBlock); }
+
+// tiles 0–3: C (16 × 16 float32); 4, 5: A (16 rows × 32 bfloat16); 6, 7: B (16 pair rows × 16 columns)
+void configure() {
+  struct { uint8_t palette = 1, start = 0, reserved[14] = {}; uint16_t bytes[16] = {}; uint8_t rows[16] = {}; } config;
+  for (int t = 0; t < 8; ++t) config.bytes[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+}
+
+// 32 floats (masked to the first n) rounded to bfloat16, as XLA's convert.
+__m512i round32(const float* x, int n) {
+  const __m512 lo = _mm512_maskz_loadu_ps(simd::first(n), x), hi = _mm512_maskz_loadu_ps(simd::first(n - 16), x + 16);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// out (rp × cp, row-major) = x (rows × cols, row stride ld) rounded, zero outside.
+void rows(const float* x, long ld, int rows_, int cols, int rp, int cp, bf16* out) {
+  for (int i = 0; i < rp; ++i)
+    for (int j = 0; j < cp; j += kBlock)
+      _mm512_storeu_si512(out + static_cast<long>(i) * cp + j, i < rows_ ? round32(x + i * ld + j, cols - j) : _mm512_setzero_si512());
+}
+
+// B (K = r rows × N = c columns) paired from x (r × c row-major bfloat16, r and c multiples of kBlock).
+void pairs(const bf16* x, int r, int c, bf16* out) {
+  for (int p = 0; p < c; p += 16, out += static_cast<long>(r) * 16)
+    for (int k = 0; k < r; k += 2) {
+      const __m512i even = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + static_cast<long>(k) * c + p)));
+      const __m512i odd = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + static_cast<long>(k + 1) * c + p)));
+      _mm512_storeu_si512(out + k * 16, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    }
+}
+
+// B = xᵀ (K = c rows × N = r columns) paired from x (r × c row-major): pair row k/2 of panel p
+// holds, for its 16 columns n, x[p + n][k], x[p + n][k + 1] — one 32-bit gather per pair row.
+void transposed_pairs(const bf16* x, int r, int c, bf16* out) {
+  const __m512i rows16 = _mm512_mullo_epi32(_mm512_set1_epi32(c / 2), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  for (int p = 0; p < r; p += 16, out += static_cast<long>(c) * 16) {
+    const int* panel = reinterpret_cast<const int*>(x + static_cast<long>(p) * c);
+    for (int k = 0; k < c; k += 2) _mm512_storeu_si512(out + k * 16, _mm512_i32gather_epi32(rows16, panel + k / 2, 4));
+  }
+}
+
+// The 16 × 16 floats in r transposed, in registers.
+void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]), t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44), r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44), r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88), t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88), t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88), r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+}
+
+// out (cp × rp, row-major) = xᵀ rounded, x (rows × cols, row stride ld), zero outside.
+void columns(const float* x, long ld, int rows_, int cols, int rp, int cp, bf16* out) {
+  __m512 r[16];
+  for (int i = 0; i < rp; i += 16)
+    for (int j = 0; j < cp; j += 16) {
+      for (int k = 0; k < 16; ++k) r[k] = i + k < rows_ ? _mm512_maskz_loadu_ps(simd::first(cols - j), x + (i + k) * ld + j) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int k = 0; k < 16; ++k)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + static_cast<long>(j + k) * rp + i), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r[k])));
+    }
+}
+
+// C (m × n, float32, ldc) = A (m × K, bfloat16, lda) B (B paired, k_rows rows): block (i, j) sums
+// over k in range(i, j) = {k0, k1}, for the columns j < n_end(i). Multiples of kBlock throughout.
+template <class Range, class NEnd>
+void product(int m, const bf16* a, int lda, const bf16* b, int k_rows, float* c, int ldc, Range range, NEnd n_end) {
+  for (int i = 0; i < m; i += kBlock)
+    for (int j = 0, n = n_end(i); j < n; j += kBlock) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const bf16 *b0 = b + static_cast<long>(j) * k_rows, *b1 = b0 + 16L * k_rows;
+      const auto [k0, k1] = range(i, j);
+      for (int k = k0; k < k1; k += kBlock) {
+        _tile_loadd(4, a + static_cast<long>(i) * lda + k, lda * 2);
+        _tile_loadd(5, a + static_cast<long>(i + 16) * lda + k, lda * 2);
+        _tile_loadd(6, b0 + k * 16, 64);
+        _tile_loadd(7, b1 + k * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      float* out = c + static_cast<long>(i) * ldc + j;
+      _tile_stored(0, out, ldc * 4);
+      _tile_stored(1, out + 16, ldc * 4);
+      _tile_stored(2, out + 16L * ldc, ldc * 4);
+      _tile_stored(3, out + 16L * ldc + 16, ldc * 4);
+    }
+}
+
+// One item's sizes and scratch: T, D padded to tp, dp; float32 s, d (tp × tp) and c (tp × dp or
+// dp × tp); bfloat16 operands and a paired B.
+struct Item {
+  int steps, dim, tp, dp;
+  bool causal;
+  float scale;
+  float *s, *d, *c;
+  bf16 *q, *k, *v, *x, *xt, *p, *b;
+  static size_t floats(int tp, int dp) { return 2L * tp * tp + static_cast<long>(tp) * dp; }
+  static size_t halves(int tp, int dp) { return 5L * tp * dp + static_cast<long>(tp) * (tp + std::max(tp, dp)); }
+  Item(int steps, int dim, bool causal, float scale, float* f, bf16* h)
+      : steps(steps), dim(dim), tp(padded(steps)), dp(padded(dim)), causal(causal), scale(scale) {
+    s = f, d = s + tp * tp, c = d + tp * tp;
+    q = h, k = q + tp * dp, v = k + tp * dp, x = v + tp * dp, xt = x + tp * dp, p = xt + tp * dp, b = p + tp * tp;
+  }
+  int last(int i) const { return causal ? i : steps - 1; }
+  int block_end(int i) const { return causal ? std::min(i / kBlock * kBlock + kBlock, tp) : tp; }  // columns of S computed
+  auto all_k(int k_rows) const { return [k_rows](int, int) { return std::pair<int, int>{0, k_rows}; }; }
+  // S = Q Kᵀ for the computed columns, then row i of s: exp(scale S_ij − shift_i) for j ≤ last(i),
+  // 0 up to tp; rows ≥ T all 0. Forward (totals): shift = scale max S_i·, lse = shift + log Σ; backward: shift = lse.
+  void exponentials(const float* lse, long lse_stride, float* lse_out, float* totals) {
+    transposed_pairs(k, tp, dp, b);
+    product(tp, q, dp, b, dp, s, tp, all_k(dp), [this](int i) { return block_end(i); });
+    for (int i = 0; i < tp; ++i) {
+      float* row = s + static_cast<long>(i) * tp;
+      if (i >= steps) { std::fill(row, row + tp, 0.0f); continue; }
+      const int end = block_end(i);
+      if (totals) {
+        const float shift = scale * row_max(row, last(i));
+        totals[i] = exp_row(row, row, end, last(i), scale, shift);
+        lse_out[i * lse_stride] = shift + std::log(totals[i]);
+      } else {
+        exp_row(row, row, end, last(i), scale, lse[i * lse_stride]);
+      }
+      std::fill(row + end, row + tp, 0.0f);
+    }
+    rows(s, tp, tp, tp, tp, tp, p);
+  }
+  // C (tp × dp) = L B for L (tp × tp, bfloat16) lower-triangular when causal, B paired from x.
+  void by_values(const bf16* l, const bf16* values) {
+    pairs(values, tp, dp, b);
+    product(tp, l, tp, b, tp, c, dp, [this](int i, int) { return std::pair<int, int>{0, block_end(i)}; },
+            [this](int) { return dp; });
+  }
+  // C (dp × tp) = xᵀ L for x (T × D, row stride ld) and L as above: (Lᵀ x)ᵀ.
+  void transposed_by(const float* x_rows, long ld, const bf16* l) {
+    columns(x_rows, ld, steps, dim, tp, dp, xt);
+    pairs(l, tp, tp, b);
+    product(dp, xt, tp, b, tp, c, tp, [this](int, int j) { return std::pair<int, int>{causal ? j : 0, tp}; },
+            [this](int) { return tp; });
+  }
+  void write(float* out, long row, const float* factors = nullptr) const {  // C (tp × dp) → out (T × D, row stride)
+    for (int i = 0; i < steps; ++i)
+      for (int j = 0; j < dim; ++j) out[i * row + j] = c[static_cast<long>(i) * dp + j] * (factors ? factors[i] : 1.0f);
+  }
+  void write_transposed(float* out, long row) const {  // C (dp × tp) → out (T × D)
+    __m512 r[16];
+    for (int i = 0; i < steps; i += 16)
+      for (int j = 0; j < dim; j += 16) {
+        for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(c + static_cast<long>(j + k) * tp + i);
+        transpose16(r);
+        for (int k = 0; k < 16 && i + k < steps; ++k) _mm512_mask_storeu_ps(out + (i + k) * row + j, simd::first(dim - j), r[k]);
+      }
+  }
+};
+
+// AMX's tile state, asked of Linux once per process; false where it is refused.
+bool granted() {
+  static const bool yes = [] {
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return __builtin_cpu_supports("amx-bf16") && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return yes;
+}
+
+template <class Work>
+ffi::Error for_each_item(ffi::ThreadPool pool, long items, int tp, int dp, Work work) {
+  if (!granted()) return ffi::Error::Internal("attention: this process may not use AMX (bfloat16 products)");
+  in_parallel(pool, items, [&](long begin, long end) {
+    std::vector<float> floats(Item::floats(tp, dp) + tp);
+    std::vector<bf16> halves(Item::halves(tp, dp));
+    configure();
+    for (long i = begin; i < end; ++i) work(i, floats.data(), halves.data());
+    _tile_release();
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace amx
+
+ffi::Error ForwardBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                       float scale, bool causal, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+  const Shape sh = shape_of(q);
+  const long row = sh.row();
+  return amx::for_each_item(pool, sh.items, amx::padded(sh.steps), amx::padded(sh.dim), [&](long item, float* f, amx::bf16* h) {
+    amx::Item it(sh.steps, sh.dim, causal, scale, f, h);
+    const long at = sh.offset(item);
+    float* totals = f + amx::Item::floats(it.tp, it.dp);
+    amx::rows(q.typed_data() + at, row, it.steps, it.dim, it.tp, it.dp, it.q);
+    amx::rows(k.typed_data() + at, row, it.steps, it.dim, it.tp, it.dp, it.k);
+    amx::rows(v.typed_data() + at, row, it.steps, it.dim, it.tp, it.dp, it.v);
+    it.exponentials(nullptr, sh.heads, const_cast<float*>(sh.lse(lse->typed_data(), item)), totals);
+    it.by_values(it.p, it.v);
+    for (int i = 0; i < it.steps; ++i) totals[i] = 1.0f / totals[i];
+    it.write(o->typed_data() + at, row, totals);
+  });
+}
+
+ffi::Error BackwardBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                        ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_o,
+                        float scale, bool causal, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::ResultBuffer<ffi::F32> dv) {
+  const Shape sh = shape_of(q);
+  const long row = sh.row();
+  return amx::for_each_item(pool, sh.items, amx::padded(sh.steps), amx::padded(sh.dim), [&](long item, float* f, amx::bf16* h) {
+    amx::Item it(sh.steps, sh.dim, causal, scale, f, h);
+    const long at = sh.offset(item);
+    const float *o_i = o.typed_data() + at, *do_i = d_o.typed_data() + at;
+    amx::rows(q.typed_data() + at, row, it.steps, it.dim, it.tp, it.dp, it.q);
+    amx::rows(k.typed_data() + at, row, it.steps, it.dim, it.tp, it.dp, it.k);
+    amx::rows(v.typed_data() + at, row, it.steps, it.dim, it.tp, it.dp, it.v);
+    amx::rows(do_i, row, it.steps, it.dim, it.tp, it.dp, it.x);
+    it.exponentials(sh.lse(lse.typed_data(), item), sh.heads, nullptr, nullptr);
+    it.transposed_by(do_i, row, it.p);  // dVᵀ = dOᵀ P
+    it.write_transposed(dv->typed_data() + at, row);
+    // dP = dO Vᵀ, then dS = scale P ⊙ (dP − rowsum(dO ⊙ O)) where P ≠ 0, exactly 0 elsewhere
+    amx::transposed_pairs(it.v, it.tp, it.dp, it.b);
+    amx::product(it.tp, it.x, it.dp, it.b, it.dp, it.d, it.tp, it.all_k(it.dp), [&](int i) { return it.block_end(i); });
+    for (int i = 0; i < it.tp; ++i) {
+      float *ds = it.d + static_cast<long>(i) * it.tp, *prob = it.s + static_cast<long>(i) * it.tp;
+      if (i >= it.steps) { std::fill(ds, ds + it.tp, 0.0f); continue; }
+      vec dot = simd::zero();
+      for (int d = 0; d < it.dim; d += kLanes) {
+        const Lanes in_row(it.dim - d);
+        dot = simd::fmadd(in_row.load(do_i + i * row + d), in_row.load(o_i + i * row + d), dot);
+      }
+      const vec delta = simd::splat(simd::sum(dot)), vscale = simd::splat(scale);
+      const int end = it.block_end(i);
+      for (int j = 0; j < end; j += kLanes) {
+        const simd::mask allowed = simd::first(it.last(i) + 1 - j);
+        const vec d_s = vscale * simd::load(prob + j) * (simd::load(ds + j) - delta);
+        simd::store(ds + j, simd::select(allowed, d_s, simd::zero()));
+      }
+      std::fill(ds + end, ds + it.tp, 0.0f);
+    }
+    amx::rows(it.d, it.tp, it.tp, it.tp, it.tp, it.tp, it.p);  // dS in bfloat16, in P's place
+    it.by_values(it.p, it.k);  // dQ = dS K
+    it.write(dq->typed_data() + at, row);
+    it.transposed_by(q.typed_data() + at, row, it.p);  // dKᵀ = Qᵀ dS
+    it.write_transposed(dk->typed_data() + at, row);
+  });
+}
+
+}  // namespace
+
+// 1 where the bfloat16 handlers run here: AMX compiled in, present, and granted to this process.
+extern "C" int diffprog_attention_bfloat16() { return amx::granted(); }
+#else
+namespace {
+ffi::Error ForwardBF16(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, float, bool,
+                       ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>) {
+  return ffi::Error::Internal("attention: bfloat16 products need AMX, which this build does not have");
+}
+ffi::Error BackwardBF16(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                        ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, float, bool,
+                        ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>, ffi::ResultBuffer<ffi::F32>) {
+  return ffi::Error::Internal("attention: bfloat16 products need AMX, which this build does not have");
+}
+}  // namespace
+extern "C" int diffprog_attention_bfloat16() { return 0; }
+#endif
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_forward, Forward,
                               ffi::Ffi::Bind()
@@ -226,6 +516,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_forward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_backward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_forward_bf16, ForwardBF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_backward_bf16, BackwardBF16,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -61,6 +61,7 @@ def build(sources=SOURCES, flags=()) -> Path:
 
 
 TARGETS = ("diffprog_attention_forward", "diffprog_attention_backward",
+           "diffprog_attention_forward_bf16", "diffprog_attention_backward_bf16",
            "diffprog_lstm_forward", "diffprog_lstm_backward",
            "diffprog_selective_forward", "diffprog_selective_backward")
 
@@ -79,6 +80,13 @@ def available() -> bool:
     for name in TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
     return True
+
+
+@functools.cache
+def amx_attention() -> bool:
+    """Whether the attention kernel's bfloat16 handlers run here: the kernels built with AMX
+    (-march=native on a CPU that has it) and AMX's tile state granted to this process."""
+    return available() and bool(ctypes.CDLL(str(build())).diffprog_attention_bfloat16())
 
 
 def _mkl_files() -> tuple[Path, Path] | None:
