@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import kernels
 from .attention import Attention
 from .basic import Dense, Dropout, FeedForward, GatedFeedForward, activation_fn, norm_field, norm_repr, set_norm
-from .core import Combinator, Layer, LayerError, Pipeline, built_field, layerclass, set_built
+from .core import Combinator, Layer, LayerError, Pipeline, built_field, example_spec, layerclass, set_built
 from .embed import EmbedToken
 from .sequence import check_sequence
 
@@ -76,12 +77,19 @@ class LearnedPositions(Layer):
         check_sequence(self, spec)
         return {"table": 0.02 * jax.random.normal(key, (self.max_len, spec.shape[-1]), jnp.float32)}
 
-    def forward(self, params, x, **side):
+    def check(self, params, x):
         check_sequence(self, x, params["table"].shape[1])
         if x.shape[0] > self.max_len:
             raise LayerError(f"{self!r}: sequence of {x.shape[0]} steps is longer than the "
                              f"positional table ({self.max_len})")
+
+    def forward(self, params, x, **side):
+        self.check(params, x)
         return x + params["table"][: x.shape[0]]
+
+    def forward_batch(self, params, xs, *, key=None, **side):
+        self.check(params, example_spec(xs))
+        return kernels.add_to_each(xs, params["table"][: xs.shape[1]])
 
     def decode(self, params, xs, cache, position):
         steps = position + jnp.arange(xs.shape[0])

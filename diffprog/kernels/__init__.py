@@ -12,6 +12,7 @@ the definition stays the reference it is tested against and the path taken every
 | `product` → `gemm`: MKL's GEMM, float32 and bfloat16 (AMX where the CPU has it; bfloat16 products other than Aᵀ B run as XLA's dot into float32, the faster there: `runs_on_mkl`), ≥ `VENDOR_MIN_WORK` multiply-adds, sides ≥ `VENDOR_MIN_SIDE` | `Dense`, `FeedForward`, ... | CPU, MKL installed | `x @ w` |
 | `product` → `_narrowing_product`: transposed-operand gradient | the same | CPU, no MKL | the same |
 | `summed_products`: MKL's Aᵀ B on the merged rows (T, B) as they lie (each device its shard, summed across devices) | the recurrent layers' weight gradients over all steps, float32 | CPU, MKL installed, `product`'s sizes | `jnp.tensordot` over the leading axes |
+| `add_to_each`: the gradient of a table added to every example as a product with ones | `LearnedPositions` on a batch | CPU | `xs + y` (its gradient XLA's sum over the batch) |
 | `selective_scan` → `kernel_selective`: C++ kernels (ssm.cc), the (T, I, N) terms never stored | `SelectiveSSM` | CPU, float32 | `scan_selective` (`lax.scan`, autodiff) |
 | `selective_scan` → `written_selective`: the scan with a written-out backward pass | the same | CPU, other dtypes | the same |
 | `selective_scan` → `parallel_selective`: `lax.associative_scan` (log T depth) | `SelectiveSSM` | accelerators | the same |
@@ -25,6 +26,6 @@ jax.numpy paths run. Under a mesh each device runs a kernel on its own shard of 
 """
 from .attention import attention_kernel, causal_attention, causal_attention_blocks, causal_attention_kernel, self_attention
 from .library import available, build, cache_dir, disabled, enabled, on_cpu, vendor_blas
-from .products import autocast, gemm, product, summed_products
+from .products import add_to_each, autocast, gemm, product, summed_products
 from .recurrence import lstm_backward, lstm_forward, lstm_recurrence, recurrence, scan_recurrence
 from .ssm import kernel_selective, parallel_selective, scan_selective, selective_scan, written_selective
