@@ -210,12 +210,18 @@ def _summed_partitioned(ndim):
                                                  b.reshape(-1, b.shape[-1]), True, False), ndim)
 
 
+def batch_sum(xs):
+    """Σ_b xs_b over the leading axis of xs (B, ...), as a product with a vector of ones: XLA:CPU
+    sums a short leading axis of a (B, T, d) array 20–40× slower (on the Xeon measured: 3.6–4.8
+    against 0.1 ms for (32, 128, 256), 5.3 against 0.2 ms for (8, 128, 768))."""
+    rows = xs.reshape(xs.shape[0], -1)
+    return (jnp.ones(rows.shape[0], rows.dtype) @ rows).reshape(xs.shape[1:])
+
+
 def add_to_each(xs, y):
     """xs_b + y for every b of xs (B, ...), y shaped like one xs_b (a learned positional table
-    added to each example). On the CPU y's gradient Σ_b ∂xs_b is a product with a vector of
-    ones: XLA:CPU sums a short leading axis of a (B, T, d) array 20–40× slower (3.6–4.8 against
-    0.1 ms for (32, 128, 256), on the Xeon measured). Elsewhere, inside `disabled()` and for
-    mixed dtypes, `xs + y`."""
+    added to each example). On the CPU y's gradient Σ_b ∂xs_b is `batch_sum`'s. Elsewhere,
+    inside `disabled()` and for mixed dtypes, `xs + y`."""
     if xs.dtype != y.dtype or xs.shape[1:] != y.shape:
         return xs + y
     return on_cpu(_add_to_each, jnp.add, xs, y, kernel=False)
@@ -227,8 +233,7 @@ def _add_to_each(xs, y):
 
 
 def _add_to_each_bwd(_, grad):
-    rows = grad.reshape(grad.shape[0], -1)
-    return grad, (jnp.ones(rows.shape[0], rows.dtype) @ rows).reshape(grad.shape[1:])
+    return grad, batch_sum(grad)
 
 
 _add_to_each.defvjp(lambda xs, y: (xs + y, None), _add_to_each_bwd)

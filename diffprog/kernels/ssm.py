@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from .library import enabled, on_cpu, require
 from .partition import batch_partitioned
+from .products import batch_sum
 
 
 def selective_scan(delta, A, B, C, u, h0):
@@ -134,7 +135,7 @@ def _kernel_backward(args, cotangents):
     dy, dh = cotangents
     delta_, B_, C_, u_, h0_, dy, dh = map(_rows, (delta, B, C, u, h0, dy, dh))
     d_delta, d_A, d_B, d_C, d_u, d_h0 = _selective_backward_call(delta_, A, B_, C_, u_, h0_, dy, dh)
-    return (d_delta.reshape(delta.shape), d_A.sum(0), d_B.reshape(B.shape), d_C.reshape(C.shape),
+    return (d_delta.reshape(delta.shape), batch_sum(d_A), d_B.reshape(B.shape), d_C.reshape(C.shape),
             d_u.reshape(u.shape), d_h0.reshape(h0.shape))
 
 
