@@ -5,7 +5,8 @@ every change to a hot path reports.
     python -m benchmarks.commits BASE --quick --rounds 2 --cases lstm_train
 
 Each commit is checked out into a temporary git worktree. Every round times every case once per
-version, A then B, each in a fresh process (`benchmarks/user_models.py` of this tree, whose
+version, A then B in odd rounds and B then A in even ones (an order effect — the process
+before leaving the machine warm or busy — hits both alike), each in a fresh process (`benchmarks/user_models.py` of this tree, whose
 `import diffprog` is that version's), so a drift of the machine hits both alike. Per case: each
 version's median over rounds (seconds), and the ratio B / A with its spread, the smallest and
 largest per-round ratio: a ratio whose spread stays above 1 is a slowdown. Writes
@@ -60,10 +61,11 @@ def main(argv=None):
         try:
             times = {case: ([], []) for case in args.cases}
             with tqdm(total=args.rounds * len(args.cases) * 2, desc="A/B") as bar:
-                for _ in range(args.rounds):
+                for round_ in range(args.rounds):
                     for case in args.cases:
-                        for side, tree in zip(times[case], trees):
-                            side.append(time_case(tree, case, args.quick, args.reps))
+                        order = [0, 1] if round_ % 2 == 0 else [1, 0]
+                        for side in order:
+                            times[case][side].append(time_case(trees[side], case, args.quick, args.reps))
                             bar.update(1)
         finally:
             for tree in trees:

@@ -201,6 +201,19 @@ def test_nanogpt_benchmark_alternates_and_gives_charlm_one_compile_cache(tmp_pat
     report = (tmp_path / "nanogpt.md").read_text()
     assert "round 1 (charlm compiling every program) 1.40×" in report and "1.80× / 2.20×" in report
 
+def test_commits_guard_alternates_which_version_runs_first(tmp_path, monkeypatch):
+    """A then B in odd rounds, B then A in even ones; each version's figures stay its own."""
+    from benchmarks import commits
+    calls = []
+    monkeypatch.setattr(commits, "checkout", lambda rev, path: Path(path))
+    monkeypatch.setattr(commits, "time_case", lambda tree, case, quick, reps: calls.append(tree.name) or
+                        {"a": 1.0, "b": 2.0}[tree.name])
+    monkeypatch.setattr(commits.subprocess, "run", lambda *a, **k: None)
+    out = commits.main(["X", "Y", "--rounds", "3", "--cases", "lstm_forward", "--out", str(tmp_path)])
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert out["results"]["lstm_forward"]["a_rounds"] == [1.0] * 3 and out["results"]["lstm_forward"]["ratio"] == 2.0
+
+
 @pytest.mark.slow
 def test_commits_guard_times_two_versions_interleaved(tmp_path):
     """benchmarks.commits checks out a commit beside the working tree and times a user-written

@@ -5,7 +5,7 @@ the definition stays the reference it is tested against and the path taken every
 
 | fast path | used by | where | definition |
 |---|---|---|---|
-| `self_attention`: C++ kernel (attention.cc) | `Attention` (self, dot score, no mask) | CPU, float32 | `jax.nn.dot_product_attention` (causal: with a causal mask) |
+| `self_attention`: C++ kernel (attention.cc); under `autocast(bfloat16)` on a CPU with AMX its six products bfloat16 × bfloat16 → float32 on AMX tiles (`library.amx_attention`) | `Attention` (self, dot score, no mask) | CPU, float32 | `jax.nn.dot_product_attention` (causal: with a causal mask) |
 | `causal_attention_blocks`: blocks of 64 queries | the same, causal | elsewhere | the same |
 | `recurrence` → `lstm_recurrence`: C++ kernels (lstm.cc), per-step products by MKL's packed sgemm where installed (`library.use_vendor_sgemm`; bfloat16 under `autocast`) | `LSTM` on a batch | CPU, float32 | `LSTM.scan` |
 | `recurrence` → `scan_recurrence`: written-out backward pass | recurrent layers on a batch | elsewhere | `Recurrent.scan` |
