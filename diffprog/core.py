@@ -429,15 +429,31 @@ class Repeat(Combinator):
         return tuple(self.layer.init_cache(p, max_len, dtype, **side) for p in self.applications(params))
 
     def decode(self, params, xs, cache, position):
-        """The layer's `decode` n times, each application with its cache."""
+        """The layer's `decode` n times, each application with its cache: one after another, or,
+        where the params are still stacked (not `unstacked`) over more than UNROLLED_UP_TO
+        applications, as one lax.scan over them — a prompt read before `dp.generate`'s loop
+        compiles once for all n (GPT-2 small: 3.6 → 0.8 s), its caches stacked for the scan and
+        split after it."""
         if not isinstance(cache, tuple) or len(cache) != self.n:
             raise LayerError(f"{self!r}: expected a cache of {self.n} applications (its `init_cache`), got "
                              f"{len(cache) if isinstance(cache, tuple) else type(cache).__name__}")
-        new = []
-        for p, c in zip(self.applications(params), cache):
-            xs, c = self.layer.decode(p, xs, c, position)
-            new.append(c)
-        return xs, tuple(new)
+        stack, done = params["stack"], int("first" in params)
+        if isinstance(stack, tuple) or self.n - done <= UNROLLED_UP_TO:
+            new = []
+            for p, c in zip(self.applications(params), cache):
+                xs, c = self.layer.decode(p, xs, c, position)
+                new.append(c)
+            return xs, tuple(new)
+        first = ()
+        if done:
+            xs, c = self.layer.decode(params["first"], xs, cache[0], position)
+            first = (c,)
+
+        def step(h, p_c):
+            p, c = p_c
+            return self.layer.decode(p, h, c, position)
+        xs, stacked = jax.lax.scan(step, xs, (stack, jax.tree.map(lambda *c: jnp.stack(c), *cache[done:])))
+        return xs, first + tuple(jax.tree.map(lambda a: a[k], stacked) for k in range(self.n - done))
 
     @property
     def name(self):

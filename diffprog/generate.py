@@ -270,10 +270,10 @@ def _generate(model, params, prompts, lengths, steps, keys, sampling, use_cache,
 def _cached(model, params, prompt, length, key, *, steps, sampling, shortest):
     """Decode the first `shortest` tokens as one chunk, then one token per position: the
     prompt's own token while the position is inside it (length), a sampled one after."""
-    params = unstacked(model, params)  # sliced once here, not at every step of the loop
     total = prompt.shape[0] + steps
     cache = model.init_cache(params, total)
-    logits, cache = model.decode(params, prompt[:shortest], cache, 0)
+    logits, cache = model.decode(params, prompt[:shortest], cache, 0)  # a deep f ** n: one scan, compiled once
+    params = unstacked(model, params)  # sliced once here, not at every step of the loop
     keys = jax.random.split(key, steps)
 
     def write(carry, position):
