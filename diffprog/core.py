@@ -597,8 +597,9 @@ def _is_layer(x) -> bool:
 def unstacked(layer: Layer, params):
     """`params` with the stack of every `f ** n` inside `layer` sliced into a tuple of n
     per-application trees, which `Repeat.decode` reads as they are. `dp.generate` calls it once,
-    before its loop: XLA does not hoist a slice out of a loop, so inside it slicing the stack
-    copies every weight at every token (GPT-2 small: 340 MB, a third of a step)."""
+    after reading the prompt and before its loop: XLA does not hoist a slice out of a loop, so
+    inside it slicing the stack copies every weight at every token (GPT-2 small: 340 MB, a third
+    of a step)."""
     if isinstance(layer, Repeat):
         apps = [unstacked(layer.layer, p) for p in layer.applications(params)]
         first = {"first": apps.pop(0)} if "first" in params else {}
