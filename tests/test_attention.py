@@ -280,9 +280,9 @@ PREFILLED = [
     dp.LanguageModel(13, 16, dp.Remat(dp.TransformerBlock(16, 2, 32, causal=True)) ** 2, positions=dp.SinusoidalPositions),
     dp.LanguageModel(13, 16, dp.LSTM(16) @ dp.TransformerBlock(16, 2, 32, causal=True)),
     # deeper than UNROLLED_UP_TO: stacked params decode a chunk as one scan over the applications
-    dp.LanguageModel(13, 16, dp.TransformerBlock(16, 2, 32, causal=True, pre_norm=True) ** 6,
+    dp.LanguageModel(13, 16, dp.TransformerBlock(16, 2, 32, causal=True, pre_norm=True) ** 5,
                      positions=dp.LearnedPositions(12), final_norm=True),
-    dp.LanguageModel(13, 8, dp.TransformerBlock(8, 2, 16, causal=True) @ dp.Dense(8) @ dp.LSTM(16) ** 6),  # "first" apart
+    dp.LanguageModel(13, 8, dp.TransformerBlock(8, 2, 16, causal=True) @ dp.Dense(8) @ dp.LSTM(16) ** 5),  # "first" apart
 ]
 
 
