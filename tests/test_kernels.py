@@ -30,6 +30,23 @@ def test_the_kernel_builds_and_registers():
     assert kernels.available()
 
 
+def test_build_compiles_each_source_apart_then_links_them_and_names_a_failure(tmp_path, monkeypatch):
+    """`build`: one compiler process per source, then one link into a library that holds them
+    all (a symbol of one source calls the other's); built once; nothing but the library left in
+    the cache; a source that does not compile is an error naming the sources."""
+    monkeypatch.setenv("DIFFPROG_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a.cc", tmp_path / "b.cc"
+    a.write_text('extern "C" int seven() { return 7; }\n')
+    b.write_text('extern "C" int seven();\nextern "C" int eight() { return seven() + 1; }\n')
+    library = kernels.build([a, b])
+    assert ctypes.CDLL(str(library)).eight() == 8
+    assert kernels.build([a, b]) == library and list((tmp_path / "cache").iterdir()) == [library]
+    b.write_text("this is not C++\n")
+    with pytest.raises(RuntimeError, match=r"could not build a\.cc, b\.cc"):
+        kernels.build([a, b])
+    assert list((tmp_path / "cache").iterdir()) == [library]
+
+
 def test_the_kernels_vectors_take_the_cpus_native_width():
     """Built on this machine with -march=native: 16 floats a vector where the CPU has AVX-512F,
     8 (AVX2) where it does not."""

@@ -39,23 +39,34 @@ def cache_dir() -> Path:
 
 
 def build(sources=SOURCES, flags=()) -> Path:
-    """Compile `sources` (+ `flags`, e.g. a library to link) into one shared library, once per
-    sources, flags, jaxlib version and CPU; returns its path. The library is written to a temporary
-    name and renamed, so concurrent builds are safe."""
+    """Compile `sources` (+ `flags`: -I folders for the compiler, anything else — a library to
+    link — for the linker) into one shared library, once per sources, flags, jaxlib version and
+    CPU; returns its path. Each source compiles in its own compiler process, side by side (the
+    cores build them at once), then one link. The library is written to a temporary name and
+    renamed, so concurrent builds are safe."""
     include = jax.ffi.include_dir()
     flags = [*FLAGS, f"-I{include}", *flags]
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources + HEADERS) + " ".join(flags).encode()
                             + jax.lib.__version__.encode() + _this_cpu()).hexdigest()[:16]
     library = cache_dir() / f"kernels-{digest}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
-        os.close(handle)
-        compiler = os.environ.get("CXX", "c++")
-        result = subprocess.run([compiler, *map(str, sources), *flags, "-o", partial], capture_output=True, text=True)
-        if result.returncode:
-            os.unlink(partial)
-            raise RuntimeError(f"{compiler} could not build {', '.join(path.name for path in sources)}:\n{result.stderr[-2000:]}")
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CXX", "c++")
+    compile_flags = [f for f in flags if f != "-shared" and not (f.startswith("-Wl,") or f.endswith(".so") or ".so." in f)]
+    link_flags = [f for f in flags if f not in compile_flags or f in ("-fPIC", "-pthread", "-march=native")]
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        objects = [Path(scratch) / f"{path.stem}.o" for path in sources]
+        jobs = [subprocess.Popen([compiler, "-c", str(path), *compile_flags, "-o", str(obj)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for path, obj in zip(sources, objects)]
+        errors = [job.communicate()[1] for job in jobs]
+        partial = Path(scratch) / library.name
+        failed = next((e for job, e in zip(jobs, errors) if job.returncode), None)
+        if failed is None:
+            result = subprocess.run([compiler, *map(str, objects), *link_flags, "-o", str(partial)], capture_output=True, text=True)
+            failed = result.stderr if result.returncode else None
+        if failed is not None:
+            raise RuntimeError(f"{compiler} could not build {', '.join(path.name for path in sources)}:\n{failed[-2000:]}")
         os.replace(partial, library)
     return library
 
