@@ -671,6 +671,8 @@ def test_add_to_each_sums_the_gradient_by_a_product_with_ones(key):
     fast, plain = jax.grad(loss(kernels.add_to_each), (0, 1)), jax.grad(loss(jnp.add), (0, 1))
     chex.assert_trees_all_close(jax.jit(fast)(xs, y), plain(xs, y), atol=1e-5)
     chex.assert_trees_all_close(kernels.add_to_each(xs, y), xs + y)
+    with pytest.raises(ValueError, match=r"add_to_each: expected y shaped like one example .*\(12, 8\).*got \(8,\)"):
+        kernels.add_to_each(xs, y[0])  # would broadcast
     many = jnp.stack([y, 2 * y])
     chex.assert_trees_all_close(jax.vmap(jax.grad(loss(kernels.add_to_each), 1), (None, 0))(xs, many),
                                 jax.vmap(jax.grad(loss(jnp.add), 1), (None, 0))(xs, many), atol=1e-5)

@@ -85,6 +85,15 @@ void for_each_item(ffi::ThreadPool pool, long items, size_t scratch_floats, Work
 
 int row_block_end(int i, int steps) { return std::min(i / kRows * kRows + kRows, steps); }
 
+float dot(const float* a, const float* b, int n) {  // Σ a_j b_j over j < n: rowsum(dO ⊙ O) of a row
+  vec total = simd::zero();
+  for (int j = 0; j < n; j += kLanes) {
+    const Lanes in_row(n - j);
+    total = simd::fmadd(in_row.load(a + j), in_row.load(b + j), total);
+  }
+  return simd::sum(total);
+}
+
 float row_max(const float* s, int last) {  // max of s[0..last]
   vec top = simd::splat(-INFINITY);
   for (int j = 0; j <= last; j += kLanes) {
@@ -189,12 +198,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     pack_transposed(v_i, row, steps, dim, packed);
     on.scores(do_i, row, packed, ds, ld);
     for (int i = 0; i < steps; ++i) {
-      vec dot = simd::zero();
-      for (int d = 0; d < dim; d += kLanes) {
-        const Lanes in_row(dim - d);
-        dot = simd::fmadd(in_row.load(do_i + i * row + d), in_row.load(o_i + i * row + d), dot);
-      }
-      const vec delta = simd::splat(simd::sum(dot)), vscale = simd::splat(scale);
+      const vec delta = simd::splat(dot(do_i + i * row, o_i + i * row, dim)), vscale = simd::splat(scale);
       float *s = ds + i * ld, *prob = p + i * ld;
       const int n = on.row_end(i);
       for (int j = 0; j < n; j += kLanes) {  // causal: P is 0 past the diagonal, so dS is too
@@ -463,12 +467,7 @@ ffi::Error BackwardBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     for (int i = 0; i < it.tp; ++i) {
       float *ds = it.d + static_cast<long>(i) * it.tp, *prob = it.s + static_cast<long>(i) * it.tp;
       if (i >= it.steps) { std::fill(ds, ds + it.tp, 0.0f); continue; }
-      vec dot = simd::zero();
-      for (int d = 0; d < it.dim; d += kLanes) {
-        const Lanes in_row(it.dim - d);
-        dot = simd::fmadd(in_row.load(do_i + i * row + d), in_row.load(o_i + i * row + d), dot);
-      }
-      const vec delta = simd::splat(simd::sum(dot)), vscale = simd::splat(scale);
+      const vec delta = simd::splat(dot(do_i + i * row, o_i + i * row, it.dim)), vscale = simd::splat(scale);
       const int end = it.block_end(i);
       for (int j = 0; j < end; j += kLanes) {
         const simd::mask allowed = simd::first(it.last(i) + 1 - j);

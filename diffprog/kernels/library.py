@@ -21,7 +21,8 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / "attention.cc", HERE / "lstm.cc", HERE / "ssm.cc"]
 HEADERS = [HERE / "cpu.h"]
 # -march=native: the kernels' vectors take this CPU's width (cpu.h's `simd`: AVX-512 or AVX2).
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-pthread"]
+LINK_FLAGS = ["-shared", "-pthread"]
 
 
 def _this_cpu() -> bytes:
@@ -44,17 +45,16 @@ def build(sources=SOURCES, flags=()) -> Path:
     CPU; returns its path. Each source compiles in its own compiler process, side by side (the
     cores build them at once), then one link. The library is written to a temporary name and
     renamed, so concurrent builds are safe."""
-    include = jax.ffi.include_dir()
-    flags = [*FLAGS, f"-I{include}", *flags]
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources + HEADERS) + " ".join(flags).encode()
+    compile_flags = [*FLAGS, f"-I{jax.ffi.include_dir()}", *(f for f in flags if f.startswith("-I"))]
+    link_flags = [*LINK_FLAGS, *(f for f in flags if not f.startswith("-I"))]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources + HEADERS)
+                            + " ".join(compile_flags + link_flags).encode()
                             + jax.lib.__version__.encode() + _this_cpu()).hexdigest()[:16]
     library = cache_dir() / f"kernels-{digest}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     compiler = os.environ.get("CXX", "c++")
-    compile_flags = [f for f in flags if f != "-shared" and not (f.startswith("-Wl,") or f.endswith(".so") or ".so." in f)]
-    link_flags = [f for f in flags if f not in compile_flags or f in ("-fPIC", "-pthread", "-march=native")]
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         objects = [Path(scratch) / f"{path.stem}.o" for path in sources]
         jobs = [subprocess.Popen([compiler, "-c", str(path), *compile_flags, "-o", str(obj)], stdout=subprocess.PIPE,

@@ -221,8 +221,12 @@ def batch_sum(xs):
 def add_to_each(xs, y):
     """xs_b + y for every b of xs (B, ...), y shaped like one xs_b (a learned positional table
     added to each example). On the CPU y's gradient Σ_b ∂xs_b is `batch_sum`'s. Elsewhere,
-    inside `disabled()` and for mixed dtypes, `xs + y`."""
-    if xs.dtype != y.dtype or xs.shape[1:] != y.shape:
+    inside `disabled()` and for mixed dtypes, `xs + y`. Any other y is a ValueError (never a
+    broadcast of another shape)."""
+    if xs.shape[1:] != y.shape:
+        raise ValueError(f"add_to_each: expected y shaped like one example of xs {xs.shape}, i.e. {xs.shape[1:]}, "
+                         f"got {y.shape}")
+    if xs.dtype != y.dtype:
         return xs + y
     return on_cpu(_add_to_each, jnp.add, xs, y, kernel=False)
 
