@@ -636,8 +636,10 @@ def _init_params(layer, key, specs):
         return layer.init_params(key, spec, **side)
 
 
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-"""XLA options for `Layer.init`'s program, which runs once: the least compile time."""
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                         "xla_cpu_use_fusion_emitters": False}
+"""XLA options for `Layer.init`'s program, which runs once: the least compile time (LLVM at -O0
+and, on the CPU, the classic element-wise emitters: 0.9 → 0.4–0.6 s for the main job's models)."""
 _compiled_init = jax.jit(_init_params, static_argnums=(0, 2), compiler_options=INIT_COMPILER_OPTIONS)
 
 
