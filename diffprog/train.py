@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import kernels
 from .batching import batched
 from .checks import ArgumentError, example_spec, path_name
-from .core import Layer
+from .core import QUICK_COMPILE, Layer
 
 Batch = dict
 
@@ -242,8 +242,10 @@ def _jitted(step: TrainStep):
 
 
 _evaluate = jax.jit(TrainStep.evaluate, static_argnums=(0, 1))
-_all_finite = jax.jit(lambda tree: jnp.array([jnp.isfinite(a).all() for a in jax.tree.leaves(tree)], bool).all())
-"""One program for the whole tree (op by op, each leaf's shape compiled its own two ops)."""
+_all_finite = jax.jit(lambda tree: jnp.array([jnp.isfinite(a).all() for a in jax.tree.leaves(tree)], bool).all(),
+                      compiler_options=QUICK_COMPILE)
+"""One program for the whole tree (op by op, each leaf's shape compiled its own two ops), compiled
+for compile time: it runs once per checkpoint."""
 
 
 def _check_arguments(*, steps, keep, log_every, workdir, checkpoint_every, resume, eval_every):

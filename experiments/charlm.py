@@ -68,9 +68,10 @@ def main(argv=None):
     train_ids, val_ids = jnp.asarray(ids[:split]), jnp.asarray(ids[split:])
     save_config(out, {**vars(args), "characters": len(text), "vocab": len(chars)})
 
-    @functools.partial(jax.jit, static_argnums=3)
+    @functools.partial(jax.jit, static_argnums=3, compiler_options=dp.core.QUICK_COMPILE)
     def windows(source, seed, index, batch):
-        """Batch `index` of random windows from `source`: one compiled program per source and batch."""
+        """Batch `index` of random windows from `source`: one program per source and batch, compiled
+        for compile time (it gathers a few hundred numbers)."""
         key = jax.random.fold_in(jax.random.key(seed), index)
         starts = jax.random.randint(key, (batch,), 0, source.shape[0] - args.block_size - 1)
         take = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(source, s, args.block_size + 1))(starts)
