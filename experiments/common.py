@@ -100,20 +100,27 @@ def default_compile_cache() -> str:
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffprog" / "jax")
 
 
+COMPILE_CACHE_BYTES = 2 << 30
+"""The most the experiments' compile cache holds (2 GiB): past it JAX deletes the programs
+used least recently (JAX_COMPILATION_CACHE_MAX_SIZE, when set, is the user's bound instead)."""
+
+
 def use_compile_cache(folder: str) -> None:
     """JAX's persistent compilation cache in `folder` ("": none): a later run of the same
     experiment loads its compiled programs (the training step, evaluation, generation) instead
     of compiling them again — what torch.compile's cache does for PyTorch users. Programs that
     compile in under 0.1 s are not stored (unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
-    says otherwise). XLA:CPU checks that a stored program was compiled for this CPU's features
-    before running it (a folder shared by different machines recompiles, it never runs
-    instructions the CPU lacks)."""
+    says otherwise), and the folder is kept under COMPILE_CACHE_BYTES. XLA:CPU checks that a
+    stored program was compiled for this CPU's features before running it (a folder shared by
+    different machines recompiles, it never runs instructions the CPU lacks)."""
     if (folder or None) == jax.config.jax_compilation_cache_dir:
         return
     compilation_cache.reset_cache()  # a folder already in use by this process is let go
     compilation_cache.set_cache_dir(folder or None)
     if folder and "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    if folder and "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
 
 
 class Parser(argparse.ArgumentParser):

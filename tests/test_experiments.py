@@ -101,6 +101,31 @@ def test_a_second_run_loads_its_compiled_programs_from_the_compile_cache(tmp_pat
     assert second == first and not any(unused.iterdir())
     assert run("uncached", "", unused) == first and not any(unused.iterdir())
 
+def test_the_experiments_compile_cache_stays_under_its_bound(tmp_path, monkeypatch):
+    """use_compile_cache bounds the folder (COMPILE_CACHE_BYTES): once the stored programs pass
+    it, JAX deletes the least recently used, and the newest stays."""
+    import os
+
+    from experiments import common
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    stored = lambda folder: {p.name: p.stat().st_size for p in folder.iterdir() if p.name.endswith("-cache")}
+    programs, x = [jax.jit(lambda x, k=k: jnp.sin(x) * k) for k in range(5)], jnp.ones(3)
+    try:
+        one, bounded = tmp_path / "one", tmp_path / "bounded"
+        common.use_compile_cache(str(one))
+        programs[0](x)
+        (size,) = stored(one).values()  # one program's entry
+        monkeypatch.setattr(common, "COMPILE_CACHE_BYTES", int(2.5 * size))
+        common.use_compile_cache(str(bounded))
+        for program in programs[1:]:
+            program(x)
+        kept = stored(bounded)
+        assert 1 <= len(kept) <= 2 and sum(kept.values()) <= 2.5 * size
+    finally:
+        jax.config.update("jax_compilation_cache_max_size", -1)
+        common.use_compile_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR", ""))
+
+
 def test_default_corpus_ships_with_python():
     from experiments.common import default_text
     text = default_text()
