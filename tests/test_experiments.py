@@ -104,10 +104,11 @@ def test_a_second_run_loads_its_compiled_programs_from_the_compile_cache(tmp_pat
 def test_the_experiments_compile_cache_stays_under_its_bound(tmp_path, monkeypatch):
     """use_compile_cache bounds the folder (COMPILE_CACHE_BYTES): once the stored programs pass
     it, JAX deletes the least recently used, and the newest stays."""
-    import os
+    from jax.experimental.compilation_cache import compilation_cache
 
     from experiments import common
     monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    suites = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
     stored = lambda folder: {p.name: p.stat().st_size for p in folder.iterdir() if p.name.endswith("-cache")}
     programs, x = [jax.jit(lambda x, k=k: jnp.sin(x) * k) for k in range(5)], jnp.ones(3)
     try:
@@ -121,9 +122,10 @@ def test_the_experiments_compile_cache_stays_under_its_bound(tmp_path, monkeypat
             program(x)
         kept = stored(bounded)
         assert 1 <= len(kept) <= 2 and sum(kept.values()) <= 2.5 * size
-    finally:
-        jax.config.update("jax_compilation_cache_max_size", -1)
-        common.use_compile_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR", ""))
+    finally:  # the suite's own cache (its folder, unbounded) for the tests after this one
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_max_size", suites[1])
+        compilation_cache.set_cache_dir(suites[0])
 
 
 def test_default_corpus_ships_with_python():
