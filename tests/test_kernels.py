@@ -567,19 +567,26 @@ def test_mkl_products_run_on_each_devices_shard_of_the_batch(monkeypatch):
 
 @needs_mkl
 def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float32(key):
-    """`autocast`: float32 in and out, the operands rounded to bfloat16 (MKL's bfloat16 kernel
-    where the CPU has AMX or AVX512-BF16). A TrainStep with compute_dtype=bfloat16 on the CPU
-    keeps float32 params and activations and runs its products so: its losses track float32's
-    (final loss within 2 %)."""
+    """`autocast`: float32 in and out, the operands rounded to bfloat16 (MKL's bfloat16 kernel)
+    where the CPU has AMX or AVX512-BF16; where it has neither, float32 products and a warning
+    that says so. A TrainStep with compute_dtype=bfloat16 on the CPU keeps float32 params and
+    activations and runs its products so: its losses track float32's (final loss within 2 %)."""
     a, b = jax.random.normal(key, (2, 256, 256))  # big enough for MKL (smaller products stay float32)
-    with kernels.autocast(jnp.bfloat16):
+    hardware = kernels.vendor_blas()["bfloat16"]
+    kernels.products._bfloat16_in_float32.cache_clear()
+    with kernels.autocast(jnp.bfloat16), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         product = jax.jit(lambda a, b: kernels.product(a, b, transpose_a=True))
         out = product(a, b)
-    rounded = a.astype(jnp.bfloat16).astype(jnp.float32).T @ b.astype(jnp.bfloat16).astype(jnp.float32)
     assert out.dtype == jnp.float32
-    chex.assert_trees_all_close(out, rounded, atol=1e-3, rtol=1e-4)
-    assert jnp.max(jnp.abs(out - a.T @ b)) > 1e-2  # the operands were rounded
-    target = "diffprog_gemm_bf16" if kernels.vendor_blas()["bfloat16"] else "diffprog_gemm_f32"
+    assert any("neither AMX nor AVX512-BF16" in str(w.message) for w in caught) != hardware
+    if hardware:
+        rounded = a.astype(jnp.bfloat16).astype(jnp.float32).T @ b.astype(jnp.bfloat16).astype(jnp.float32)
+        chex.assert_trees_all_close(out, rounded, atol=1e-3, rtol=1e-4)
+        assert jnp.max(jnp.abs(out - a.T @ b)) > 1e-2  # the operands were rounded
+    else:
+        chex.assert_trees_all_close(out, a.T @ b, atol=1e-3, rtol=1e-5)  # float32 products
+    target = "diffprog_gemm_bf16" if hardware else "diffprog_gemm_f32"
     assert f'custom_call_target="{target}"' in product.lower(a, b).compile().as_text()
 
     ids = (jnp.arange(32)[None] + 5 * jnp.arange(16)[:, None]) % 13  # the next token is the token + 1
