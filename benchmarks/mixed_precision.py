@@ -8,7 +8,8 @@ Models: the README's Transformer and LSTM char-LMs (`benchmarks.user_models.char
 `dp.TrainStep` with Adam, in float32 and with compute_dtype=bfloat16 (on the CPU: the products in
 bfloat16 by MKL, AMX where the CPU has it, the rest float32: `dp.kernels.autocast`); the same
 models in PyTorch (`benchmarks.sequence_models.torch_runner`) in float32 and under
-`torch.autocast("cpu", dtype=torch.bfloat16)`. Per variant: the train step (forward + backward +
+`torch.autocast("cpu", dtype=torch.bfloat16)`. A variant a kit cannot run on this CPU (PyTorch's
+bfloat16 LSTM without AVX512-BF16) is a row saying so, with the kit's error. Per variant: the train step (forward + backward +
 Adam) and the forward pass, median of --reps calls after warm-up, best of --rounds interleaved
 rounds. Writes benchmarks/results/mixed_precision.{json,md} with the CPU and its extensions.
 """
@@ -78,6 +79,13 @@ def main(argv=None):
         for kit, (variant, full, mixed, mixed_name) in kits.items():
             variants[(kind, kit, "float32")] = variant(kind, width, batch, steps, full)
             variants[(kind, kit, mixed_name)] = variant(kind, width, batch, steps, mixed)
+    failed = {}  # a peer that cannot run a variant on this CPU (PyTorch's bfloat16 LSTM needs AVX512-BF16)
+    for key, (step, forward) in list(variants.items()):
+        try:
+            step(), forward()
+        except RuntimeError as error:
+            failed[key] = str(error).splitlines()[0][:120]
+            del variants[key]
     times = {key: {"step_s": [], "forward_s": []} for key in variants}
     for _ in range(args.rounds):
         for key, (step, forward) in variants.items():
@@ -86,12 +94,14 @@ def main(argv=None):
     best = {key: {k: min(v) for k, v in t.items()} for key, t in times.items()}
     results = {"machine": machine(), "shape": {"batch": batch, "T": steps, "width": width},
                "variants": {f"{kind}/{kit} {precision}": best[kind, kit, precision] | {"rounds": times[kind, kit, precision]}
-                            for kind, kit, precision in variants}}
+                            for kind, kit, precision in variants},
+               "not_run": {f"{kind}/{kit} {precision}": error for (kind, kit, precision), error in failed.items()}}
     rows = []
     for kind, kit, precision in variants:
         r, f32 = best[kind, kit, precision], best[kind, kit, "float32"]
         rows.append([kind, f"{kit} {precision}", f"{r['step_s'] * 1e3:.1f}", f"{f32['step_s'] / r['step_s']:.2f}×",
                      f"{r['forward_s'] * 1e3:.1f}", f"{f32['forward_s'] / r['forward_s']:.2f}×"])
+    rows += [[kind, f"{kit} {precision}", f"not run: {error}", "", "", ""] for (kind, kit, precision), error in failed.items()]
     table = (f"B{batch} T{steps} width {width}; "
              f"best of {args.rounds} rounds, median of {args.reps} calls\n\n"
              + markdown_table(["model", "variant", "train step ms", "vs its float32", "forward ms", "vs its float32"], rows))
