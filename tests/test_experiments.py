@@ -187,6 +187,27 @@ def test_benchmarks_quick(name, flags, tmp_path):
     assert results["machine"]["cores"] >= 1
 
 
+@pytest.mark.slow
+def test_mixed_precision_reports_a_variant_a_peer_cannot_run_instead_of_stopping(tmp_path, monkeypatch):
+    """A peer variant that raises on this CPU (PyTorch's bfloat16 LSTM without AVX512-BF16) is a
+    "not run" row with its error; every other variant is still timed."""
+    pytest.importorskip("torch")
+    from benchmarks import mixed_precision
+    real = mixed_precision.torch_variant
+
+    def variant(kind, width, batch, steps, autocast):
+        step, forward = real(kind, width, batch, steps, autocast)
+        if kind == "lstm" and autocast:
+            def step():
+                raise RuntimeError("could not create a primitive descriptor (stand-in)\nsecond line")
+        return step, forward
+    monkeypatch.setattr(mixed_precision, "torch_variant", variant)
+    results = mixed_precision.main(["--quick", "--out", str(tmp_path)])
+    assert results["not_run"] == {"lstm/PyTorch autocast bfloat16": "could not create a primitive descriptor (stand-in)"}
+    assert len(results["variants"]) == 7 and all(v["step_s"] > 0 for v in results["variants"].values())
+    assert "| lstm | PyTorch autocast bfloat16 | not run: could not create" in (tmp_path / "mixed_precision_quick.md").read_text()
+
+
 def test_nanogpt_benchmark_writes_the_data_as_nanogpts_prepare_does(tmp_path):
     """benchmarks.nanogpt writes nanoGPT's shakespeare_char files: uint16 ids of the sorted
     characters, the first 90 % for training; meta.pkl's itos reads them back into the text."""
