@@ -101,6 +101,7 @@ def test_a_second_run_loads_its_compiled_programs_from_the_compile_cache(tmp_pat
     assert second == first and not any(unused.iterdir())
     assert run("uncached", "", unused) == first and not any(unused.iterdir())
 
+
 def test_the_experiments_compile_cache_stays_under_its_bound(tmp_path, monkeypatch):
     """use_compile_cache bounds the folder (COMPILE_CACHE_BYTES): once the stored programs pass
     it, JAX deletes the least recently used, and the newest stays."""
@@ -210,6 +211,20 @@ def test_mixed_precision_reports_a_variant_a_peer_cannot_run_instead_of_stopping
     assert results["not_run"] == {"lstm/PyTorch autocast bfloat16": "could not create a primitive descriptor (stand-in)"}
     assert len(results["variants"]) == len(calls) == 7 and min(calls.values()) > 3  # warm-up, then --reps per call
     assert "| lstm | PyTorch autocast bfloat16 | not run: could not create" in (tmp_path / "mixed_precision_quick.md").read_text()
+
+
+def test_mixed_precision_stops_when_diffprog_itself_fails(tmp_path, monkeypatch):
+    """Only a peer's failure becomes a "not run" row: the kit's own error stops the benchmark."""
+    from benchmarks import mixed_precision
+
+    def broken(*args):
+        def step():
+            raise RuntimeError("diffprog stand-in failure")
+        return step, step
+    monkeypatch.setattr(mixed_precision, "diffprog_variant", broken)
+    monkeypatch.setattr(mixed_precision, "optional_torch", lambda: None)
+    with pytest.raises(RuntimeError, match="diffprog stand-in failure"):
+        mixed_precision.main(["--quick", "--out", str(tmp_path)])
 
 
 def test_nanogpt_benchmark_writes_the_data_as_nanogpts_prepare_does(tmp_path):
