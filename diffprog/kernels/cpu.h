@@ -162,7 +162,10 @@ void micro_kernel(int kc, Operand op, const float* b, float* c, long ldc, int nr
   vec c00 = simd::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   vec c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int p = 0; p < kc; ++p, b += kCols, a += op.step) {
-    const vec b0 = simd::load(b), b1 = simd::load(b + kLanes);
+    vec b0 = simd::load(b), b1 = simd::load(b + kLanes);
+    // B's two vectors in registers: for R < 6 GCC folds their loads into the FMAs, 2R loads a
+    // step instead of 2, and AVX2 cores (two loads a cycle) then wait on loads, not FMAs.
+    asm("" : "+v"(b0), "+v"(b1));
     vec x = splat(a[0]);
     c00 = fmadd(x, b0, c00), c01 = fmadd(x, b1, c01);
     if constexpr (R > 1) {
