@@ -183,7 +183,7 @@ def lstm_products(request):
         pytest.skip("MKL is not installed")
     kernels.library.use_vendor_sgemm(request.param == "mkl")
     yield request.param
-    kernels.library.use_vendor_sgemm(True)
+    kernels.library.use_vendor_sgemm(kernels.library.steps_by_mkl())
 
 
 @pytest.mark.parametrize("steps, batch, d, hidden, lengths", [

@@ -7,7 +7,7 @@ the definition stays the reference it is tested against and the path taken every
 |---|---|---|---|
 | `self_attention`: C++ kernel (attention.cc); under `autocast(bfloat16)` on a CPU with AMX its six products bfloat16 × bfloat16 → float32 on AMX tiles (`library.amx_attention`) | `Attention` (self, dot score, no mask) | CPU, float32 | `jax.nn.dot_product_attention` (causal: with a causal mask) |
 | `causal_attention_blocks`: blocks of 64 queries | the same, causal | elsewhere | the same |
-| `recurrence` → `lstm_recurrence`: C++ kernels (lstm.cc), per-step products by MKL's packed sgemm where installed (`library.use_vendor_sgemm`; bfloat16 under `autocast`) | `LSTM` on a batch | CPU, float32 | `LSTM.scan` |
+| `recurrence` → `lstm_recurrence`: C++ kernels (lstm.cc), per-step products by MKL's packed sgemm on AVX-512 CPUs where installed, by cpu.h's micro-kernel on AVX2 ones (`library.steps_by_mkl`, switched by `library.use_vendor_sgemm`; bfloat16 under `autocast`: MKL's) | `LSTM` on a batch | CPU, float32 | `LSTM.scan` |
 | `recurrence` → `scan_recurrence`: written-out backward pass | recurrent layers on a batch | elsewhere | `Recurrent.scan` |
 | `product` → `gemm`: MKL's GEMM, float32 and bfloat16 (AMX where the CPU has it; bfloat16 products other than Aᵀ B run as XLA's dot into float32, the faster there: `runs_on_mkl`), ≥ `VENDOR_MIN_WORK` multiply-adds, sides ≥ `VENDOR_MIN_SIDE` | `Dense`, `FeedForward`, ... | CPU, MKL installed | `x @ w` |
 | `product` → `_narrowing_product`: transposed-operand gradient | the same | CPU, no MKL | the same |

@@ -133,14 +133,23 @@ def vendor_blas() -> dict | None:
                             for gemm in ("sgemm", "gemm_bf16bf16f32") for name in ("pack_get_size", "pack", "compute"))}
     for name in ("diffprog_gemm_f32", "diffprog_gemm_bf16"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
-    _use_sgemm(blas["packed"])
+    _use_sgemm(blas["packed"] if steps_by_mkl() else (None,) * 6)
     return blas
+
+
+def steps_by_mkl() -> bool:
+    """The default for the LSTM kernel's per-step products (a thread's rows of h by W_h, ∂z by
+    W_hᵀ): MKL's packed sgemm where the kernels are built for AVX-512 (the faster there, measured
+    on the Intel Xeon at f164b1a; the bfloat16 products of `autocast` need it, and their hardware
+    comes with AVX-512), cpu.h's micro-kernel on AVX2 cores (the LSTM step 1.1–1.2× faster than
+    with MKL's on the AMD EPYC, Zen 3: MKL repacks each step's rows)."""
+    return available() and ctypes.CDLL(str(build())).diffprog_vector_lanes() == 16
 
 
 def use_vendor_sgemm(on: bool):
     """Whether the C++ kernels' own per-step products (lstm.cc) call MKL's packed sgemm (on, where
-    `vendor_blas()` found it: the default) or cpu.h's micro-kernel. Switching takes effect at the
-    next kernel call, not at tracing (the kernel reads it as it runs)."""
+    `vendor_blas()` found it) or cpu.h's micro-kernel; the default is `steps_by_mkl()`. Switching
+    takes effect at the next kernel call, not at tracing (the kernel reads it as it runs)."""
     blas = vendor_blas()
     if blas is not None:
         _use_sgemm(blas["packed"] if on else (None,) * 6)
