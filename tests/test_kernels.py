@@ -183,7 +183,7 @@ def lstm_products(request):
         pytest.skip("MKL is not installed")
     kernels.library.use_vendor_sgemm(request.param == "mkl")
     yield request.param
-    kernels.library.use_vendor_sgemm(kernels.library.steps_by_mkl())
+    kernels.library.use_vendor_sgemm(kernels.library.float32_by_mkl())
 
 
 @pytest.mark.parametrize("steps, batch, d, hidden, lengths", [
@@ -384,19 +384,36 @@ def test_mkl_is_there_where_it_is_a_dependency():
 needs_mkl = pytest.mark.skipif(kernels.vendor_blas() is None, reason="MKL is not installed")
 
 
+@pytest.fixture
+def float32_products(request):
+    """gemm.cc's float32 products of depth ≤ 256 by MKL (`use_vendor_sgemm(True)`) or by cpu.h's
+    micro-kernel (False), as the test's `route` says; the default again afterwards."""
+    route = request.node.callspec.params["route"]
+    if route in ("mkl", "micro-kernel"):
+        kernels.library.use_vendor_sgemm(route == "mkl")
+    yield
+    kernels.library.use_vendor_sgemm(kernels.library.float32_by_mkl())
+
+
 @needs_mkl
-@pytest.mark.parametrize("dtype, route", [(jnp.float32, "chosen"), (jnp.bfloat16, "chosen"), (jnp.bfloat16, "mkl")])
+@pytest.mark.parametrize("dtype, route, sizes", [
+    (jnp.float32, "mkl", (50, 37, 29)), (jnp.float32, "micro-kernel", (50, 37, 29)),
+    (jnp.float32, "micro-kernel", (127, 256, 35)), (jnp.bfloat16, "chosen", (50, 37, 29)),
+    (jnp.bfloat16, "mkl", (50, 37, 29))])
 @pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (False, True), (True, False), (True, True)])
-def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dtype, route, key, monkeypatch):
-    """C = op(A) op(B) by MKL (or, in bfloat16, where `runs_on_mkl` chooses XLA's dot into
-    float32) against XLA's dot: values, both gradients, and vmap over A (folded into rows), over B
-    and over both (XLA's batched dot)."""
+def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dtype, route, sizes, key, monkeypatch,
+                                                    float32_products):
+    """C = op(A) op(B) by MKL or, in float32, by the micro-kernel where it takes the product
+    (depth ≤ 256, A not transposed: here M 127 crosses a block of 120 rows and N 35 a panel's edge),
+    or, in bfloat16, where `runs_on_mkl` chooses XLA's dot into float32, against XLA's dot: values,
+    both gradients, and vmap over A (folded into rows), over B and over both (XLA's batched dot)."""
     if route == "mkl":
         monkeypatch.setattr(kernels.products, "runs_on_mkl", lambda *_: True)
+    m, k, n = sizes
     ka, kb, kc = jax.random.split(key, 3)
-    a = jax.random.normal(ka, (37, 50) if transpose_a else (50, 37), dtype)
-    b = jax.random.normal(kb, (29, 37) if transpose_b else (37, 29), dtype)
-    ct = jax.random.normal(kc, (50, 29))
+    a = jax.random.normal(ka, (k, m) if transpose_a else (m, k), dtype)
+    b = jax.random.normal(kb, (n, k) if transpose_b else (k, n), dtype)
+    ct = jax.random.normal(kc, (m, n))
     ours = lambda a, b: kernels.gemm(a, b, transpose_a, transpose_b)
     xla = lambda a, b: jnp.matmul(a.T if transpose_a else a, b.T if transpose_b else b)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == jnp.float32 else dict(atol=0.2, rtol=2e-2)
@@ -405,7 +422,7 @@ def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dt
     chex.assert_trees_all_close(as32(jax.jit(ours)(a, b)), as32(xla(a, b)), **tol)
     chex.assert_trees_all_close(as32(loss(ours)(a, b)), as32(loss(xla)(a, b)), **tol)
     on_mkl = 'custom_call_target="diffprog_gemm_' in jax.jit(ours).lower(a, b).compile().as_text()
-    assert on_mkl == (route == "mkl" or kernels.products.runs_on_mkl(transpose_a, jnp.dtype(dtype)))
+    assert on_mkl == (route != "chosen" or kernels.products.runs_on_mkl(transpose_a, jnp.dtype(dtype)))
     stacked = lambda x: jnp.stack([x, 2 * x, -x])
     for axes in ((0, None), (None, 0), (0, 0)):
         args = [stacked(x) if axis == 0 else x for x, axis in zip((a, b), axes)]

@@ -1,6 +1,7 @@
 // C = op(A) op(B) by the vendor's BLAS (Intel MKL's cblas, which picks AVX2, AVX-512 or AMX code
 // for the CPU it runs on, AMD's included), as one XLA FFI handler per operand type:
-//   float32 × float32 → float32 (cblas_sgemm);
+//   float32 × float32 → float32 (cblas_sgemm; where library.py says so — AVX2 CPUs — products of
+//   depth ≤ 256 with A not transposed by cpu.h's micro-kernel, `shallow_product`);
 //   bfloat16 × bfloat16 → float32 (cblas_gemm_bf16bf16f32: bfloat16 products summed in float32,
 //   on AMX or AVX512-BF16 where the CPU has them).
 // A is (M, K), or (K, M) read as its transpose with `transpose_a`; B is (K, N), or (N, K) with
@@ -8,12 +9,20 @@
 // longer side of C split among them.
 #include <mkl.h>
 
+#include <type_traits>
+
 #include "cpu.h"
 
 namespace {
 
 constexpr double kSplitWork = 1 << 21;  // multiply-adds below which one thread does it all
 
+// float32 products of depth ≤ kShallow with A not transposed by cpu.h's `shallow_product` instead of
+// MKL's sgemm: set by library.py where that is the faster (AVX2 CPUs).
+std::atomic<bool> shallow_by_micro_kernel{false};
+
+// C = op(A) op(B) by blas(...) (cblas_sgemm's arguments), the longer side of C split among the
+// threads.
 template <class In, class Blas>
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Span<const int64_t> a_dims, const In* a,
                 ffi::Span<const int64_t> b_dims, const In* b, bool transpose_a, bool transpose_b,
@@ -23,6 +32,12 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Span<const int64_t> a_dims, const In*
   const long n = transpose_b ? b_dims[0] : b_dims[1];
   if ((transpose_b ? b_dims[1] : b_dims[0]) != k) return ffi::Error::InvalidArgument("gemm: A and B do not chain");
   const long lda = a_dims[1], ldb = b_dims[1];
+  if constexpr (std::is_same_v<In, float>) {
+    if (shallow_by_micro_kernel.load() && !transpose_a && k <= kShallow) {
+      shallow_product(pool, m, n, k, a, lda, b, ldb, transpose_b, c);
+      return ffi::Error::Success();
+    }
+  }
   const auto ta = transpose_a ? CblasTrans : CblasNoTrans, tb = transpose_b ? CblasTrans : CblasNoTrans;
   const double work = static_cast<double>(m) * n * k;
   const long parts = work < kSplitWork ? 1 : pool.num_threads();
@@ -58,6 +73,8 @@ ffi::Error GemmBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<
 
 // MKL sequential in every thread that calls it (the threads are XLA's); 1 when MKL's bfloat16
 // products have hardware under them (AMX or AVX512-BF16), else 0.
+extern "C" void diffprog_gemm_shallow_by_micro_kernel(int on) { shallow_by_micro_kernel.store(on); }
+
 extern "C" int diffprog_gemm_setup() {
   mkl_set_threading_layer(MKL_THREADING_SEQUENTIAL);
   return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");

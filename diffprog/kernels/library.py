@@ -130,33 +130,38 @@ def vendor_blas() -> dict | None:
         return None
     blas = {"bfloat16": bool(library.diffprog_gemm_setup()),
             "packed": tuple(ctypes.cast(getattr(library, f"cblas_{gemm}_{name}"), ctypes.c_void_p)
-                            for gemm in ("sgemm", "gemm_bf16bf16f32") for name in ("pack_get_size", "pack", "compute"))}
+                            for gemm in ("sgemm", "gemm_bf16bf16f32") for name in ("pack_get_size", "pack", "compute")),
+            "shallow": library.diffprog_gemm_shallow_by_micro_kernel}
     for name in ("diffprog_gemm_f32", "diffprog_gemm_bf16"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
-    _use_sgemm(blas["packed"] if steps_by_mkl() else (None,) * 6)
+    _use_sgemm(blas, float32_by_mkl())
     return blas
 
 
-def steps_by_mkl() -> bool:
-    """The default for the LSTM kernel's per-step products (a thread's rows of h by W_h, ∂z by
-    W_hᵀ): MKL's packed sgemm where the kernels are built for AVX-512 (the faster there, measured
-    on the Intel Xeon at f164b1a; the bfloat16 products of `autocast` need it, and their hardware
-    comes with AVX-512), cpu.h's micro-kernel on AVX2 cores (the LSTM step 1.1–1.2× faster than
-    with MKL's on the AMD EPYC, Zen 3: MKL repacks each step's rows)."""
+def float32_by_mkl() -> bool:
+    """The default for the float32 products where MKL and cpu.h's micro-kernel are both at hand —
+    the LSTM kernel's per-step ones (a thread's rows of h by W_h, ∂z by W_hᵀ) and gemm.cc's of depth
+    ≤ 256 with A not transposed (x W of `Dense` and its kin at width ≤ 256): MKL's where the kernels
+    are built for AVX-512 (its packed sgemm the faster there, measured on the Intel Xeon at f164b1a;
+    the bfloat16 products of `autocast` need it, and their hardware comes with AVX-512), the
+    micro-kernel on AVX2 cores (on the AMD EPYC, Zen 3, where MKL runs its generic path: the LSTM
+    step 1.15–1.2× and the Transformer's forward pass 1.05× faster; MKL repacks each step's rows,
+    and zeroes C before a product)."""
     return available() and ctypes.CDLL(str(build())).diffprog_vector_lanes() == 16
 
 
 def use_vendor_sgemm(on: bool):
-    """Whether the C++ kernels' own per-step products (lstm.cc) call MKL's packed sgemm (on, where
-    `vendor_blas()` found it) or cpu.h's micro-kernel; the default is `steps_by_mkl()`. Switching
-    takes effect at the next kernel call, not at tracing (the kernel reads it as it runs)."""
+    """Whether the float32 products of `float32_by_mkl` call MKL (on, where `vendor_blas()` found
+    it) or cpu.h's micro-kernel; the default is `float32_by_mkl()`. Switching takes effect at the
+    next call, not at tracing (the kernels read it as they run)."""
     blas = vendor_blas()
     if blas is not None:
-        _use_sgemm(blas["packed"] if on else (None,) * 6)
+        _use_sgemm(blas, on)
 
 
-def _use_sgemm(functions):
-    ctypes.CDLL(str(build())).diffprog_use_sgemm(*functions)
+def _use_sgemm(blas, on):
+    ctypes.CDLL(str(build())).diffprog_use_sgemm(*(blas["packed"] if on else (None,) * 6))
+    blas["shallow"](int(not on))
 
 
 _switch = threading.local()
