@@ -15,7 +15,6 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -269,31 +268,6 @@ void in_parallel(ffi::ThreadPool pool, long items, Work work, long max_parts = 1
   for (long part = 1; part < parts; ++part) pool.Schedule([take] { take(); });
   take();
   while (progress->done.load() < parts) std::this_thread::yield();
-}
-
-// C (m × n, row-major) = A op(B) for a shallow product (depth k ≤ kShallow): A (m × k) and B
-// (k × n, or n × k with `transpose_b`) row-major with leading dimensions lda and ldb. Each thread
-// takes a range of C's column panels (kCols columns), packs them (each panel k × kCols: the L1
-// cache's), then runs every panel against each block of kBlockRows rows of A, read in place
-// (kBlockRows × k: the L2 cache's), 6 rows at a time — Goto's loops with a single depth block,
-// C written once (no pass that zeroes it first). Under 2²¹ multiply-adds, one thread.
-constexpr long kShallow = 256;
-void shallow_product(ffi::ThreadPool pool, long m, long n, long k, const float* a, long lda, const float* b, long ldb,
-                     bool transpose_b, float* c) {
-  constexpr long kBlockRows = 120;
-  const long panels = (n + kCols - 1) / kCols;
-  const long parts = static_cast<double>(m) * n * k < (1 << 21) ? 1 : pool.num_threads();
-  in_parallel(pool, panels, [&](long first, long last) {
-    const long j0 = first * kCols, j1 = std::min(n, last * kCols);
-    thread_local std::vector<float> packed;
-    packed.resize(packed_size(k, j1 - j0));
-    transpose_b ? pack_transposed(b + j0 * ldb, ldb, j1 - j0, k, packed.data()) : pack(b + j0, ldb, k, j1 - j0, packed.data());
-    for (long i0 = 0; i0 < m; i0 += kBlockRows)
-      for (long j = j0; j < j1; j += kCols)
-        for (long i = i0; i < std::min(m, i0 + kBlockRows); i += kRows)
-          tile(std::min<long>(kRows, m - i), k, {a + i * lda, lda, 1}, packed.data() + (j - j0) * k, c + i * n + j, n,
-               std::min<long>(kCols, j1 - j));
-  }, parts);
 }
 
 }  // namespace

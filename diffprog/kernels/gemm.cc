@@ -1,7 +1,7 @@
 // C = op(A) op(B) by the vendor's BLAS (Intel MKL's cblas, which picks AVX2, AVX-512 or AMX code
 // for the CPU it runs on, AMD's included), as one XLA FFI handler per operand type:
 //   float32 × float32 → float32 (cblas_sgemm; where library.py says so — AVX2 CPUs — products of
-//   depth ≤ 256 with A not transposed by cpu.h's micro-kernel, `shallow_product`);
+//   depth ≤ 256 with A not transposed by cpu.h's micro-kernel, in `shallow_product` below);
 //   bfloat16 × bfloat16 → float32 (cblas_gemm_bf16bf16f32: bfloat16 products summed in float32,
 //   on AMX or AVX512-BF16 where the CPU has them).
 // A is (M, K), or (K, M) read as its transpose with `transpose_a`; B is (K, N), or (N, K) with
@@ -10,6 +10,7 @@
 #include <mkl.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "cpu.h"
 
@@ -17,9 +18,34 @@ namespace {
 
 constexpr double kSplitWork = 1 << 21;  // multiply-adds below which one thread does it all
 
-// float32 products of depth ≤ kShallow with A not transposed by cpu.h's `shallow_product` instead of
-// MKL's sgemm: set by library.py where that is the faster (AVX2 CPUs).
+// float32 products of depth ≤ kShallow with A not transposed by `shallow_product` instead of MKL's
+// sgemm: set by library.py where that is the faster (AVX2 CPUs).
+constexpr long kShallow = 256;
 std::atomic<bool> shallow_by_micro_kernel{false};
+
+// C (m × n, row-major) = A op(B) for a shallow product (depth k ≤ kShallow): A (m × k) and B
+// (k × n, or n × k with `transpose_b`) row-major with leading dimensions lda and ldb. Each thread
+// takes a range of C's column panels (kCols columns), packs them (each panel k × kCols: the L1
+// cache's), then runs every panel against each block of kBlockRows rows of A, read in place
+// (kBlockRows × k: the L2 cache's), 6 rows at a time — Goto's loops with a single depth block,
+// C written once (no pass that zeroes it first). Under kSplitWork multiply-adds, one thread.
+void shallow_product(ffi::ThreadPool pool, long m, long n, long k, const float* a, long lda, const float* b, long ldb,
+                     bool transpose_b, float* c) {
+  constexpr long kBlockRows = 120;
+  const long panels = (n + kCols - 1) / kCols;
+  const long parts = static_cast<double>(m) * n * k < kSplitWork ? 1 : pool.num_threads();
+  in_parallel(pool, panels, [&](long first, long last) {
+    const long j0 = first * kCols, j1 = std::min(n, last * kCols);
+    thread_local std::vector<float> packed;
+    packed.resize(packed_size(k, j1 - j0));
+    transpose_b ? pack_transposed(b + j0 * ldb, ldb, j1 - j0, k, packed.data()) : pack(b + j0, ldb, k, j1 - j0, packed.data());
+    for (long i0 = 0; i0 < m; i0 += kBlockRows)
+      for (long j = j0; j < j1; j += kCols)
+        for (long i = i0; i < std::min(m, i0 + kBlockRows); i += kRows)
+          tile(std::min<long>(kRows, m - i), k, {a + i * lda, lda, 1}, packed.data() + (j - j0) * k, c + i * n + j, n,
+               std::min<long>(kCols, j1 - j));
+  }, parts);
+}
 
 // C = op(A) op(B) by blas(...) (cblas_sgemm's arguments), the longer side of C split among the
 // threads.
