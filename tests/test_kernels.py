@@ -397,13 +397,14 @@ def float32_products(request):
 
 @needs_mkl
 @pytest.mark.parametrize("dtype, route, sizes", [
-    (jnp.float32, "mkl", (50, 37, 29)), (jnp.float32, "micro-kernel", (127, 256, 35)), (jnp.bfloat16, "chosen", (50, 37, 29)),
+    (jnp.float32, "mkl", (50, 37, 29)), (jnp.float32, "micro-kernel", (127, 256, 70)), (jnp.bfloat16, "chosen", (50, 37, 29)),
     (jnp.bfloat16, "mkl", (50, 37, 29))])
 @pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (False, True), (True, False), (True, True)])
 def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dtype, route, sizes, key, monkeypatch,
                                                     float32_products):
     """C = op(A) op(B) by MKL or, in float32, by the micro-kernel where it takes the product
-    (depth ≤ 256, A not transposed: here M 127 crosses a block of 120 rows and N 35 a panel's edge),
+    (depth ≤ 256, A not transposed: here M 127 crosses a block of 120 rows, N 70 a panel's edge, and
+    127 · 256 · 70 multiply-adds pass kSplitWork, so the threads split the panels),
     or, in bfloat16, where `runs_on_mkl` chooses XLA's dot into float32, against XLA's dot: values,
     both gradients, and vmap over A (folded into rows), over B and over both (XLA's batched dot)."""
     if route == "mkl":
