@@ -1,6 +1,8 @@
 """Every experiment and benchmark runs end to end on tiny settings and writes what it promises."""
 import json
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -275,10 +277,54 @@ def test_commits_guard_alternates_which_version_runs_first(tmp_path, monkeypatch
     monkeypatch.setattr(commits, "checkout", lambda rev, path: Path(path))
     monkeypatch.setattr(commits, "time_case", lambda tree, case, quick, reps: calls.append(tree.name) or
                         {"a": 1.0, "b": 2.0}[tree.name])
-    monkeypatch.setattr(commits.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(commits, "subprocess", SimpleNamespace(run=lambda *a, **k: None))  # no worktree to remove
     out = commits.main(["X", "Y", "--rounds", "3", "--cases", "lstm_forward", "--out", str(tmp_path)])
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert out["results"]["lstm_forward"]["a_rounds"] == [1.0] * 3 and out["results"]["lstm_forward"]["ratio"] == 2.0
+
+
+def test_commits_in_process_times_each_case_per_version_and_round(tmp_path, monkeypatch):
+    """--in-process builds each case once per version in this process and times it every round
+    (both versions this tree here: nothing to import or compile twice)."""
+    from benchmarks import commits
+    monkeypatch.setattr(commits, "checkout", lambda rev, path: commits.ROOT)
+    out = commits.main(["X", "Y", "--in-process", "--quick", "--rounds", "2", "--reps", "2", "--cases", "lstm_forward",
+                        "--out", str(tmp_path)])
+    r = out["results"]["lstm_forward"]
+    assert out["in_process"] and len(r["a_rounds"]) == len(r["b_rounds"]) == 2 and min(r["a_rounds"] + r["b_rounds"]) > 0
+    assert r["ratio"] == pytest.approx(float(np.median(np.array(r["b_rounds"]) / np.array(r["a_rounds"]))))
+    assert "both versions in one process" in (tmp_path / "commits_quick.md").read_text()
+
+
+def test_commits_in_process_runs_a_second_version_on_its_own_kernels(tmp_path):
+    """--in-process imports a version under its own module name and, under `own_kernels`, its
+    programs call its own copy of the C++ kernels by their renamed targets (attention and the MKL
+    product), computing what this tree's do; this tree's programs keep theirs. (The version here is
+    this tree, its kernel libraries copied into the version's cache, so nothing is compiled.)"""
+    import shutil
+    from benchmarks import commits
+    from diffprog.kernels import library
+    if not library.available() or library.vendor_blas() is None:
+        pytest.skip("the C++ kernels or MKL are not available")
+    cache = tmp_path / "kernels"
+    cache.mkdir()
+    for built in library.cache_dir().glob("kernels-*.so"):
+        shutil.copy(built, cache)
+    import diffprog as dp
+    version = commits.load_version(commits.ROOT, "diffprog_t").dp
+    assert version.__name__ == "diffprog_t" and version.kernels.library is not library
+    q = jax.random.normal(jax.random.key(0), (2, 16, 2, 8))
+    a = jax.random.normal(jax.random.key(1), (256, 256))
+    programs = {"attention": lambda kit: lambda q, a: kit.kernels.self_attention(q, q, q, True),
+                "product": lambda kit: lambda q, a: kit.kernels.gemm(a, a)}
+    for name, program in programs.items():
+        with commits.own_kernels("t_", cache):
+            theirs = jax.jit(program(version)).lower(q, a).compile()
+        ours = jax.jit(program(dp)).lower(q, a).compile()
+        assert 'custom_call_target="t_diffprog_' in theirs.as_text(), name
+        assert 'custom_call_target="diffprog_' in ours.as_text() and "t_diffprog_" not in ours.as_text(), name
+        np.testing.assert_allclose(theirs(q, a), ours(q, a), rtol=1e-6, atol=1e-6)
+    assert jax.ffi.ffi_call.__module__.startswith("jax") and "DIFFPROG_CACHE" not in os.environ
 
 
 @pytest.mark.slow
