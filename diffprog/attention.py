@@ -25,7 +25,9 @@ class Attention(Combinator):
 
     m = x (self-attention) or the `context=` side input (S, d_c) when `cross=True`.
     score "dot" is q·k/√head_dim computed by `jax.nn.dot_product_attention` (self-attention
-    without masks besides causal: `dp.kernels.self_attention`, on the CPU a fused C++ kernel);
+    without masks besides causal: `dp.kernels.self_attention`, on the CPU a fused C++ kernel; with
+    one key/value head per query head and no rotary positions `dp.kernels.projected_self_attention`,
+    the kernel reading q, k, v from the one projection x [W_q W_k W_v]);
     "general" and "concat" are the notes' other soft-lookup scores (see `dp.soft`), computed
     explicitly.
 
@@ -142,6 +144,12 @@ class Attention(Combinator):
         else:  # self-attention: the three projections as one matrix product
             names = ("query", "key", "value")
             fused = {k: jnp.concatenate([params[n][k] for n in names], -1) for k in params["query"]}
+            if self.fused(key, side) and self.groups == 1 and self.rotary is None:
+                # the kernel reads q, k, v from the product and adds their bias itself
+                bias = fused.get("bias", jnp.zeros(fused["weight"].shape[1], fused["weight"].dtype))
+                out = kernels.projected_self_attention(affine({"weight": fused["weight"]}, x), bias, self.heads,
+                                                       self.causal)
+                return affine(params["output"], out.reshape(out.shape[:-2] + (-1,)))
             width = params["query"]["weight"].shape[1]
             q, k, v = (self.split_heads(a, params) for a in
                        jnp.split(affine(fused, x), [width, width + params["key"]["weight"].shape[1]], -1))

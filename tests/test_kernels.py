@@ -69,6 +69,54 @@ def test_kernel_matches_the_definition_values_and_gradients(shape, causal, key):
     assert "diffprog_attention_forward" in jax.jit(fast).lower(q, k, v).as_text()
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("batch, steps, heads, dim", [(1, 1, 1, 1), (2, 7, 2, 5), (3, 37, 3, 24), (1, 70, 2, 64)])
+def test_projected_kernel_is_attention_of_the_projections_thirds(batch, steps, heads, dim, causal, key):
+    """projected_self_attention(qkv, bias) reads q, k, v as the thirds of qkv plus the bias: the
+    same values and gradients (∂qkv, ∂bias) as the definition on split_projection's q, k, v, jitted
+    or not, under vmap over examples and over the bias too, by the projected handlers."""
+    kq, kb, kc = jax.random.split(key, 3)
+    qkv = jax.random.normal(kq, (batch, steps, 3 * heads * dim))
+    bias = jax.random.normal(kb, (3 * heads * dim,))
+    ct = jax.random.normal(kc, (batch, steps, heads, dim))
+    definition = jax.vmap(kernels.causal_attention_blocks) if causal else jax.nn.dot_product_attention
+    reference = lambda qkv, bias: definition(*kernels.split_projection(qkv, bias, heads))
+    fast = lambda qkv, bias: kernels.projected_self_attention(qkv, bias, heads, causal)
+    for f in (fast, jax.jit(fast)):
+        chex.assert_trees_all_close(f(qkv, bias), reference(qkv, bias), atol=2e-6)
+    grads = [jax.grad(lambda a, b: jnp.sum(f(a, b) * ct), (0, 1))(qkv, bias) for f in (fast, reference)]
+    chex.assert_trees_all_close(*grads, atol=2e-5)
+    assert "diffprog_projected_attention_backward" in jax.jit(jax.grad(lambda a, b: fast(a, b).sum())).lower(qkv, bias).as_text()
+    stacked = jnp.stack([qkv, -qkv])
+    chex.assert_trees_all_close(jax.vmap(fast, (0, None))(stacked, bias), jnp.stack([fast(qkv, bias), fast(-qkv, bias)]), atol=1e-6)
+    chex.assert_trees_all_close(jax.vmap(fast)(stacked, jnp.stack([bias, 2 * bias])),
+                                jnp.stack([fast(qkv, bias), fast(-qkv, 2 * bias)]), atol=1e-6)
+
+
+def test_projected_kernel_rejects_a_projection_that_is_not_three_heads_wide(key):
+    qkv = jax.random.normal(key, (5, 3 * 2 * 4))
+    with pytest.raises(ValueError, match=r"projected_self_attention.*\(5, 24\).*\(23,\)"):
+        kernels.projected_self_attention(qkv, jnp.zeros(23), 2, True)
+    with pytest.raises(ValueError, match=r"projected_self_attention.*\(5, 24\)"):
+        kernels.projected_self_attention(qkv, jnp.zeros(24), 5, True)
+
+
+def test_attention_layers_take_the_projected_kernel_where_it_applies(key, monkeypatch):
+    """Self-attention with one key/value head per query head and no rotary positions reads q, k, v
+    from the projection (no slices of it in the program); grouped-query or rotary attention, and
+    autocast with AMX attention (its bfloat16 kernel takes q, k, v), split it first."""
+    xs = jax.random.normal(key, (2, 6, 8))
+    targets = lambda layer: jax.jit(dp.batched(layer).apply).lower(layer.init(key, xs[0]), xs).as_text()
+    assert "diffprog_projected_attention_forward" in targets(dp.Attention(2, causal=True))
+    for layer in (dp.Attention(2, causal=True, kv_heads=1), dp.Attention(2, causal=True, rotary=10000.0)):
+        text = targets(layer)
+        assert "diffprog_attention_forward" in text and "projected" not in text, layer
+    monkeypatch.setattr(kernels.attention, "bfloat16_products", lambda: True)
+    monkeypatch.setattr(kernels.attention, "amx_attention", lambda: True)
+    text = targets(dp.Attention(2, causal=True))
+    assert "diffprog_attention_forward_bf16" in text and "projected" not in text
+
+
 @pytest.mark.skipif(not kernels.library.amx_attention(), reason="no AMX here (the bfloat16 attention kernel needs it)")
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", [(2, 5, 1, 8), (3, 37, 2, 24), (1, 70, 2, 80)])

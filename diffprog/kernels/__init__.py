@@ -6,6 +6,7 @@ the definition stays the reference it is tested against and the path taken every
 | fast path | used by | where | definition |
 |---|---|---|---|
 | `self_attention`: C++ kernel (attention.cc); under `autocast(bfloat16)` on a CPU with AMX its six products bfloat16 × bfloat16 → float32 on AMX tiles (`library.amx_attention`) | `Attention` (self, dot score, no mask) | CPU, float32 | `jax.nn.dot_product_attention` (causal: with a causal mask) |
+| `projected_self_attention`: the same kernel reading q, k, v as thirds of one projection and adding their bias (float32; under autocast with AMX: split, then `self_attention`) | `Attention` (the same, kv_heads = heads, no rotary) | CPU, float32 | `self_attention` of the thirds + bias |
 | `causal_attention_blocks`: blocks of 64 queries | the same, causal | elsewhere | the same |
 | `recurrence` → `lstm_recurrence`: C++ kernels (lstm.cc), per-step products by MKL's packed sgemm on AVX-512 CPUs where installed, by cpu.h's micro-kernel on AVX2 ones (`library.float32_by_mkl`, switched by `library.use_vendor_sgemm`; bfloat16 under `autocast`: MKL's) | `LSTM` on a batch | CPU, float32 | `LSTM.scan` |
 | `recurrence` → `scan_recurrence`: written-out backward pass | recurrent layers on a batch | elsewhere | `Recurrent.scan` |
@@ -24,7 +25,8 @@ with -march=native: AVX-512's width where the CPU has it, else AVX2's); where th
 jax.numpy paths run. Under a mesh each device runs a kernel on its own shard of the batch
 (`partition.batch_partitioned`).
 """
-from .attention import attention_kernel, causal_attention, causal_attention_blocks, causal_attention_kernel, self_attention
+from .attention import (attention_kernel, causal_attention, causal_attention_blocks, causal_attention_kernel,
+                        projected_self_attention, self_attention, split_projection)
 from .library import available, build, cache_dir, disabled, enabled, on_cpu, vendor_blas
 from .products import add_to_each, autocast, gemm, product, summed_products
 from .recurrence import lstm_backward, lstm_forward, lstm_recurrence, recurrence, scan_recurrence

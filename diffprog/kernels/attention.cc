@@ -8,6 +8,10 @@
 // computes the scores only up to its last row (rounded up to kCols columns), so most of the work
 // above the diagonal is skipped.
 // Layout: q, k, v, o, do and the gradients are (..., T, H, D) row-major; logsumexp (..., T, H).
+// The float32 handlers also take q, k, v as one projection (..., T, 3·H·D) — the thirds q, k, v,
+// each with its third of a bias added as it is read — and write dq, dk, dv into one such array
+// (`diffprog_projected_attention_*`), so that self-attention reads x [W_q W_k W_v] as the product
+// wrote it, with no slices and no concatenation around the kernel.
 #include <cmath>
 #include <vector>
 
@@ -58,7 +62,8 @@ float exp_row(const float* s, float* p, int n, int last, float scale, float shif
 struct Shape {
   long items, steps, heads, dim;  // items = examples × heads
   long row() const { return heads * dim; }                       // stride between steps
-  long offset(long item) const { return (item / heads) * steps * row() + (item % heads) * dim; }
+  long offset(long item, long stride) const { return (item / heads) * steps * stride + (item % heads) * dim; }
+  long offset(long item) const { return offset(item, row()); }
   int padded() const { return static_cast<int>((steps + kCols - 1) / kCols * kCols); }
   const float* lse(const float* base, long item) const {  // logsumexp (..., T, H)
     return base + (item / heads) * steps * heads + item % heads;
@@ -132,10 +137,10 @@ struct Products {
 // Row i of p (T × ld) becomes exp(scale S_ij − shift_i) for j ≤ last(i), 0 up to row_end(i),
 // with S = Q Kᵀ. Forward (`totals` given): shift_i = scale max_j S_ij, written to lse with
 // log Σ_j; the rows stay unnormalised and `totals` gets their sums. Backward: shift_i = lse_i.
-void exponentials(const Products& on, const float* q, const float* k, long row, float scale,
-                  float* packed, float* p, int ld, float* lse, long lse_stride, float* totals) {
-  pack_transposed(k, row, on.steps, on.dim, packed);
-  on.scores(q, row, packed, p, ld);
+void exponentials(const Products& on, const float* q, long q_row, const float* k, long k_row, const float* k_bias,
+                  float scale, float* packed, float* p, int ld, float* lse, long lse_stride, float* totals) {
+  pack_transposed(k, k_row, on.steps, on.dim, packed, k_bias);
+  on.scores(q, q_row, packed, p, ld);
   for (int i = 0; i < on.steps; ++i) {
     float* s = p + i * ld;
     if (totals) {
@@ -148,54 +153,83 @@ void exponentials(const Products& on, const float* q, const float* k, long row, 
   }
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   float scale, bool causal, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
-  const Shape sh = shape_of(q);
+// Where the items' q, k, v lie: those of item (example e, head h) start at q, k, v + e·T·row + h·D,
+// their steps `row` floats apart; each with its bias (D floats from h·D; null: none) added as it
+// is read. dq, dk, dv are written in the same places of their own arrays.
+struct Operands {
+  const float *q, *k, *v;
+  long row;
+  const float *q_bias, *k_bias, *v_bias;
+};
+struct Gradients {
+  float *q, *k, *v;
+  long row;
+};
+
+// One item's k, v (in place, `row` floats between steps) with their biases (null: none), which
+// they take as they are packed; and q with its bias as the products read it: in place without a
+// bias, else copied with it into `scratch` (T × D, q_row = D).
+struct ItemOperands {
+  const float *q, *k, *v, *k_bias, *v_bias;
+  long q_row, row;
+  static size_t size(const Shape& sh, const Operands& in) { return in.q_bias ? sh.steps * sh.dim : 0; }
+  ItemOperands(const Shape& sh, const Operands& in, long item, float* scratch) {
+    const long at = sh.offset(item, in.row), head = (item % sh.heads) * sh.dim;
+    q = in.q + at, k = in.k + at, v = in.v + at, q_row = row = in.row;
+    k_bias = in.k_bias ? in.k_bias + head : nullptr;
+    v_bias = in.v_bias ? in.v_bias + head : nullptr;
+    if (!in.q_bias) return;
+    for (int i = 0; i < sh.steps; ++i)
+      for (int d = 0; d < sh.dim; d += kLanes) {
+        const Lanes in_row(sh.dim - d);
+        in_row.store(scratch + i * sh.dim + d, in_row.load(q + i * row + d) + in_row.load(in.q_bias + head + d));
+      }
+    q = scratch, q_row = sh.dim;
+  }
+};
+
+void attend(ffi::ThreadPool pool, const Shape& sh, const Operands& in, float scale, bool causal, float* o, float* lse) {
   const int steps = sh.steps, dim = sh.dim, ld = sh.padded();
   const long row = sh.row();
   const size_t b_size = std::max(packed_size(steps, dim), packed_size(dim, steps)), p_size = packed_size(steps, steps);
-  for_each_item(pool, sh.items, b_size + p_size + steps, [&](long item, float* scratch) {
+  for_each_item(pool, sh.items, b_size + p_size + steps + ItemOperands::size(sh, in), [&](long item, float* scratch) {
     const Products on{steps, dim, causal};
     float *packed = scratch, *p = packed + b_size, *totals = p + p_size;
-    const long at = sh.offset(item);
-    float* out = o->typed_data() + at;
-    exponentials(on, q.typed_data() + at, k.typed_data() + at, row, scale, packed, p, ld,
-                 const_cast<float*>(sh.lse(lse->typed_data(), item)), sh.heads, totals);
-    pack(v.typed_data() + at, row, steps, dim, packed);
+    const ItemOperands x(sh, in, item, totals + steps);
+    float* out = o + sh.offset(item);
+    exponentials(on, x.q, x.q_row, x.k, x.row, x.k_bias, scale, packed, p, ld,
+                 const_cast<float*>(sh.lse(lse, item)), sh.heads, totals);
+    pack(x.v, x.row, steps, dim, packed, x.v_bias);
     on.by_values(p, ld, false, packed, out, row);
     for (int i = 0; i < steps; ++i) {
       const vec inverse = simd::splat(1.0f / totals[i]);
       for (int d = 0; d < dim; d += kLanes) {
         const Lanes in_row(dim - d);
-        float* x = out + i * row + d;
-        in_row.store(x, in_row.load(x) * inverse);
+        float* y = out + i * row + d;
+        in_row.store(y, in_row.load(y) * inverse);
       }
     }
   });
-  return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_o,
-                    float scale, bool causal, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
-  const Shape sh = shape_of(q);
+void attend_backward(ffi::ThreadPool pool, const Shape& sh, const Operands& in, const float* o, const float* lse,
+                     const float* d_o, float scale, bool causal, const Gradients& grads) {
   const int steps = sh.steps, dim = sh.dim, ld = sh.padded();
   const long row = sh.row();
   const size_t b_size = std::max(packed_size(steps, dim), packed_size(dim, steps)), p_size = packed_size(steps, steps);
-  for_each_item(pool, sh.items, b_size + 2 * p_size, [&](long item, float* scratch) {
+  for_each_item(pool, sh.items, b_size + 2 * p_size + ItemOperands::size(sh, in), [&](long item, float* scratch) {
     const Products on{steps, dim, causal};
     float *packed = scratch, *p = packed + b_size, *ds = p + p_size;
-    const long at = sh.offset(item);
-    const float *q_i = q.typed_data() + at, *k_i = k.typed_data() + at, *v_i = v.typed_data() + at;
-    const float *o_i = o.typed_data() + at, *do_i = d_o.typed_data() + at;
-    exponentials(on, q_i, k_i, row, scale, packed, p, ld,
-                 const_cast<float*>(sh.lse(lse.typed_data(), item)), sh.heads, nullptr);
+    const ItemOperands x(sh, in, item, ds + p_size);
+    const long at = sh.offset(item), grad_at = sh.offset(item, grads.row);
+    const float *o_i = o + at, *do_i = d_o + at;
+    exponentials(on, x.q, x.q_row, x.k, x.row, x.k_bias, scale, packed, p, ld,
+                 const_cast<float*>(sh.lse(lse, item)), sh.heads, nullptr);
     // dV = Pᵀ dO
     pack(do_i, row, steps, dim, packed);
-    on.by_values(p, ld, true, packed, dv->typed_data() + at, row);
+    on.by_values(p, ld, true, packed, grads.v + grad_at, grads.row);
     // dP = dO Vᵀ, then dS = scale P ⊙ (dP − rowsum(dO ⊙ O))
-    pack_transposed(v_i, row, steps, dim, packed);
+    pack_transposed(x.v, x.row, steps, dim, packed, x.v_bias);
     on.scores(do_i, row, packed, ds, ld);
     for (int i = 0; i < steps; ++i) {
       const vec delta = simd::splat(dot(do_i + i * row, o_i + i * row, dim)), vscale = simd::splat(scale);
@@ -208,14 +242,62 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       }
     }
     // dQ = dS K, dK = dSᵀ Q
-    pack(k_i, row, steps, dim, packed);
-    on.by_values(ds, ld, false, packed, dq->typed_data() + at, row);
-    pack(q_i, row, steps, dim, packed);
-    on.by_values(ds, ld, true, packed, dk->typed_data() + at, row);
+    pack(x.k, x.row, steps, dim, packed, x.k_bias);
+    on.by_values(ds, ld, false, packed, grads.q + grad_at, grads.row);
+    pack(x.q, x.q_row, steps, dim, packed);
+    on.by_values(ds, ld, true, packed, grads.k + grad_at, grads.row);
   });
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   float scale, bool causal, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+  const Shape sh = shape_of(q);
+  attend(pool, sh, {q.typed_data(), k.typed_data(), v.typed_data(), sh.row(), nullptr, nullptr, nullptr}, scale, causal,
+         o->typed_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_o,
+                    float scale, bool causal, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv) {
+  const Shape sh = shape_of(q);
+  attend_backward(pool, sh, {q.typed_data(), k.typed_data(), v.typed_data(), sh.row(), nullptr, nullptr, nullptr},
+                  o.typed_data(), lse.typed_data(), d_o.typed_data(), scale, causal,
+                  {dq->typed_data(), dk->typed_data(), dv->typed_data(), sh.row()});
+  return ffi::Error::Success();
+}
+
+// The shape of attention over a projection qkv (..., T, 3·H·D) with `heads` heads, and where its
+// thirds and their biases lie.
+Shape projected_shape(ffi::Buffer<ffi::F32>& qkv, long heads) {
+  auto dims = qkv.dimensions();
+  long examples = 1;
+  for (size_t i = 0; i + 2 < dims.size(); ++i) examples *= dims[i];
+  return {examples * heads, dims[dims.size() - 2], heads, dims[dims.size() - 1] / (3 * heads)};
+}
+
+Operands projected(const Shape& sh, const float* qkv, const float* bias) {
+  const long width = sh.row();
+  return {qkv, qkv + width, qkv + 2 * width, 3 * width, bias, bias + width, bias + 2 * width};
+}
+
+ffi::Error ProjectedForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias, float scale,
+                            bool causal, int64_t heads, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+  const Shape sh = projected_shape(qkv, heads);
+  attend(pool, sh, projected(sh, qkv.typed_data(), bias.typed_data()), scale, causal, o->typed_data(), lse->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error ProjectedBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias,
+                             ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_o, float scale,
+                             bool causal, int64_t heads, ffi::ResultBuffer<ffi::F32> d_qkv) {
+  const Shape sh = projected_shape(qkv, heads);
+  float* d = d_qkv->typed_data();
+  attend_backward(pool, sh, projected(sh, qkv.typed_data(), bias.typed_data()), o.typed_data(), lse.typed_data(),
+                  d_o.typed_data(), scale, causal, {d, d + sh.row(), d + 2 * sh.row(), 3 * sh.row()});
+  return ffi::Error::Success();
+}
 
 }  // namespace
 
@@ -503,7 +585,9 @@ ffi::Error BackwardBF16(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi:
 extern "C" int diffprog_attention_bfloat16() { return 0; }
 #endif
 
-// The handlers' operands: q, k, v → (o, logsumexp); q, k, v, o, logsumexp, do → (dq, dk, dv).
+// The handlers' operands: q, k, v → (o, logsumexp); q, k, v, o, logsumexp, do → (dq, dk, dv); and
+// projected: qkv, bias → (o, logsumexp); qkv, bias, o, logsumexp, do → dqkv. (XLA's binding
+// builder cannot be passed along, so each is spelled out.)
 static auto forward_binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -532,7 +616,35 @@ static auto backward_binding() {
       .Ret<ffi::Buffer<ffi::F32>>();
 }
 
+static auto projected_forward_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Attr<float>("scale")
+      .Attr<bool>("causal")
+      .Attr<int64_t>("heads")
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
+static auto projected_backward_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Attr<float>("scale")
+      .Attr<bool>("causal")
+      .Attr<int64_t>("heads")
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_forward, Forward, forward_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_backward, Backward, backward_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_forward_bf16, ForwardBF16, forward_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_attention_backward_bf16, BackwardBF16, backward_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_projected_attention_forward, ProjectedForward, projected_forward_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_projected_attention_backward, ProjectedBackward, projected_backward_binding());

@@ -22,11 +22,33 @@ def self_attention(q, k, v, causal: bool):
     step: the C++ kernel on the CPU for float32 (inside `autocast(bfloat16)`, on a CPU with AMX,
     its products in bfloat16, summed in float32); elsewhere `causal_attention_blocks` (causal) or
     `jax.nn.dot_product_attention`."""
-    if causal:
-        reference = jax.vmap(causal_attention_blocks) if q.ndim > 3 else causal_attention_blocks
-    else:
-        reference = jax.nn.dot_product_attention
-    return on_cpu(attention_kernel(causal, bfloat16_products() and amx_attention()), reference, q, k, v)
+    return on_cpu(attention_kernel(causal, bfloat16_products() and amx_attention()), _definition(causal), q, k, v)
+
+
+def _definition(causal: bool):
+    def attention(q, k, v):
+        if not causal:
+            return jax.nn.dot_product_attention(q, k, v)
+        return jax.vmap(causal_attention_blocks)(q, k, v) if q.ndim > 3 else causal_attention_blocks(q, k, v)
+    return attention
+
+
+def split_projection(qkv, bias, heads: int):
+    """q, k, v (..., T, heads, head_dim): the thirds of qkv (..., T, 3·heads·head_dim) + bias."""
+    return [a.reshape(a.shape[:-1] + (heads, -1)) for a in jnp.split(qkv + bias, 3, -1)]
+
+
+def projected_self_attention(qkv, bias, heads: int, causal: bool):
+    """`self_attention(q, k, v, causal)` of q, k, v = `split_projection(qkv, bias, heads)`: the
+    self-attention of a fused projection qkv = x [W_q W_k W_v] (..., T, 3·heads·head_dim) and its
+    bias (3·heads·head_dim,), → (..., T, heads, head_dim). On the CPU in float32 the kernel reads
+    the thirds where the product wrote them and adds the bias as it reads, and its gradient is one
+    ∂qkv: no slices of the projection, no concatenation of dq, dk, dv. Under autocast with AMX
+    attention, the thirds are split for `self_attention`'s bfloat16 kernel."""
+    if bfloat16_products() and amx_attention():
+        return self_attention(*split_projection(qkv, bias, heads), causal)
+    return on_cpu(projected_kernel(causal, heads),
+                  lambda qkv, bias: _definition(causal)(*split_projection(qkv, bias, heads)), qkv, bias)
 
 
 def causal_attention(q, k, v):
@@ -90,3 +112,44 @@ def attention_kernel(causal: bool, bfloat16: bool = False):
 
 
 causal_attention_kernel = attention_kernel(True)
+
+
+@functools.cache
+def projected_kernel(causal: bool, heads: int):
+    """`attention_kernel(causal)` of the thirds of a projection plus its bias (see
+    `projected_self_attention`), by the float32 kernel's projected handlers: qkv (..., T, F),
+    bias (F,) with F = 3·heads·head_dim → (..., T, heads, head_dim); its VJP gives ∂qkv and ∂bias
+    (∂qkv summed over the leading axes)."""
+    def scale(qkv):
+        return np.float32(1 / np.sqrt(qkv.shape[-1] // (3 * heads)))
+
+    @batch_partitioned("... t f, f -> ... t h d, ... t h")
+    def forward_call(qkv, bias):
+        out = jax.ShapeDtypeStruct(qkv.shape[:-1] + (heads, qkv.shape[-1] // (3 * heads)), qkv.dtype)
+        lse = jax.ShapeDtypeStruct(qkv.shape[:-1] + (heads,), jnp.float32)
+        return tuple(jax.ffi.ffi_call("diffprog_projected_attention_forward", (out, lse))(
+            qkv, bias, scale=scale(qkv), causal=causal, heads=np.int64(heads)))
+
+    @batch_partitioned("... t f, f, ... t h d, ... t h, ... t h d -> ... t f")
+    def backward_call(qkv, bias, out, lse, d_out):
+        return tuple(jax.ffi.ffi_call("diffprog_projected_attention_backward", (jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),))(
+            qkv, bias, out, lse, d_out, scale=scale(qkv), causal=causal, heads=np.int64(heads)))
+
+    def forward(qkv, bias):
+        if qkv.ndim < 2 or qkv.shape[-1] % (3 * heads) or bias.shape != qkv.shape[-1:]:
+            raise ValueError(f"projected_self_attention: expected qkv (..., T, 3·{heads}·head_dim) and its bias "
+                             f"(3·{heads}·head_dim,), got {qkv.shape} and {bias.shape}")
+        require("projected_self_attention")
+        out, lse = forward_call(qkv, bias)
+        return out, (qkv, bias, out, lse)
+
+    def backward(residuals, d_out):
+        d_qkv, = backward_call(*residuals, d_out)
+        return d_qkv, d_qkv.reshape(-1, d_qkv.shape[-1]).sum(0)
+
+    @jax.custom_vjp
+    def kernel(qkv, bias):
+        return forward(qkv, bias)[0]
+
+    kernel.defvjp(forward, backward)
+    return kernel

@@ -126,20 +126,23 @@ struct Lanes {
 // source.
 size_t packed_size(int rows, int cols) { return static_cast<size_t>(rows) * ((cols + kCols - 1) / kCols * kCols); }
 
-void pack(const float* x, long ldx, int rows, int cols, float* out) {  // B = x (rows × cols)
+// B = x (rows × cols), + bias (cols) on every row where given.
+void pack(const float* x, long ldx, int rows, int cols, float* out, const float* bias = nullptr) {
   for (int j = 0; j < cols; j += kCols, out += static_cast<size_t>(rows) * kCols) {
     const simd::mask m0 = simd::first(cols - j), m1 = simd::first(cols - j - kLanes);
+    const vec b0 = bias ? simd::load(bias + j, m0) : simd::zero(), b1 = bias ? simd::load(bias + j + kLanes, m1) : simd::zero();
     for (int r = 0; r < rows; ++r) {
-      simd::store(out + r * kCols, simd::load(x + r * ldx + j, m0));
-      simd::store(out + r * kCols + kLanes, simd::load(x + r * ldx + j + kLanes, m1));
+      simd::store(out + r * kCols, simd::load(x + r * ldx + j, m0) + b0);
+      simd::store(out + r * kCols + kLanes, simd::load(x + r * ldx + j + kLanes, m1) + b1);
     }
   }
 }
 
-void pack_transposed(const float* x, long ldx, int rows, int cols, float* out) {  // B = xᵀ (cols × rows)
+// B = xᵀ (cols × rows), x's rows + bias (cols) where given.
+void pack_transposed(const float* x, long ldx, int rows, int cols, float* out, const float* bias = nullptr) {
   for (int j = 0; j < rows; j += kCols, out += static_cast<size_t>(cols) * kCols)
     for (int c = 0; c < kCols; ++c)
-      for (int r = 0; r < cols; ++r) out[r * kCols + c] = j + c < rows ? x[(j + c) * ldx + r] : 0.0f;
+      for (int r = 0; r < cols; ++r) out[r * kCols + c] = j + c < rows ? x[(j + c) * ldx + r] + (bias ? bias[r] : 0.0f) : 0.0f;
 }
 
 // An A operand: element (r, p) at a[r * lda + p * step] (step 1: row-major; lda 1: A is the

@@ -34,8 +34,9 @@ def batch_partitioned(rule: str, batch: str = "..."):
 
     Under a mesh, each device runs fn on its shard of the batch (the batch keeps the sharding it has in
     the first operand that has it; every other axis is whole); on one device, fn itself. Under vmap, a
-    '...' batch takes the mapped axis as one more batch axis; a named one runs fn once per mapped
-    example (`lax.map`)."""
+    '...' batch takes the mapped axis as one more batch axis (operands without '...', such as a
+    bias, stay as they are); a named one, or a mapped operand without '...', runs fn once per
+    mapped example (`lax.map`)."""
     operand_factors, result_factors = _factors(rule)
 
     def shardings(mesh, arg_shapes, result_ndims):
@@ -69,8 +70,10 @@ def batch_partitioned(rule: str, batch: str = "..."):
 
         @call.def_vmap
         def mapped(axis_size, in_batched, *args):
-            if batch == "...":
-                args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched)]
+            # an operand without the batch factor (e.g. a bias) that is itself mapped: one call per example
+            if batch == "..." and not any(b and "..." not in f for f, b in zip(operand_factors, in_batched)):
+                args = [a if b or "..." not in f else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                        for a, b, f in zip(args, in_batched, operand_factors)]
                 outs = call(*args)
             else:
                 mapped_args = [a for a, b in zip(args, in_batched) if b]
