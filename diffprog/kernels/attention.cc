@@ -134,14 +134,33 @@ struct Products {
   }
 };
 
+// The rows the next item of a thread reads (q, k, v; backward also o and dO), asked for into the
+// cache a step at a time while this item computes its exponentials: an item's steps lie a
+// projection's row apart (pages apart), where the hardware prefetcher does not follow, and read
+// on demand each row waits on memory (B32 T128 H4 D64: ~65 µs an item against ~48 with the rows
+// in the cache).
+struct NextRows {
+  const float* rows[5] = {};
+  long strides[5] = {};
+  int count = 0, dim = 0;
+  void add(const float* x, long stride) { rows[count] = x, strides[count++] = stride; }
+  void ask(int step) const {
+    for (int r = 0; r < count; ++r)
+      for (int d = 0; d < dim; d += 64 / sizeof(float))
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + step * strides[r] + d), _MM_HINT_T0);
+  }
+};
+
 // Row i of p (T × ld) becomes exp(scale S_ij − shift_i) for j ≤ last(i), 0 up to row_end(i),
 // with S = Q Kᵀ. Forward (`totals` given): shift_i = scale max_j S_ij, written to lse with
 // log Σ_j; the rows stay unnormalised and `totals` gets their sums. Backward: shift_i = lse_i.
 void exponentials(const Products& on, const float* q, long q_row, const float* k, long k_row, const float* k_bias,
-                  float scale, float* packed, float* p, int ld, float* lse, long lse_stride, float* totals) {
+                  float scale, float* packed, float* p, int ld, float* lse, long lse_stride, float* totals,
+                  const NextRows& next) {
   pack_transposed(k, k_row, on.steps, on.dim, packed, k_bias);
   on.scores(q, q_row, packed, p, ld);
   for (int i = 0; i < on.steps; ++i) {
+    next.ask(i);
     float* s = p + i * ld;
     if (totals) {
       const float shift = scale * row_max(s, on.last(i));
@@ -173,6 +192,15 @@ struct ItemOperands {
   const float *q, *k, *v, *k_bias, *v_bias;
   long q_row, row;
   static size_t size(const Shape& sh, const Operands& in) { return in.q_bias ? sh.steps * sh.dim : 0; }
+  // The q, k, v rows of `item` (none past the last item).
+  static NextRows next(const Shape& sh, const Operands& in, long item) {
+    NextRows next;
+    next.dim = static_cast<int>(sh.dim);
+    if (item >= sh.items) return next;
+    const long at = sh.offset(item, in.row);
+    for (const float* x : {in.q, in.k, in.v}) next.add(x + at, in.row);
+    return next;
+  }
   ItemOperands(const Shape& sh, const Operands& in, long item, float* scratch) {
     const long at = sh.offset(item, in.row), head = (item % sh.heads) * sh.dim;
     q = in.q + at, k = in.k + at, v = in.v + at, q_row = row = in.row;
@@ -198,7 +226,7 @@ void attend(ffi::ThreadPool pool, const Shape& sh, const Operands& in, float sca
     const ItemOperands x(sh, in, item, totals + steps);
     float* out = o + sh.offset(item);
     exponentials(on, x.q, x.q_row, x.k, x.row, x.k_bias, scale, packed, p, ld,
-                 const_cast<float*>(sh.lse(lse, item)), sh.heads, totals);
+                 const_cast<float*>(sh.lse(lse, item)), sh.heads, totals, ItemOperands::next(sh, in, item + 1));
     pack(x.v, x.row, steps, dim, packed, x.v_bias);
     on.by_values(p, ld, false, packed, out, row);
     for (int i = 0; i < steps; ++i) {
@@ -223,8 +251,11 @@ void attend_backward(ffi::ThreadPool pool, const Shape& sh, const Operands& in, 
     const ItemOperands x(sh, in, item, ds + p_size);
     const long at = sh.offset(item), grad_at = sh.offset(item, grads.row);
     const float *o_i = o + at, *do_i = d_o + at;
+    NextRows next = ItemOperands::next(sh, in, item + 1);
+    if (next.count)
+      for (const float* x : {o, d_o}) next.add(x + sh.offset(item + 1), row);
     exponentials(on, x.q, x.q_row, x.k, x.row, x.k_bias, scale, packed, p, ld,
-                 const_cast<float*>(sh.lse(lse, item)), sh.heads, nullptr);
+                 const_cast<float*>(sh.lse(lse, item)), sh.heads, nullptr, next);
     // dV = Pᵀ dO
     pack(do_i, row, steps, dim, packed);
     on.by_values(p, ld, true, packed, grads.v + grad_at, grads.row);
