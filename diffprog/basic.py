@@ -112,6 +112,8 @@ class FeedForward(PositionWise):
         return Dense(self.out, self.use_bias).init_params(key, spec)
 
     def map(self, params, x):
+        if self.activation == "relu" and "bias" in params:
+            return kernels.relu_affine(x, params["weight"], params["bias"])
         return activation_fn(self.activation)(affine(params, x))
 
 

@@ -537,6 +537,58 @@ def test_gemm_under_checkpoint_and_linearize(transpose_a, transpose_b, key):
 
 
 @needs_mkl
+@pytest.mark.parametrize("route", ["micro-kernel", "mkl"])
+def test_relu_affine_kernel_matches_its_definition(route, key, float32_products):
+    """relu(x w + b) in one gemm.cc call — the bias and the ReLU applied as the micro-kernel stores
+    each tile, or (MKL's products) as a pass over each thread's part — against its definition:
+    values and the three gradients, jitted, at odd sizes (x (2, 67, 200): 134 rows, not a whole
+    number of 6-row tiles; 70 outputs, a panel's edge; past kSplitWork, so the threads split
+    the work); vmap over examples (folded into the rows) and over the weights (one call each)."""
+    kx, kw, kb, kc = jax.random.split(key, 4)
+    x, w = jax.random.normal(kx, (2, 67, 200)), jax.random.normal(kw, (200, 70)) / 10
+    b, ct = jax.random.normal(kb, (70,)), jax.random.normal(kc, (2, 67, 70))
+    definition = lambda x, w, b: jax.nn.relu(jnp.einsum("...d,do->...o", x, w, precision="highest") + b)
+    fused = kernels.products._fused_relu_affine
+    assert 'custom_call_target="diffprog_relu_affine_f32"' in jax.jit(fused).lower(x, w, b).compile().as_text()
+    tol = dict(atol=1e-4, rtol=1e-4)
+    chex.assert_trees_all_close(jax.jit(fused)(x, w, b), definition(x, w, b), **tol)
+    assert 0.3 < float((definition(x, w, b) > 0).mean()) < 0.7  # both sides of the ReLU are tested
+    loss = lambda f: jax.jit(jax.grad(lambda x, w, b: jnp.sum(f(x, w, b) * ct), (0, 1, 2)))
+    chex.assert_trees_all_close(loss(fused)(x, w, b), loss(definition)(x, w, b), **tol)
+    chex.assert_trees_all_close(jax.jit(jax.vmap(fused, (0, None, None)))(x, w, b), definition(x, w, b), **tol)
+    ws = jnp.stack([w, -w])
+    chex.assert_trees_all_close(jax.jit(jax.vmap(fused, (0, 0, None)))(x, ws, b),
+                                jax.vmap(definition, (0, 0, None))(x, ws, b), **tol)
+
+
+@needs_mkl
+def test_feedforward_relu_takes_the_fused_kernel_where_the_product_is_shallow(key):
+    """FeedForward(out) with its ReLU and bias runs `relu_affine`'s one call where gemm.cc's
+    float32 product is shallow and the micro-kernel's (AVX2 CPUs), and only then: not for another
+    activation, without a bias, past SHALLOW_DEPTH, on an accelerator, under `disabled()`; the
+    layer's output is the same either way."""
+    x = jax.random.normal(key, (8, 128, 256))
+    def targets(layer, x=x, **lowering):
+        params = layer.init(key, x[0])
+        traced = jax.jit(dp.batched(layer).apply).trace(params, x)
+        return (traced.lower(**lowering).compile() if not lowering else traced.lower(**lowering)).as_text()
+    fused = not kernels.library.float32_by_mkl()
+    assert ("diffprog_relu_affine_f32" in targets(dp.FeedForward(512))) == fused
+    assert "diffprog_relu_affine_f32" not in targets(dp.FeedForward(512, "gelu"))
+    assert "diffprog_relu_affine_f32" not in targets(dp.FeedForward(512, use_bias=False))
+    assert "diffprog_relu_affine_f32" not in targets(dp.FeedForward(512), x=jnp.concatenate([x, x], -1))
+    assert "diffprog_relu_affine" not in targets(dp.FeedForward(512), lowering_platforms=("cuda",))
+    layer = dp.FeedForward(512)
+    params = layer.init(key, x[0])
+    with kernels.disabled():
+        assert "diffprog_relu_affine" not in jax.jit(dp.batched(layer).apply).lower(params, x).as_text()
+        want = dp.batched(layer).apply(params, x)
+    chex.assert_trees_all_close(jax.jit(dp.batched(layer).apply)(params, x), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"relu_affine: expected x \(\.\.\., 256\) and b \(512,\)"):
+        kernels.relu_affine(x, params["weight"], params["bias"][:-1])
+
+
+@needs_mkl
 def test_dense_takes_mkl_on_the_cpu_only_and_agrees_with_xla(key, monkeypatch):
     """The seam picks MKL for a Dense layer over a batch (its gradient too, one product over all
     rows) on the CPU, XLA's dot on accelerators and inside `disabled()`; per-example gradients
@@ -547,10 +599,14 @@ def test_dense_takes_mkl_on_the_cpu_only_and_agrees_with_xla(key, monkeypatch):
     params = net.init(key, xs)
     batch_grad = jax.jit(jax.grad(lambda p, xs: net.apply(p, xs).sum()))
     compiled = batch_grad.lower(params, xs).compile().as_text()
-    # FeedForward's product and weight gradient, Dense's weight and input gradients (the loss's
-    # value, and so Dense's own product, is not needed for the gradient)
-    assert compiled.count('custom_call_target="diffprog_gemm_f32"') == 4
-    assert "diffprog_gemm" not in batch_grad.trace(params, xs).lower(lowering_platforms=("cuda",)).as_text()
+    # FeedForward's product (with its bias and ReLU where `relu_affine` fuses them) and weight
+    # gradient, Dense's weight and input gradients (the loss's value, and so Dense's own product,
+    # is not needed for the gradient)
+    fused = not kernels.library.float32_by_mkl()
+    assert compiled.count('custom_call_target="diffprog_gemm_f32"') == 4 - fused
+    assert compiled.count('custom_call_target="diffprog_relu_affine_f32"') == fused
+    accelerator = batch_grad.trace(params, xs).lower(lowering_platforms=("cuda",)).as_text()
+    assert "diffprog_gemm" not in accelerator and "diffprog_relu_affine" not in accelerator
     per_example = jax.jit(jax.vmap(jax.grad(lambda p, x: net.layer.apply(p, x).sum()), (None, 0)))
     got = batch_grad(params, xs), per_example(params, xs)
     with kernels.disabled():

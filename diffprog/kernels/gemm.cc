@@ -6,7 +6,10 @@
 //   on AMX or AVX512-BF16 where the CPU has them).
 // A is (M, K), or (K, M) read as its transpose with `transpose_a`; B is (K, N), or (N, K) with
 // `transpose_b`; C is (M, N), row-major. MKL runs sequentially in each of XLA's CPU threads, the
-// longer side of C split among them.
+// longer side of C split among them. A third float32 handler, C = relu(A B + bias)
+// (`diffprog_relu_affine_f32`: FeedForward's ReLU layer), adds the bias and takes the ReLU as the
+// micro-kernel has stored each tile of a shallow product, the tile still in the L1 cache (after
+// MKL's product, as a pass over each thread's part of C).
 #include <mkl.h>
 
 #include <type_traits>
@@ -17,6 +20,28 @@
 namespace {
 
 constexpr double kSplitWork = 1 << 21;  // multiply-adds below which one thread does it all
+
+// What a product does to C's values after computing them: + bias (C's columns, from its first;
+// null: none), then max(·, 0) with `relu`. The default leaves them as they are.
+struct Epilogue {
+  const float* bias = nullptr;
+  bool relu = false;
+  Epilogue at(long column) const { return {bias ? bias + column : nullptr, relu}; }
+};
+
+// C's block of `rows` × `cols` (ldc floats a row) = finish(C's block), finish taken at the
+// block's first column.
+void finish_block(float* c, long ldc, long rows, long cols, Epilogue finish) {
+  if (!finish.bias && !finish.relu) return;
+  for (long r = 0; r < rows; ++r)
+    for (long j = 0; j < cols; j += kLanes) {
+      const Lanes in_row(cols - j);
+      float* x = c + r * ldc + j;
+      vec y = in_row.load(x);
+      if (finish.bias) y = y + in_row.load(finish.bias + j);
+      in_row.store(x, finish.relu ? simd::max(y, simd::zero()) : y);
+    }
+}
 
 // float32 products of depth ≤ kShallow with A not transposed by `shallow_product` instead of MKL's
 // sgemm: set by library.py where that is the faster (AVX2 CPUs).
@@ -30,7 +55,7 @@ std::atomic<bool> shallow_by_micro_kernel{false};
 // (kBlockRows × k: the L2 cache's), 6 rows at a time — Goto's loops with a single depth block,
 // C written once (no pass that zeroes it first). Under kSplitWork multiply-adds, one thread.
 void shallow_product(ffi::ThreadPool pool, long m, long n, long k, const float* a, long lda, const float* b, long ldb,
-                     bool transpose_b, float* c) {
+                     bool transpose_b, float* c, Epilogue finish) {
   constexpr long kBlockRows = 120;
   const long panels = (n + kCols - 1) / kCols;
   const long parts = static_cast<double>(m) * n * k < kSplitWork ? 1 : pool.num_threads();
@@ -41,18 +66,20 @@ void shallow_product(ffi::ThreadPool pool, long m, long n, long k, const float* 
     transpose_b ? pack_transposed(b + j0 * ldb, ldb, j1 - j0, k, packed.data()) : pack(b + j0, ldb, k, j1 - j0, packed.data());
     for (long i0 = 0; i0 < m; i0 += kBlockRows)
       for (long j = j0; j < j1; j += kCols)
-        for (long i = i0; i < std::min(m, i0 + kBlockRows); i += kRows)
-          tile(std::min<long>(kRows, m - i), k, {a + i * lda, lda, 1}, packed.data() + (j - j0) * k, c + i * n + j, n,
-               std::min<long>(kCols, j1 - j));
+        for (long i = i0; i < std::min(m, i0 + kBlockRows); i += kRows) {
+          const long rows = std::min<long>(kRows, m - i), cols = std::min<long>(kCols, j1 - j);
+          tile(rows, k, {a + i * lda, lda, 1}, packed.data() + (j - j0) * k, c + i * n + j, n, cols);
+          finish_block(c + i * n + j, n, rows, cols, finish.at(j));  // the tile still in L1
+        }
   }, parts);
 }
 
-// C = op(A) op(B) by blas(...) (cblas_sgemm's arguments), the longer side of C split among the
-// threads.
+// C = finish(op(A) op(B)) by blas(...) (cblas_sgemm's arguments), the longer side of C split
+// among the threads.
 template <class In, class Blas>
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Span<const int64_t> a_dims, const In* a,
                 ffi::Span<const int64_t> b_dims, const In* b, bool transpose_a, bool transpose_b,
-                float* c, Blas blas) {
+                float* c, Blas blas, Epilogue finish = {}) {
   if (a_dims.size() != 2 || b_dims.size() != 2) return ffi::Error::InvalidArgument("gemm: A and B must be matrices");
   const long m = transpose_a ? a_dims[1] : a_dims[0], k = transpose_a ? a_dims[0] : a_dims[1];
   const long n = transpose_b ? b_dims[0] : b_dims[1];
@@ -60,7 +87,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Span<const int64_t> a_dims, const In*
   const long lda = a_dims[1], ldb = b_dims[1];
   if constexpr (std::is_same_v<In, float>) {
     if (shallow_by_micro_kernel.load() && !transpose_a && k <= kShallow) {
-      shallow_product(pool, m, n, k, a, lda, b, ldb, transpose_b, c);
+      shallow_product(pool, m, n, k, a, lda, b, ldb, transpose_b, c, finish);
       return ffi::Error::Success();
     }
   }
@@ -71,11 +98,13 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Span<const int64_t> a_dims, const In*
     in_parallel(pool, m, [&](long r0, long r1) {
       blas(CblasRowMajor, ta, tb, r1 - r0, n, k, 1.0f, transpose_a ? a + r0 : a + r0 * lda, lda, b, ldb, 0.0f,
            c + r0 * n, n);
+      finish_block(c + r0 * n, n, r1 - r0, n, finish);
     }, parts);
   } else {  // columns [c0, c1) of C: columns of op(B)
     in_parallel(pool, n, [&](long c0, long c1) {
       blas(CblasRowMajor, ta, tb, m, c1 - c0, k, 1.0f, a, lda, transpose_b ? b + c0 * ldb : b + c0, ldb, 0.0f,
            c + c0, n);
+      finish_block(c + c0, n, m, c1 - c0, finish.at(c0));
     }, parts);
   }
   return ffi::Error::Success();
@@ -85,6 +114,17 @@ ffi::Error GemmF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ff
                    bool transpose_b, ffi::ResultBuffer<ffi::F32> c) {
   return Gemm(pool, a.dimensions(), a.typed_data(), b.dimensions(), b.typed_data(), transpose_a, transpose_b,
               c->typed_data(), cblas_sgemm);
+}
+
+// C (..., N) = relu(A B + bias): A (..., K), its leading axes read as rows; B (K, N); bias (N,).
+ffi::Error ReluAffineF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                         ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> c) {
+  auto dims = a.dimensions();
+  const int64_t rows[2] = {static_cast<int64_t>(a.element_count()) / dims.back(), dims.back()};
+  if (b.dimensions().size() != 2 || bias.element_count() != b.dimensions()[1])
+    return ffi::Error::InvalidArgument("relu_affine: expected B (K, N) and a bias of N");
+  return Gemm(pool, {rows, 2}, a.typed_data(), b.dimensions(), b.typed_data(), false, false, c->typed_data(),
+              cblas_sgemm, {bias.typed_data(), true});
 }
 
 ffi::Error GemmBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, bool transpose_a,
@@ -120,3 +160,10 @@ static auto with_operands() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_gemm_f32, GemmF32, with_operands<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_gemm_bf16, GemmBF16, with_operands<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_relu_affine_f32, ReluAffineF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

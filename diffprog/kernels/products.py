@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 import warnings
 
@@ -14,8 +15,8 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from .library import enabled, on_cpu, vendor_blas
-from .partition import product_partitioned, summed_partitioned
+from .library import enabled, float32_by_mkl, on_cpu, require, vendor_blas
+from .partition import batch_partitioned, product_partitioned, summed_partitioned
 
 try:  # jax's set of primitives whose lowering needs the devices: gemm's CPU lowering holds a
     # custom_partitioning. Internal to jax; without it `product` keeps XLA's dot.
@@ -28,6 +29,7 @@ except ImportError:
 # (AVX-512, AMX) measured — the call's fixed cost, and MKL's skinny products (a decoding step's
 # 4 rows, a 65-token vocabulary) — see benchmarks/README.md.
 VENDOR_MIN_WORK, VENDOR_MIN_SIDE = 1 << 22, 128
+SHALLOW_DEPTH = 256  # gemm.cc's kShallow: the deepest float32 product its micro-kernel runs
 TYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _autocast = threading.local()
 
@@ -80,6 +82,53 @@ def product(a, b, transpose_a=False, transpose_b=False):
     if transpose_a or transpose_b or k <= n:
         return _dot(a, b, transpose_a, transpose_b)
     return on_cpu(_narrowing_product, jnp.matmul, a, b, kernel=False)
+
+
+def relu_affine(x, w, b):
+    """relu(x w + b) over the last axis of x (..., d), with w (d, out) and b (out,): the layer
+    FeedForward(out) with its default ReLU. On the CPU in float32, where `product` takes gemm.cc
+    and the product is shallow (d ≤ SHALLOW_DEPTH, by cpu.h's micro-kernel: AVX2 CPUs, see
+    `library.float32_by_mkl`), one call adds the bias and takes the ReLU as each tile of the
+    product is stored: no second pass over the (..., out) result (its gradient: g = ∂y ⊙ [y > 0],
+    ∂x = g wᵀ, ∂w = xᵀ g by `product`, ∂b = Σ g). Elsewhere, and under `autocast`, the
+    definition relu(product(x, w) + b)."""
+    d, out = w.shape
+    if x.shape[-1:] != (d,) or b.shape != (out,):
+        raise ValueError(f"relu_affine: expected x (..., {d}) and b ({out},) for w {w.shape}, got x {x.shape} and b {b.shape}")
+    if (getattr(_autocast, "dtype", None) is None and _needs_devices is not None and d <= SHALLOW_DEPTH
+            and _vendor_takes(math.prod(x.shape[:-1]), d, out) and not float32_by_mkl()):
+        return on_cpu(_fused_relu_affine, _relu_affine, x, w, b)
+    return _relu_affine(x, w, b)
+
+
+def _relu_affine(x, w, b):
+    return jax.nn.relu(product(x.reshape(-1, w.shape[0]), w).reshape(x.shape[:-1] + w.shape[1:]) + b)
+
+
+@batch_partitioned("... d, d o, o -> ... o")
+def _relu_affine_call(x, w, b):
+    require("relu_affine")
+    result = jax.ShapeDtypeStruct(x.shape[:-1] + w.shape[1:], x.dtype)
+    return tuple(jax.ffi.ffi_call("diffprog_relu_affine_f32", (result,))(x, w, b))
+
+
+@jax.custom_vjp
+def _fused_relu_affine(x, w, b):
+    return _relu_affine_call(x, w, b)[0]
+
+
+def _fused_relu_affine_forward(x, w, b):
+    y = _fused_relu_affine(x, w, b)
+    return y, (x, w, y)
+
+
+def _fused_relu_affine_backward(residuals, dy):
+    x, w, y = residuals
+    g = jnp.where(y > 0, dy, 0).reshape(-1, w.shape[1])
+    return product(g, w, transpose_b=True).reshape(x.shape), product(x.reshape(-1, w.shape[0]), g, transpose_a=True), g.sum(0)
+
+
+_fused_relu_affine.defvjp(_fused_relu_affine_forward, _fused_relu_affine_backward)
 
 
 def _vendor_takes(m, k, n) -> bool:
