@@ -584,8 +584,10 @@ def test_feedforward_relu_takes_the_fused_kernel_where_the_product_is_shallow(ke
         assert "diffprog_relu_affine" not in jax.jit(dp.batched(layer).apply).lower(params, x).as_text()
         want = dp.batched(layer).apply(params, x)
     chex.assert_trees_all_close(jax.jit(dp.batched(layer).apply)(params, x), want, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match=r"relu_affine: expected x \(\.\.\., 256\) and b \(512,\)"):
+    with pytest.raises(ValueError, match=r"relu_affine: expected w \(d, out\), .* got w \(256, 512\), x \(8, 128, 256\) and b \(511,\)"):
         kernels.relu_affine(x, params["weight"], params["bias"][:-1])
+    with pytest.raises(ValueError, match=r"relu_affine: expected w \(d, out\), .* got w \(1, 256, 512\)"):
+        kernels.relu_affine(x, params["weight"][None], params["bias"])
 
 
 @needs_mkl

@@ -92,9 +92,10 @@ def relu_affine(x, w, b):
     product is stored: no second pass over the (..., out) result (its gradient: g = ∂y ⊙ [y > 0],
     ∂x = g wᵀ, ∂w = xᵀ g by `product`, ∂b = Σ g). Elsewhere, and under `autocast`, the
     definition relu(product(x, w) + b)."""
+    if w.ndim != 2 or x.shape[-1:] != w.shape[:1] or b.shape != w.shape[1:]:
+        raise ValueError(f"relu_affine: expected w (d, out), x (..., d) and b (out,), got w {w.shape}, x {x.shape} "
+                         f"and b {b.shape}")
     d, out = w.shape
-    if x.shape[-1:] != (d,) or b.shape != (out,):
-        raise ValueError(f"relu_affine: expected x (..., {d}) and b ({out},) for w {w.shape}, got x {x.shape} and b {b.shape}")
     if (getattr(_autocast, "dtype", None) is None and _needs_devices is not None and d <= SHALLOW_DEPTH
             and _vendor_takes(math.prod(x.shape[:-1]), d, out) and not float32_by_mkl()):
         return on_cpu(_fused_relu_affine, _relu_affine, x, w, b)
