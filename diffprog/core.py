@@ -13,7 +13,6 @@ the rest ignore it); other side inputs (`lengths=`, `mask=`, ...) are listed in 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Iterator
 
 import jax
@@ -57,14 +56,11 @@ class Layer:
         Called outside a trace, the whole initialisation runs as one program compiled for
         compile time (`QUICK_COMPILE`): XLA compiles each distinct op of an eager
         initialisation separately (charlm's 4-layer Transformer: 4.6 s, against 1.3 s); the
-        values are the op-by-op run's (`jax.disable_jit()`) to float32 rounding. An
-        initialisation that calls a library (a custom call: LAPACK's QR for the recurrent
-        layers' orthogonal W_h) runs op by op: two batched QRs at once in one program wait for
-        each other's work on XLA's CPU threads and never finish (jaxlib 0.10.2, 2 cores)."""
+        values are the op-by-op run's (`jax.disable_jit()`) to float32 rounding."""
         leaves, structure = jax.tree.flatten(spec_of((x, side)))
         specs = (structure, tuple(leaves))  # hashable: a static argument of the compiled init
-        if isinstance(key, jax.core.Tracer) or _calls_a_library(self, jax.ShapeDtypeStruct(key.shape, key.dtype), specs):
-            return _init_params(self, key, specs)  # inside a trace (a composition's init, a user's jit), or a library call
+        if isinstance(key, jax.core.Tracer):
+            return _init_params(self, key, specs)  # inside a trace: a composition's init, a user's jit
         return _compiled_init(self, key, specs)
 
     def apply(self, params: Params, x, **side):
@@ -392,7 +388,10 @@ class Repeat(Combinator):
         return {"first": self.layer.init(first, spec, **side), "stack": self._stack(rest, out, self.n - 1, side)}
 
     def _stack(self, key, spec, n, side):
-        return jax.vmap(lambda k: self.layer.init(k, spec, **side))(jax.random.split(key, n))
+        """n inits stacked, made one after another by lax.map, not vmap: a batched LAPACK QR
+        (the recurrent layers' orthogonal W_h) uses XLA's CPU threads for its batch, and two
+        of them in one program can wait for each other forever (jaxlib 0.10.2, 2 cores)."""
+        return jax.lax.map(lambda k: self.layer.init(k, spec, **side), jax.random.split(key, n))
 
     def route(self, run, params, x, *, key=None, **side):
         """The first application runs outside the scan when its params are separate ("first")
@@ -643,10 +642,3 @@ loop's finiteness check, an experiment's batch windows): the least compile time 
 and, on the CPU, the classic element-wise emitters (the main job's models' init: 1.6–2.6 s with
 XLA's defaults, 0.4–0.6 s with these, Xeon)."""
 _compiled_init = jax.jit(_init_params, static_argnums=(0, 2), compiler_options=QUICK_COMPILE)
-
-
-@functools.lru_cache(maxsize=256)
-def _calls_a_library(layer, key_spec, specs) -> bool:
-    """Whether `layer`'s init program for these specs holds a custom call: lowered once per
-    (layer, key type, specs), not at every `init`."""
-    return "custom_call" in _compiled_init.lower(layer, key_spec, specs).as_text()

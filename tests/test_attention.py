@@ -295,17 +295,18 @@ def test_a_chunk_decodes_as_its_steps(lm, key):
     prompt = jax.random.randint(key, (7,), 0, 13)
     p = lm.init(key, prompt)
     cache = lm.init_cache(p, 12)
-    fast, fast_cache = jax.jit(lm.decode)(p, prompt, cache, 0)
+    decode = jax.jit(lm.decode)
+    fast, fast_cache = decode(p, prompt, cache, 0)
     reference, reference_cache = jax.jit(functools.partial(dp.core.decode_steps, lm))(p, prompt, cache)
     chex.assert_shape(fast, (7, 13))
     chex.assert_trees_all_close(fast, reference, atol=1e-5)
     chex.assert_trees_all_close(fast_cache, reference_cache, atol=1e-5)
-    first, half = lm.decode(p, prompt[:3], cache, 0)  # two chunks: 3 steps, then 4 from position 3
-    rest, halves = lm.decode(p, prompt[3:], half, 3)
+    first, half = decode(p, prompt[:3], cache, 0)  # two chunks: 3 steps, then 4 from position 3
+    rest, halves = decode(p, prompt[3:], half, 3)
     chex.assert_trees_all_close(jnp.concatenate([first, rest]), reference, atol=1e-5)
     chex.assert_trees_all_close(halves, reference_cache, atol=1e-5)
     # and they continue alike: the next step from either cache
-    step = lambda c: lm.decode(p, prompt[:1], c, 7)[0]
+    step = lambda c: decode(p, prompt[:1], c, 7)[0]
     chex.assert_trees_all_close(step(fast_cache), step(reference_cache), atol=1e-5)
     with pytest.raises(dp.LayerError, match="past the KV cache"):
         lm.decode(p, prompt, lm.init_cache(p, 6), 0)
@@ -328,10 +329,11 @@ def test_every_stateful_layer_decodes_a_chunk_as_its_steps(layer, key):
     xs = jax.random.normal(key, (6, 8))
     p = layer.init(key, xs)
     cache = layer.init_cache(p, 9)
-    ys, c = layer.decode(p, xs[:4], cache, 0)
-    ys2, c2 = layer.decode(p, xs[4:], c, 4)
-    steps, steps_cache = dp.core.decode_steps(layer, p, xs, cache)
-    chex.assert_trees_all_close(jnp.concatenate([ys, ys2]), steps, layer(p, xs), atol=1e-5)
+    decode = jax.jit(layer.decode)
+    ys, c = decode(p, xs[:4], cache, 0)
+    ys2, c2 = decode(p, xs[4:], c, 4)
+    steps, steps_cache = jax.jit(functools.partial(dp.core.decode_steps, layer))(p, xs, cache)
+    chex.assert_trees_all_close(jnp.concatenate([ys, ys2]), steps, jax.jit(layer.apply)(p, xs), atol=1e-5)
     chex.assert_trees_all_close(c2, steps_cache, atol=1e-5)
 
 

@@ -136,23 +136,24 @@ def test_init_is_one_compiled_program_equal_to_the_op_by_op_run(key, compiles):
     chex.assert_trees_all_close(inside, params, rtol=1e-5, atol=1e-6)
 
 
-def test_init_with_a_library_call_runs_op_by_op_and_finishes():
-    """A stacked LSTM's orthogonal W_h are batched QRs (LAPACK, a custom call): compiled into one
-    program, two of them running at once wait for each other on XLA's 2 CPU threads forever —
-    a race, so eight initialisations (compiled, 8 of 8 runs hung). In its own process: a hang
-    fails here instead of stopping the suite."""
+def test_a_stacked_lstms_compiled_init_finishes():
+    """A stacked LSTM's orthogonal W_h are LAPACK QRs (a custom call). Batched by vmap in one
+    compiled program, two of them running at once waited for each other on XLA's 2 CPU threads
+    forever — a race (8 of 8 runs of eight initialisations hung); `f ** n` stacks its inits by
+    lax.map, one QR after another. In its own process: a hang fails here instead of stopping
+    the suite."""
     code = """if True:
         import jax, jax.numpy as jnp, diffprog as dp
         model = dp.Dense(65) @ dp.LSTM(256) ** 2 @ dp.EmbedToken(65, 256)
         for seed in range(8):
             params = jax.block_until_ready(model.init(jax.random.key(seed), jnp.zeros((8,), jnp.int32)))
         w_h = [w for path, w in jax.tree_util.tree_leaves_with_path(params) if path[-1].key == "w_h"]
-        assert [w.shape for w in w_h] == [(2, 256, 256)] * 4  # each gate's, both layers stacked: batched QRs
+        assert [w.shape for w in w_h] == [(2, 256, 256)] * 4  # each gate's, both layers stacked
         print(max(float(jnp.abs(w[i] @ w[i].T - jnp.eye(256)).max()) for w in w_h for i in range(2)))"""
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=True).stdout
     except subprocess.TimeoutExpired:
-        pytest.fail("the LSTM's init did not finish in 180 s (a compiled program with two batched QRs)")
+        pytest.fail("the LSTM's init did not finish in 180 s (two batched QRs at once in its compiled program)")
     assert float(out.splitlines()[-1]) < 1e-4, out  # orthogonal
 
 

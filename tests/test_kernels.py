@@ -60,7 +60,7 @@ def test_kernel_matches_the_definition_values_and_gradients(shape, causal, key):
     """Odd lengths and widths exercise the edge tiles (rows not a multiple of 6, columns of 16).
     Causal: against the query blocks; over all keys: against jax.nn.dot_product_attention."""
     q, k, v, ct = (jax.random.normal(kk, shape) for kk in jax.random.split(key, 4))
-    reference = jax.vmap(kernels.causal_attention_blocks) if causal else jax.nn.dot_product_attention
+    reference = jax.jit(jax.vmap(kernels.causal_attention_blocks) if causal else jax.nn.dot_product_attention)
     fast = functools.partial(kernels.self_attention, causal=causal)
     for f in (fast, jax.jit(fast)):
         chex.assert_trees_all_close(f(q, k, v), reference(q, k, v), atol=2e-6)
@@ -80,7 +80,7 @@ def test_projected_kernel_is_attention_of_the_projections_thirds(batch, steps, h
     bias = jax.random.normal(kb, (3 * heads * dim,))
     ct = jax.random.normal(kc, (batch, steps, heads, dim))
     definition = jax.vmap(kernels.causal_attention_blocks) if causal else jax.nn.dot_product_attention
-    reference = lambda qkv, bias: definition(*kernels.split_projection(qkv, bias, heads))
+    reference = jax.jit(lambda qkv, bias: definition(*kernels.split_projection(qkv, bias, heads)))
     fast = lambda qkv, bias: kernels.projected_self_attention(qkv, bias, heads, causal)
     for f in (fast, jax.jit(fast)):
         chex.assert_trees_all_close(f(qkv, bias), reference(qkv, bias), atol=2e-6)

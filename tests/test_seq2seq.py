@@ -22,7 +22,7 @@ def test_cached_translation_equals_recomputation_and_lengths_mask_the_source(mod
     # padding beyond source_lengths does not matter
     noisy = src.at[2, 3:].set(9)
     chex.assert_trees_all_equal(dp.translate(model, p, noisy, 7, 1, source_lengths=lengths)[2], cached[2])
-    logits = model(p, (src[1], cached[1]), source_lengths=5)
+    logits = jax.jit(model.apply)(p, (src[1], cached[1]), source_lengths=5)
     chex.assert_shape(logits, (7, 10))
 
 
