@@ -145,10 +145,10 @@ def test_batch_path_matches_vmap(layer, side, key):
     p = layer.init(key, xs[0], **jax.tree.map(lambda a: a[0], side))
     by_vmap = lambda p, xs: jax.vmap(lambda x, s: layer.apply(p, x, **s))(xs, side)
     by_batch = lambda p, xs: layer.apply_batch(p, xs, **side)
-    chex.assert_trees_all_close(jax.jit(by_batch)(p, xs), by_vmap(p, xs), atol=1e-5)
+    chex.assert_trees_all_close(jax.jit(by_batch)(p, xs), jax.jit(by_vmap)(p, xs), atol=1e-5)
     loss = lambda run: lambda p, xs: sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(run(p, xs)))
     chex.assert_trees_all_close(jax.jit(jax.grad(loss(by_batch), (0, 1)))(p, xs),
-                                jax.grad(loss(by_vmap), (0, 1))(p, xs), atol=1e-5)
+                                jax.jit(jax.grad(loss(by_vmap), (0, 1)))(p, xs), atol=1e-5)
 
 
 def test_addnorm_post_and_pre(key):

@@ -111,14 +111,14 @@ def test_batch_path_matches_vmap_in_values_and_gradients(layer, key):
 
     for side in [{}, {"lengths": jnp.array([6, 2, 4, 1])}]:
         s = dict(side, **({"initial_state": initial} if recurrent else {}))
-        chex.assert_trees_all_close(jax.jit(by_batch)(p, xs, initial, s), by_vmap(p, xs, initial, s), atol=1e-5)
+        chex.assert_trees_all_close(jax.jit(by_batch)(p, xs, initial, s), jax.jit(by_vmap)(p, xs, initial, s), atol=1e-5)
         args = (p, xs, initial) if recurrent else (p, xs)
         wrt = (0, 1, 2) if recurrent else (0, 1)
-        grad_vmap = jax.grad(loss(by_vmap, side), wrt)(*args, *([] if recurrent else [None]))
+        grad_vmap = jax.jit(jax.grad(loss(by_vmap, side), wrt))(*args, *([] if recurrent else [None]))
         grad_batch = jax.jit(jax.grad(loss(by_batch, side), wrt))(*args, *([] if recurrent else [None]))
         chex.assert_trees_all_close(grad_batch, grad_vmap, atol=1e-4)
     first = lambda out: out[0] if isinstance(out, tuple) else out
-    check_grads(lambda p, xs: first(layer.apply_batch(p, xs)), (p, xs[:2]), order=1, modes=["rev"],
+    check_grads(jax.jit(lambda p, xs: first(layer.apply_batch(p, xs))), (p, xs[:2]), order=1, modes=["rev"],
                 atol=2e-2, rtol=2e-2)
 
 
