@@ -152,7 +152,7 @@ def flax_runner(kind, width, max_len):
             return nn.Dense(VOCAB)(x)
 
     model = LM()
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     return model.apply, params
 
 
@@ -264,7 +264,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", choices=KINDS, default=list(KINDS))
     args = p.parse_args(argv)
     if args.quick:
-        width, batch, steps, sweep, sweep_batch, args.reps, args.rounds = 32, 4, 32, (16,), 4, 3, 1
+        width, batch, steps, sweep, sweep_batch, args.reps, args.rounds = 32, 4, 32, (32,), 4, 3, 1
     else:
         width, batch, steps, sweep, sweep_batch = 256, 32, 128, (64, 128, 256, 512, 1024), 16
     max_len = max(max(sweep), steps)

@@ -28,12 +28,10 @@ def test_compare_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_quick_runs_the_new_families_on_the_new_tasks(tmp_path):
+def test_compare_quick_runs_the_new_families_on_mqar(tmp_path):
     from experiments import compare
-    runs = compare.main(["--preset", "quick", "--tasks", "selective_copy", "mqar", "--models", "mamba",
-                         "transformer++", "--out", str(tmp_path)])
-    assert {(r["task"], r["model"]) for r in runs} == {(t, m) for t in ("selective_copy", "mqar")
-                                                       for m in ("mamba", "transformer++")}
+    runs = compare.main(["--preset", "quick", "--tasks", "mqar", "--models", "mamba", "transformer++", "--out", str(tmp_path)])
+    assert {(r["task"], r["model"]) for r in runs} == {("mqar", "mamba"), ("mqar", "transformer++")}
     assert all(0 <= r["metric"] <= 1 and r["params"] > 0 for r in runs)
     table = json.loads((next((tmp_path / "compare").iterdir()) / "results.json").read_text())["table"]
     assert "mamba" in table and "transformer++" in table and "| mqar | pairs=2 |" in table
@@ -159,11 +157,12 @@ def test_soft_programs_smoke(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["lstm+attention", "transformer"])
-def test_seq2seq_smoke(model, tmp_path):
+def test_seq2seq_smoke(tmp_path):
+    """The script end to end with the LSTM model (its attention heatmap too); the Transformer's
+    training and translation are test_seq2seq's."""
     from experiments import seq2seq
-    results = seq2seq.main(["--steps", "2", "--max_len", "4", "--dim", "8", "--models", model, "--out", str(tmp_path)])
-    assert set(results) == {model} and set(results[model]["exact_match"]) == {3, 4}
+    results = seq2seq.main(["--steps", "2", "--max_len", "4", "--dim", "8", "--models", "lstm+attention", "--out", str(tmp_path)])
+    assert set(results) == {"lstm+attention"} and set(results["lstm+attention"]["exact_match"]) == {3, 4}
     _wrote_a_plot_and_results(tmp_path, "seq2seq")
 
 

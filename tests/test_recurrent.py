@@ -143,9 +143,9 @@ def test_batched_stacks_use_the_batch_path_and_check_their_input(key):
         lstm.apply_batch(q, jnp.float32(1.0))
 
 
-@pytest.mark.parametrize("layer", LAYERS, ids=repr)
-@pytest.mark.parametrize("vocab,dim", [(6, 3), (6, 5), (40, 5)],
-                         ids=["table projected", "table projected, stacked", "tokens projected"])
+@pytest.mark.parametrize("layer, vocab, dim", [(layer, 6, 3) for layer in LAYERS] + [(dp.LSTM(5), 6, 5), (dp.GRU(5), 40, 5)],
+                         ids=["table projected-SimpleRNN", "table projected-LSTM", "table projected-GRU",
+                              "table projected, stacked-LSTM", "tokens projected-GRU"])
 def test_recurrent_after_an_embedding_projects_the_table(layer, vocab, dim, key):
     """On a batch, `dp.batched(layer ** 2 @ EmbedToken)` (the fusion is on by default) computes
     layer 1's input projection as (E W_x)[ids] when the vocabulary is not larger than the batch's
