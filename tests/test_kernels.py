@@ -786,7 +786,7 @@ def test_float16_compute_dtype_on_the_cpu_casts_as_before(key):
     params = model.init(jax.random.key(0), ids[0])
     jaxpr = str(jax.make_jaxpr(lambda p: step.outputs(p, {"inputs": ids, "targets": ids}))(params))
     assert "f16[" in jaxpr
-    state, loss = step(step.init(params), {"inputs": ids, "targets": ids})
+    state, loss = jax.jit(step)(step.init(params), {"inputs": ids, "targets": ids})
     assert jnp.isfinite(loss) and all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state["params"]))
 
 
