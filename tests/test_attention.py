@@ -46,7 +46,7 @@ def test_causal_attention_in_query_blocks_matches_the_equations(steps, key):
     att = dp.Attention(2, causal=True)
     p = att.init(key, x)
     causal = jnp.tril(jnp.ones((steps, steps), bool))
-    reference = lambda p, x: reference_attention(p, x, x, 2, causal)
+    reference = jax.jit(lambda p, x: reference_attention(p, x, x, 2, causal))
     chex.assert_trees_all_close(att(p, x), reference(p, x), atol=1e-5)
     ct = jax.random.normal(jax.random.key(1), (steps, 8))
     grads = [jax.grad(lambda p, x: jnp.sum(f(p, x) * ct), (0, 1))(p, x) for f in (att, reference)]
