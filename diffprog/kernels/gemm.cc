@@ -45,7 +45,7 @@ void finish_block(float* c, long ldc, long rows, long cols, Epilogue finish) {
 
 // float32 products of depth ≤ kShallow with A not transposed by `shallow_product` instead of MKL's
 // sgemm: set by library.py where that is the faster (AVX2 CPUs).
-constexpr long kShallow = 256;
+constexpr long kShallow = 256;  // products.py's SHALLOW_DEPTH repeats it (relu_affine chooses by it)
 std::atomic<bool> shallow_by_micro_kernel{false};
 
 // C (m × n, row-major) = A op(B) for a shallow product (depth k ≤ kShallow): A (m × k) and B
