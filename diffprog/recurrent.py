@@ -16,6 +16,7 @@ input projection a lookup in the projected table (`dp.fusion`).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -27,7 +28,28 @@ from .basic import lecun_normal
 from .core import Combinator, Layer, LayerError, example_spec, layerclass
 from .sequence import check_lengths, check_sequence, valid_steps
 
-orthogonal = jax.nn.initializers.orthogonal()
+
+def orthogonal(key, shape, dtype=jnp.float32):
+    """`jax.nn.initializers.orthogonal()(key, shape, dtype)` (a QR, LAPACK's on the CPU), one QR
+    after another under `vmap` (`lax.map` over the batch of keys). A vmap-batched QR shares its
+    batch among XLA's CPU threads, and two of them in one compiled program can wait for each
+    other forever (jaxlib 0.10.2 on 2 cores: `jax.jit(jax.vmap(init))` of eight 256×256
+    orthogonal matrices hung in 3 of 3 runs), so that `jax.vmap(model.init)` (an ensemble) and
+    `f ** n`'s stacked inits would hang."""
+    return _orthogonal(tuple(shape), jnp.dtype(dtype))(key)
+
+
+@functools.cache
+def _orthogonal(shape, dtype):
+    @jax.custom_batching.custom_vmap
+    def one(key):
+        return jax.nn.initializers.orthogonal()(key, shape, dtype)
+
+    @one.def_vmap
+    def one_at_a_time(axis_size, in_batched, key):
+        return (jax.lax.map(one, key), True) if in_batched[0] else (one(key), False)
+    return one
+
 
 
 class Weights(NamedTuple):
