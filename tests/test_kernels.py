@@ -303,7 +303,7 @@ def test_lstm_under_autocast_keeps_float32_without_bfloat16_mkl(key, monkeypatch
     params = net.layer.init(key, xs[0])
     for blas in (None, {"bfloat16": False}):
         monkeypatch.setattr(kernels.products, "vendor_blas", lambda: blas)
-        kernels.products._bfloat16_in_float32.cache_clear()
+        kernels.library.bfloat16_in_float32.cache_clear()
         with kernels.autocast(jnp.bfloat16), warnings.catch_warnings(record=True):
             assert not kernels.products.bfloat16_products()
             apply = jax.jit(net.apply)
@@ -696,7 +696,7 @@ def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float
     activations and runs its products so: its losses track float32's (final loss within 2 %)."""
     a, b = jax.random.normal(key, (2, 256, 256))  # big enough for MKL (smaller products stay float32)
     hardware = kernels.vendor_blas()["bfloat16"]
-    kernels.products._bfloat16_in_float32.cache_clear()
+    kernels.library.bfloat16_in_float32.cache_clear()
     with kernels.autocast(jnp.bfloat16), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         product = jax.jit(lambda a, b: kernels.product(a, b, transpose_a=True))
@@ -755,7 +755,7 @@ def test_without_bfloat16_hardware_autocast_keeps_float32_products_and_says_so(k
     """Where MKL's bfloat16 products would be emulated (no AMX, no AVX512-BF16), they run as
     float32 products — exact float32 values — with a warning."""
     monkeypatch.setattr(kernels.products, "vendor_blas", lambda: {"bfloat16": False})
-    kernels.products._bfloat16_in_float32.cache_clear()
+    kernels.library.bfloat16_in_float32.cache_clear()
     a, b = jax.random.normal(key, (2, 256, 256))
     with kernels.autocast(jnp.bfloat16), pytest.warns(UserWarning, match="neither AMX nor AVX512-BF16"):
         product = jax.jit(lambda a, b: kernels.product(a, b))
@@ -814,3 +814,33 @@ def test_add_to_each_sums_the_gradient_by_a_product_with_ones(key):
     assert "reduce(" not in grad.lower(params).compile().as_text()
     chex.assert_trees_all_close(grad(params), jax.grad(lambda p: jnp.sum(jax.vmap(
         lambda x: jnp.sin(layer.apply(p, x)))(xs)))(params), atol=1e-5)
+
+
+@pytest.mark.parametrize("hardware", [False, True], ids=["emulated bfloat16", "bfloat16 hardware"])
+def test_bfloat16_layers_run_the_float32_kernels_where_bfloat16_is_emulated(key, monkeypatch, hardware):
+    """A model in bfloat16 (params and inputs) on a CPU without bfloat16 hardware: the kernels
+    (self-attention, the LSTM, the selective scan) and the scan of the other recurrent layers run
+    in float32 on the rounded inputs, their results rounded to bfloat16 — the float32 model's
+    outputs and gradients to bfloat16's precision — with a warning; with the hardware, the
+    bfloat16 definitions (no kernel in the program)."""
+    monkeypatch.setattr(kernels.library, "bfloat16_hardware", lambda: hardware)
+    kernels.library.bfloat16_in_float32.cache_clear()
+    model = (dp.Dense(11) @ dp.LSTM(16) @ dp.SelectiveSSM(4) @ dp.TransformerBlock(16, 2, 32, causal=True)
+             @ dp.SimpleRNN(16) @ dp.EmbedToken(11, 16))
+    net, ids = dp.batched(model), jax.random.randint(key, (3, 9), 0, 11)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), model.init(key, ids[0]))
+    loss = lambda p: net.apply(p, ids).astype(jnp.float32).sum()
+    run = jax.jit(jax.value_and_grad(loss))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hlo = run.lower(params).compile().as_text()
+    said = [w for w in caught if "neither AMX nor AVX512-BF16" in str(w.message)]
+    targets = ("diffprog_projected_attention_forward", "diffprog_lstm_forward", "diffprog_selective_forward")
+    assert [t in hlo for t in targets] == [not hardware] * 3 and len(said) == (not hardware)
+    value, grads = run(params)
+    assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
+    as_float32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    want_value, want_grads = jax.jit(jax.value_and_grad(loss))(as_float32)
+    np.testing.assert_allclose(value, want_value, rtol=0.03)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(got.astype(jnp.float32), want, atol=0.05 * float(jnp.abs(want).max()) + 1e-3)

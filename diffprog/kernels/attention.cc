@@ -28,6 +28,11 @@ extern "C" int diffprog_cpu_supported() {
 
 extern "C" int diffprog_vector_lanes() { return kLanes; }  // floats in one of the kernels' vectors
 
+// Whether this CPU computes in bfloat16 (AMX or AVX512-BF16).
+extern "C" int diffprog_bfloat16_hardware() {
+  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+}
+
 namespace {
 
 // C = A B for the rows [0, m), B packed with `b_rows` rows: a block of rows [i, i + 6) reads

@@ -137,12 +137,8 @@ ffi::Error GemmBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<
 
 }  // namespace
 
-// MKL sequential in every thread that calls it (the threads are XLA's); 1 when MKL's bfloat16
-// products have hardware under them (AMX or AVX512-BF16), else 0.
-extern "C" int diffprog_gemm_setup() {
-  mkl_set_threading_layer(MKL_THREADING_SEQUENTIAL);
-  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
-}
+// MKL sequential in every thread that calls it (the threads are XLA's).
+extern "C" void diffprog_gemm_setup() { mkl_set_threading_layer(MKL_THREADING_SEQUENTIAL); }
 
 // The shallow float32 products by the micro-kernel (on) or by MKL (off: the default).
 extern "C" void diffprog_gemm_shallow_by_micro_kernel(int on) { shallow_by_micro_kernel.store(on); }

@@ -101,6 +101,19 @@ def amx_attention() -> bool:
     return available() and bool(ctypes.CDLL(str(build())).diffprog_attention_bfloat16())
 
 
+@functools.cache
+def bfloat16_hardware() -> bool:
+    """Whether this CPU computes in bfloat16 (AMX or AVX512-BF16); False where the kernels are not built."""
+    return available() and bool(ctypes.CDLL(str(build())).diffprog_bfloat16_hardware())
+
+
+@functools.cache
+def bfloat16_in_float32():
+    """Say once that bfloat16 runs as float32 here (see `on_cpu`)."""
+    warnings.warn("diffprog: this CPU has neither AMX nor AVX512-BF16: bfloat16 matrix products and kernels run "
+                  "in float32 (faster here than emulated bfloat16)", stacklevel=3)
+
+
 def _mkl_files() -> tuple[Path, Path] | None:
     """MKL's header folder and runtime library, from the PyPI packages `mkl-include` and `mkl`."""
     try:
@@ -129,7 +142,8 @@ def vendor_blas() -> dict | None:
         warnings.warn(f"diffprog: MKL's products are not available ({error}); matrix products on the CPU use XLA's dot",
                       stacklevel=2)
         return None
-    blas = {"bfloat16": bool(library.diffprog_gemm_setup()),
+    library.diffprog_gemm_setup()
+    blas = {"bfloat16": bfloat16_hardware(),
             "packed": tuple(ctypes.cast(getattr(library, f"cblas_{gemm}_{name}"), ctypes.c_void_p)
                             for gemm in ("sgemm", "gemm_bf16bf16f32") for name in ("pack_get_size", "pack", "compute")),
             "shallow": library.diffprog_gemm_shallow_by_micro_kernel}
@@ -191,16 +205,36 @@ def enabled() -> bool:
 def on_cpu(fast, reference, *args, kernel=True):
     """fast(*args) where it runs on the CPU, reference(*args) elsewhere — chosen per platform at
     lowering by `lax.platform_dependent`, so an accelerator program never holds a CPU kernel.
-    With `kernel` (a C++ kernel: the default), also only when every floating-point arg is float32
-    and the library is built. Inside `disabled()`, always reference(*args). Both must compute
-    the same function."""
+    With `kernel` (a C++ kernel, float32: the default), also only where the library is built and
+    every floating-point arg is float32 — or bfloat16 (float32 beside it allowed) on a CPU
+    without bfloat16 hardware (`bfloat16_hardware`): there fast runs on the args in float32 and
+    its results are rounded to the dtypes of reference's, since emulated bfloat16 is slower than
+    float32 (a warning says so once). `fast` may be `reference` itself (a definition to run in
+    float32 there). Inside `disabled()`, always reference(*args). Both must compute the same
+    function."""
     if not enabled():
         return reference(*args)
     if kernel:
         floats = {a.dtype for a in jax.tree.leaves(args) if jnp.issubdtype(a.dtype, jnp.floating)}
-        if floats != {jnp.dtype(jnp.float32)} or not available():
+        if not available() or not floats or not floats <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}:
             return reference(*args)
+        if jnp.dtype(jnp.bfloat16) in floats:
+            if bfloat16_hardware():
+                return reference(*args)
+            bfloat16_in_float32()
+            fast = _in_float32(fast, jax.eval_shape(reference, *args))
+    if fast is reference:
+        return reference(*args)
     return jax.lax.platform_dependent(*args, cpu=fast, default=reference)
+
+
+def _in_float32(f, out):
+    """f on its bfloat16 args as float32, its results rounded to the dtypes of `out` (a tree of
+    ShapeDtypeStructs)."""
+    def run(*args):
+        args = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, args)
+        return jax.tree.map(lambda y, o: y.astype(o.dtype), f(*args), out)
+    return run
 
 
 def require(name):

@@ -7,7 +7,6 @@ import contextlib
 import functools
 import math
 import threading
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from .library import enabled, float32_by_mkl, on_cpu, require, vendor_blas
+from .library import bfloat16_in_float32, enabled, float32_by_mkl, on_cpu, require, vendor_blas
 from .partition import batch_partitioned, product_partitioned, summed_partitioned
 
 try:  # jax's set of primitives whose lowering needs the devices: gemm's CPU lowering holds a
@@ -59,7 +58,7 @@ def bfloat16_products() -> bool:
         return False
     blas = vendor_blas()
     if blas is not None and not blas["bfloat16"]:
-        _bfloat16_in_float32()
+        bfloat16_in_float32()
     return blas is not None and blas["bfloat16"]
 
 
@@ -175,12 +174,6 @@ def runs_on_mkl(transpose_a, precision) -> bool:
     return precision != jnp.bfloat16 or transpose_a or blas is None or not blas["bfloat16"]
 
 
-@functools.cache
-def _bfloat16_in_float32():
-    warnings.warn("diffprog: this CPU has neither AMX nor AVX512-BF16: bfloat16 matrix products run as "
-                  "float32 products (faster here than emulated bfloat16 ones)", stacklevel=3)
-
-
 def _mkl(a, b, transpose_a, transpose_b, precision):
     """op(a) op(b) in float32 by gemm.cc, the operands rounded to `precision` where the CPU's
     MKL computes in it."""
@@ -188,7 +181,7 @@ def _mkl(a, b, transpose_a, transpose_b, precision):
     if blas is None:
         raise RuntimeError("gemm: MKL's products are not available here (pip install mkl mkl-include, on x86-64)")
     if precision == jnp.bfloat16 and not blas["bfloat16"]:
-        _bfloat16_in_float32()
+        bfloat16_in_float32()
         precision = jnp.dtype(jnp.float32)
     target = "diffprog_gemm_bf16" if precision == jnp.bfloat16 else "diffprog_gemm_f32"
     return _partitioned_call(target, transpose_a, transpose_b)(a.astype(precision), b.astype(precision))

@@ -14,6 +14,9 @@ backends, chosen here:
   reverse scan carries only the state gradients, and the weight gradient Σ_t h_{t-1}ᵀ ∂gh_t is
   one matrix product over all examples and steps after it, instead of T small ones inside it.
 
+In bfloat16 on a CPU without bfloat16 hardware both run in float32, their results rounded to
+bfloat16 (`on_cpu`).
+
 Both take and return the same things: `weights` is the layer's `Weights(w_x, w_h, b_x, b_h)`
 (with w_x None, xs are the input projections x W_x (T, B, G) already), `carry` the initial
 state dict of (B, hidden) arrays, `valid` (T, B) bool or None (False: padding, where the state is
@@ -33,10 +36,10 @@ from .partition import batch_partitioned
 
 def recurrence(layer, weights, xs, carry, valid):
     """The batch loop of `layer`; the backend is chosen here (see the module docstring)."""
-    args = (weights, xs, carry, valid)
+    args, scan = (weights, xs, carry, valid), partial(scan_recurrence, layer)
     if getattr(layer, "kernel", None) == "lstm":
-        return on_cpu(partial(lstm_recurrence, layer, bfloat16_products()), partial(scan_recurrence, layer), *args)
-    return scan_recurrence(layer, *args)
+        return on_cpu(partial(lstm_recurrence, layer, bfloat16_products()), scan, *args)
+    return on_cpu(scan, scan, *args)  # in float32 where bfloat16 is emulated
 
 
 def _projected(w_x, xs, bfloat16=False):
