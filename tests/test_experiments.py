@@ -205,13 +205,22 @@ def test_mixed_precision_reports_a_variant_a_peer_cannot_run_instead_of_stopping
                 calls[name] = calls.get(name, 0) + 1
             return step, step
         return make
-    monkeypatch.setattr(mixed_precision, "diffprog_variant", variant("diffprog"))
-    monkeypatch.setattr(mixed_precision, "torch_variant", variant("PyTorch"))
+
+    def bfloat16_model(kit):  # forward only
+        def make(*shape):
+            step = variant(kit)(*shape, "model")[0]
+            return None, step
+        return make
+    for kit, name in (("diffprog", "diffprog"), ("PyTorch", "torch")):
+        monkeypatch.setattr(mixed_precision, f"{name}_variant", variant(kit))
+        monkeypatch.setattr(mixed_precision, f"{name}_bfloat16_model", bfloat16_model(kit))
     monkeypatch.setattr(mixed_precision, "optional_torch", lambda: True)
     results = mixed_precision.main(["--quick", "--out", str(tmp_path)])
     assert results["not_run"] == {"lstm/PyTorch autocast bfloat16": "could not create a primitive descriptor (stand-in)"}
-    assert len(results["variants"]) == len(calls) == 7 and min(calls.values()) > 3  # warm-up, then --reps per call
-    assert "| lstm | PyTorch autocast bfloat16 | not run: could not create" in (tmp_path / "mixed_precision_quick.md").read_text()
+    assert len(results["variants"]) == len(calls) == 11 and min(calls.values()) > 3  # warm-up, then --reps per call
+    table = (tmp_path / "mixed_precision_quick.md").read_text()
+    assert "| lstm | PyTorch autocast bfloat16 | not run: could not create" in table
+    assert "| transformer | diffprog bfloat16 model | — | — |" in table and "step_s" not in results["variants"]["lstm/PyTorch bfloat16 model"]
 
 
 def test_mixed_precision_stops_when_diffprog_itself_fails(tmp_path, monkeypatch):
@@ -223,6 +232,7 @@ def test_mixed_precision_stops_when_diffprog_itself_fails(tmp_path, monkeypatch)
             raise RuntimeError("diffprog stand-in failure")
         return step, step
     monkeypatch.setattr(mixed_precision, "diffprog_variant", broken)
+    monkeypatch.setattr(mixed_precision, "diffprog_bfloat16_model", lambda *shape: (None, broken()[1]))
     monkeypatch.setattr(mixed_precision, "optional_torch", lambda: None)
     with pytest.raises(RuntimeError, match="diffprog stand-in failure"):
         mixed_precision.main(["--quick", "--out", str(tmp_path)])
