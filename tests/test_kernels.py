@@ -821,7 +821,7 @@ def test_bfloat16_layers_run_the_float32_kernels_where_bfloat16_is_emulated(key,
     """A model in bfloat16 (params and inputs) on a CPU without bfloat16 hardware: the kernels
     (self-attention, the LSTM, the selective scan) and the scan of the other recurrent layers run
     in float32 on the rounded inputs, their results rounded to bfloat16 — the float32 model's
-    outputs and gradients to bfloat16's precision — with a warning; with the hardware, the
+    outputs and gradients to bfloat16's precision — with a warning at the user's line; with the hardware, the
     bfloat16 definitions (no kernel in the program)."""
     monkeypatch.setattr(kernels.library, "bfloat16_hardware", lambda: hardware)
     kernels.library.bfloat16_in_float32.cache_clear()
@@ -837,6 +837,7 @@ def test_bfloat16_layers_run_the_float32_kernels_where_bfloat16_is_emulated(key,
     said = [w for w in caught if "neither AMX nor AVX512-BF16" in str(w.message)]
     targets = ("diffprog_projected_attention_forward", "diffprog_lstm_forward", "diffprog_selective_forward")
     assert [t in hlo for t in targets] == [not hardware] * 3 and len(said) == (not hardware)
+    assert all(w.filename == __file__ for w in said)  # the line that traced the model, not diffprog's
     value, grads = run(params)
     assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
     as_float32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)

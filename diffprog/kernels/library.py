@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import os
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -78,6 +79,16 @@ TARGETS = ("diffprog_attention_forward", "diffprog_attention_backward",
            "diffprog_selective_forward", "diffprog_selective_backward")
 
 
+def _users_line() -> int:
+    """`warnings.warn`'s stacklevel, called from the function that calls this, of the innermost
+    frame outside diffprog and jax: the user's line that built or traced the model."""
+    inside = (str(HERE.parent), str(Path(jax.__file__).parent))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 @functools.cache
 def available() -> bool:
     """True when the C++ kernels are built and registered for the CPU."""
@@ -85,7 +96,7 @@ def available() -> bool:
         library = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError) as error:
         warnings.warn(f"diffprog: the C++ kernels are not available ({error}); self-attention, the "
-                      "LSTM and the selective scan on the CPU use their jax.numpy paths", stacklevel=2)
+                      "LSTM and the selective scan on the CPU use their jax.numpy paths", stacklevel=_users_line())
         return False
     if not library.diffprog_cpu_supported():
         return False
@@ -111,7 +122,7 @@ def bfloat16_hardware() -> bool:
 def bfloat16_in_float32():
     """Say once that bfloat16 runs as float32 here (see `on_cpu`)."""
     warnings.warn("diffprog: this CPU has neither AMX nor AVX512-BF16: bfloat16 matrix products and kernels run "
-                  "in float32 (faster here than emulated bfloat16)", stacklevel=3)
+                  "in float32 (faster here than emulated bfloat16)", stacklevel=_users_line())
 
 
 def _mkl_files() -> tuple[Path, Path] | None:
@@ -140,7 +151,7 @@ def vendor_blas() -> dict | None:
         library = ctypes.CDLL(str(build([HERE / "gemm.cc"], [f"-I{include}", str(runtime), f"-Wl,-rpath,{runtime.parent}"])))
     except (OSError, RuntimeError) as error:
         warnings.warn(f"diffprog: MKL's products are not available ({error}); matrix products on the CPU use XLA's dot",
-                      stacklevel=2)
+                      stacklevel=_users_line())
         return None
     library.diffprog_gemm_setup()
     blas = {"bfloat16": bfloat16_hardware(),
