@@ -51,7 +51,6 @@ def _orthogonal(shape, dtype):
     return one
 
 
-
 class Weights(NamedTuple):
     """A recurrent layer's weights, every gate side by side (G = gates · hidden). With w_x None,
     the loop's inputs are the projections x W_x already."""

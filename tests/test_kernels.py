@@ -168,8 +168,9 @@ def test_attention_under_autocast_stays_float32_without_bfloat16_products(key, m
     """Where autocast's products stay float32 (no MKL with bfloat16 hardware) or AMX is missing,
     the attention kernel keeps its float32 products: the same values as without autocast."""
     q, k, v = (jax.random.normal(kk, (2, 9, 2, 8)) for kk in jax.random.split(key, 3))
-    for blas, amx in ((None, True), ({"bfloat16": True, "packed": None}, False)):
+    for blas, amx in ((None, True), ({"packed": None}, False)):
         monkeypatch.setattr(kernels.products, "vendor_blas", lambda: blas)
+        monkeypatch.setattr(kernels.products, "bfloat16_hardware", lambda: True)
         monkeypatch.setattr(kernels.attention, "amx_attention", lambda: amx)
         with kernels.autocast(jnp.bfloat16), warnings.catch_warnings(record=True):
             step = jax.jit(lambda q, k, v: kernels.causal_attention(q, k, v))
@@ -219,7 +220,7 @@ def lstm_arguments(key, steps, batch, d, hidden, lengths):
     return layer, (weights._replace(b_x=weights.b_x + 0.1), xs, carry, valid)
 
 
-needs_bfloat16_mkl = pytest.mark.skipif(not (kernels.vendor_blas() or {}).get("bfloat16"),
+needs_bfloat16_mkl = pytest.mark.skipif(kernels.vendor_blas() is None or not kernels.library.bfloat16_hardware(),
                                         reason="MKL with bfloat16 hardware (AMX or AVX512-BF16) is not here")
 
 
@@ -301,8 +302,9 @@ def test_lstm_under_autocast_keeps_float32_without_bfloat16_mkl(key, monkeypatch
     net = dp.batched(dp.LSTM(8))
     xs = jax.random.normal(key, (3, 5, 4))
     params = net.layer.init(key, xs[0])
-    for blas in (None, {"bfloat16": False}):
+    for blas, hardware in ((None, True), ({"packed": None}, False)):
         monkeypatch.setattr(kernels.products, "vendor_blas", lambda: blas)
+        monkeypatch.setattr(kernels.products, "bfloat16_hardware", lambda: hardware)
         kernels.library.bfloat16_in_float32.cache_clear()
         with kernels.autocast(jnp.bfloat16), warnings.catch_warnings(record=True):
             assert not kernels.products.bfloat16_products()
@@ -368,7 +370,7 @@ def test_kernels_run_on_each_devices_shard_of_the_batch(monkeypatch):
     monkeypatch.setattr(kernels.products, "VENDOR_MIN_WORK", 1)
     monkeypatch.setattr(kernels.products, "VENDOR_MIN_SIDE", 1)
     bodies = {"lstm": (dp.LSTM(16) ** 2, None), "transformer": (dp.TransformerBlock(16, 2, 32, causal=True) ** 2, None)}
-    if (kernels.vendor_blas() or {}).get("bfloat16"):
+    if kernels.vendor_blas() is not None and kernels.library.bfloat16_hardware():
         bodies["lstm in bfloat16"] = (dp.LSTM(16) ** 2, jnp.bfloat16)
     ids = jax.random.randint(jax.random.key(1), (8, 12), 0, 11)
     batch = {"inputs": ids, "targets": jnp.roll(ids, -1, 1)}
@@ -695,7 +697,7 @@ def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float
     that says so. A TrainStep with compute_dtype=bfloat16 on the CPU keeps float32 params and
     activations and runs its products so: its losses track float32's (final loss within 2 %)."""
     a, b = jax.random.normal(key, (2, 256, 256))  # big enough for MKL (smaller products stay float32)
-    hardware = kernels.vendor_blas()["bfloat16"]
+    hardware = kernels.library.bfloat16_hardware()
     kernels.library.bfloat16_in_float32.cache_clear()
     with kernels.autocast(jnp.bfloat16), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -729,7 +731,7 @@ def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float
     assert final[None] < 1.0 and abs(final[jnp.bfloat16] - final[None]) < 0.02 * final[None]
 
 
-@pytest.mark.skipif(not (kernels.vendor_blas() or {}).get("bfloat16"), reason="no MKL with bfloat16 hardware")
+@needs_bfloat16_mkl
 def test_bfloat16_products_take_xlas_dot_but_for_the_weight_gradients(key):
     """Under autocast, with bfloat16 hardware: x W and ∂y Wᵀ run as XLA's dot into float32 (the
     faster there), xᵀ ∂y (A contracted over its rows) as MKL's; the values and gradients are
@@ -754,7 +756,7 @@ def test_bfloat16_products_take_xlas_dot_but_for_the_weight_gradients(key):
 def test_without_bfloat16_hardware_autocast_keeps_float32_products_and_says_so(key, monkeypatch):
     """Where MKL's bfloat16 products would be emulated (no AMX, no AVX512-BF16), they run as
     float32 products — exact float32 values — with a warning."""
-    monkeypatch.setattr(kernels.products, "vendor_blas", lambda: {"bfloat16": False})
+    monkeypatch.setattr(kernels.products, "bfloat16_hardware", lambda: False)
     kernels.library.bfloat16_in_float32.cache_clear()
     a, b = jax.random.normal(key, (2, 256, 256))
     with kernels.autocast(jnp.bfloat16), pytest.warns(UserWarning, match="neither AMX nor AVX512-BF16"):

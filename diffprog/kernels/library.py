@@ -138,9 +138,10 @@ def _mkl_files() -> tuple[Path, Path] | None:
 @functools.cache
 def vendor_blas() -> dict | None:
     """MKL's matrix products (gemm.cc), built and registered for the CPU, and handed to the
-    kernels' own per-step products: {"bfloat16": True when its bfloat16 products have hardware
-    under them (AMX or AVX512-BF16), "packed": MKL's packed GEMMs (the addresses of
-    cblas_sgemm_{pack_get_size, pack, compute} and of cblas_gemm_bf16bf16f32_{the same})}; None where MKL is not installed
+    kernels' own per-step products: {"packed": MKL's packed GEMMs (the addresses of
+    cblas_sgemm_{pack_get_size, pack, compute} and of cblas_gemm_bf16bf16f32_{the same}),
+    "shallow": gemm.cc's switch of `use_vendor_sgemm`}; its bfloat16 products have hardware
+    under them where `bfloat16_hardware()`. None where MKL is not installed
     (it is a dependency on x86-64 Linux), the CPU lacks AVX2, or the build fails — then `product`
     stays with XLA's dot and the kernels with cpu.h's micro-kernel."""
     files = _mkl_files()
@@ -154,8 +155,7 @@ def vendor_blas() -> dict | None:
                       stacklevel=_users_line())
         return None
     library.diffprog_gemm_setup()
-    blas = {"bfloat16": bfloat16_hardware(),
-            "packed": tuple(ctypes.cast(getattr(library, f"cblas_{gemm}_{name}"), ctypes.c_void_p)
+    blas = {"packed": tuple(ctypes.cast(getattr(library, f"cblas_{gemm}_{name}"), ctypes.c_void_p)
                             for gemm in ("sgemm", "gemm_bf16bf16f32") for name in ("pack_get_size", "pack", "compute")),
             "shallow": library.diffprog_gemm_shallow_by_micro_kernel}
     for name in ("diffprog_gemm_f32", "diffprog_gemm_bf16", "diffprog_relu_affine_f32"):

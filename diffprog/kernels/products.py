@@ -14,7 +14,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from .library import bfloat16_in_float32, enabled, float32_by_mkl, on_cpu, require, vendor_blas
+from .library import bfloat16_hardware, bfloat16_in_float32, enabled, float32_by_mkl, on_cpu, require, vendor_blas
 from .partition import batch_partitioned, product_partitioned, summed_partitioned
 
 try:  # jax's set of primitives whose lowering needs the devices: gemm's CPU lowering holds a
@@ -56,10 +56,11 @@ def bfloat16_products() -> bool:
     `autocast(bfloat16)`, with MKL there and bfloat16 hardware under it (AMX or AVX512-BF16)."""
     if getattr(_autocast, "dtype", None) != jnp.bfloat16 or not enabled() or _needs_devices is None:
         return False
-    blas = vendor_blas()
-    if blas is not None and not blas["bfloat16"]:
+    if vendor_blas() is None:
+        return False
+    if not bfloat16_hardware():
         bfloat16_in_float32()
-    return blas is not None and blas["bfloat16"]
+    return bfloat16_hardware()
 
 
 def product(a, b, transpose_a=False, transpose_b=False):
@@ -170,17 +171,15 @@ def runs_on_mkl(transpose_a, precision) -> bool:
     faster) — XLA's dot into float32 (YNNPACK, on AMX) runs the others 1.1–2.8× faster where the
     result stays float32 (`autocast`), most at K = 256, and level with MKL where it is rounded
     to bfloat16. On the Xeon measured (`benchmarks.kernels`)."""
-    blas = vendor_blas()
-    return precision != jnp.bfloat16 or transpose_a or blas is None or not blas["bfloat16"]
+    return precision != jnp.bfloat16 or transpose_a or vendor_blas() is None or not bfloat16_hardware()
 
 
 def _mkl(a, b, transpose_a, transpose_b, precision):
     """op(a) op(b) in float32 by gemm.cc, the operands rounded to `precision` where the CPU's
     MKL computes in it."""
-    blas = vendor_blas()
-    if blas is None:
+    if vendor_blas() is None:
         raise RuntimeError("gemm: MKL's products are not available here (pip install mkl mkl-include, on x86-64)")
-    if precision == jnp.bfloat16 and not blas["bfloat16"]:
+    if precision == jnp.bfloat16 and not bfloat16_hardware():
         bfloat16_in_float32()
         precision = jnp.dtype(jnp.float32)
     target = "diffprog_gemm_bf16" if precision == jnp.bfloat16 else "diffprog_gemm_f32"
