@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,11 @@ def affine(params, x, transposed=False):
     leading positions; `transposed`: W stored as (out, d) (a tied embedding table), read in place.
     (Autodiff of the product on (B, T, d) gave a weight-gradient contraction over two axes that
     XLA:CPU ran ~20% slower than this one 2-D product.)"""
+    definition = functools.partial(_affine, transposed=transposed)
+    return kernels.on_cpu(definition, definition, params, x)
+
+
+def _affine(params, x, transposed):
     w = params["weight"]
     d, out = w.shape[::-1] if transposed else w.shape
     y = kernels.product(x.reshape(-1, d), w, transpose_b=transposed).reshape(x.shape[:-1] + (out,))
@@ -65,11 +71,17 @@ class PositionWise(Layer):
 
     def forward(self, params, x, **side):
         self.check(params, x)
-        return self.map(params, x)
+        return self.map_where_fast(params, x)
 
     def forward_batch(self, params, xs, **side):
         self.check(params, example_spec(xs))
-        return self.map(params, xs)
+        return self.map_where_fast(params, xs)
+
+    def map_where_fast(self, params, x):
+        """`map`, through `kernels.on_cpu`: in float32 on bfloat16 args where the CPU emulates
+        bfloat16 (its result rounded back), as written everywhere else."""
+        definition = self.map
+        return kernels.on_cpu(definition, definition, params, x)
 
 
 @layerclass
