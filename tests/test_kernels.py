@@ -850,16 +850,16 @@ def test_bfloat16_layers_run_the_float32_kernels_where_bfloat16_is_emulated(key,
 
 
 @pytest.mark.parametrize("hardware", [False, True], ids=["emulated bfloat16", "bfloat16 hardware"])
-def test_bfloat16_position_wise_layers_sum_their_gradients_in_float32_where_bfloat16_is_emulated(key, monkeypatch, hardware):
+def test_bfloat16_layers_sum_their_gradients_in_float32_where_bfloat16_is_emulated(key, monkeypatch, hardware):
     """The bias and scale gradients of Dense, FeedForward, LayerNorm, RMSNorm and attention's
-    output projection are sums over every position; in bfloat16 XLA:CPU runs them as trees of
-    reduce-windows, slowly (the README's Transformer LM in bfloat16: its training step 1.2–1.35×
-    the float32 one). Where bfloat16 is emulated those layers run in float32 on the rounded
-    inputs: the program (its StableHLO, before XLA's passes) sums no bfloat16, and the loss and
+    output projection, and SelectiveSSM's convolution and skip, are sums over every position; in
+    bfloat16 XLA:CPU runs them as trees of reduce-windows, slowly (the README's Transformer LM in
+    bfloat16: its training step 1.2× the float32 one). Where bfloat16 is emulated those layers
+    run in float32 on the rounded inputs: the program (its StableHLO, before XLA's passes) sums no bfloat16, and the loss and
     gradients are the float32 model's to bfloat16's precision; with the hardware, the bfloat16
     definitions (their sums in bfloat16)."""
     monkeypatch.setattr(kernels.library, "bfloat16_hardware", lambda: hardware)
-    model = (dp.Dense(11) @ dp.RMSNorm() @ dp.FeedForward(16, activation="gelu")
+    model = (dp.Dense(11) @ dp.RMSNorm() @ dp.FeedForward(16, activation="gelu") @ dp.SelectiveSSM(4)
              @ dp.TransformerBlock(16, 2, 32, causal=True) @ dp.EmbedToken(11, 16))
     net, ids = dp.batched(model), jax.random.randint(key, (3, 9), 0, 11)
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), model.init(key, ids[0]))
