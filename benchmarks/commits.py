@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import user_models
 from .common import at_least, machine, markdown_table, median_time, parser, write
-from .user_models import CASES
+from .user_models import BFLOAT16_CASES, CASES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0], "benchmarks/results", "folder for commits.json and commits.md", compile_cache=False)
     p.add_argument("base")
     p.add_argument("head", nargs="?", default=".")
-    p.add_argument("--cases", nargs="+", choices=CASES, default=CASES)
+    p.add_argument("--cases", nargs="+", choices=CASES + BFLOAT16_CASES, default=CASES)
     p.add_argument("--rounds", type=at_least(1), default=3)
     p.add_argument("--reps", type=at_least(1), default=10)
     p.add_argument("--quick", action="store_true", help="small shapes (see benchmarks/user_models.py)")

@@ -5,7 +5,9 @@ whose `import diffprog` is the commit under test; only the API every commit has 
 
 Cases: {rnn,lstm,transformer}_{train,forward} — the char-LMs written as the README writes them,
 `dp.Dense(65) @ body ** 2 @ dp.EmbedToken(65, 256)` (Transformer: 4 heads, FF 1024, learned
-positions, causal) through `dp.batched`, under `jax.jit`, B 32, T 128, Adam; lm_train — the
+positions, causal) through `dp.batched`, under `jax.jit`, B 32, T 128, Adam (the loss on the
+logits in float32); {rnn,lstm,transformer}_bfloat16_{train,forward} — the same models with their
+params cast to bfloat16 (as `model.to(torch.bfloat16)`; not among the guard's defaults); lm_train — the
 LSTM as a `dp.LanguageModel`; bert_forward — BERT-base (random weights), B 8, T 128;
 gpt2_generate — GPT-2 small (random weights), 4 prompts of 8 tokens, 32 greedy tokens.
 --quick: width 64, T 32, 2-layer BERT and GPT-2 of width 64. The figure is the median of --reps
@@ -27,6 +29,7 @@ import diffprog as dp
 
 CASES = [f"{k}_{m}" for k in ("rnn", "lstm", "transformer") for m in ("train", "forward")] + [
     "lm_train", "bert_forward", "gpt2_generate"]
+BFLOAT16_CASES = [f"{k}_bfloat16_{m}" for k in ("rnn", "lstm", "transformer") for m in ("train", "forward")]
 
 
 def char_lm(kind, width, steps):
@@ -37,14 +40,15 @@ def char_lm(kind, width, steps):
     return dp.Dense(65) @ body @ dp.EmbedToken(65, width)
 
 
-def trainer(model, ids):
+def trainer(model, ids, dtype=jnp.float32):
     net, opt = dp.batched(model), optax.adam(1e-3)
-    params = model.init(jax.random.key(0), ids[0])
+    params = jax.tree.map(lambda a: a.astype(dtype), model.init(jax.random.key(0), ids[0]))
 
     @jax.jit
     def step(state):
         params, opt_state = state
-        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(net.apply(p, ids), ids).mean()
+        logits = lambda p: net.apply(p, ids).astype(jnp.float32)
+        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(logits(p), ids).mean()
         grads = jax.grad(loss)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
@@ -60,11 +64,14 @@ def runner(case: str, quick: bool):
     width, steps, batch = (64, 32, 8) if quick else (256, 128, 32)
     ids = jax.random.randint(jax.random.key(1), (batch, steps), 0, 65)
     kind, mode = case.rsplit("_", 1)
+    dtype = jnp.bfloat16 if kind.endswith("_bfloat16") else jnp.float32
+    kind = kind.removesuffix("_bfloat16")
     if kind in ("rnn", "lstm", "transformer"):
         model = char_lm(kind, width, steps)
         if mode == "train":
-            return trainer(model, ids)
-        params, forward = model.init(jax.random.key(0), ids[0]), jax.jit(dp.batched(model).apply)
+            return trainer(model, ids, dtype)
+        params = jax.tree.map(lambda a: a.astype(dtype), model.init(jax.random.key(0), ids[0]))
+        forward = jax.jit(dp.batched(model).apply)
         return lambda: forward(params, ids).block_until_ready()
     if case == "lm_train":
         return trainer(dp.LanguageModel(65, width, dp.LSTM(width) ** 2, per_position=True), ids)
@@ -84,7 +91,7 @@ def runner(case: str, quick: bool):
 def main(argv=None):
     dp.keep_freed_memory()  # as the README's first model does (at b833c9d importing diffprog did it)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("case", choices=CASES)
+    p.add_argument("case", choices=CASES + BFLOAT16_CASES)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args(argv)
