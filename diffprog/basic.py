@@ -6,7 +6,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.special import erf
 
 from . import kernels
@@ -25,7 +24,7 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
     "sigmoid": jax.nn.sigmoid,
     "tanh": jnp.tanh,
-    "gelu": lambda x: x * (1 + erf(x * np.float32(np.sqrt(0.5)))) / 2,  # x Φ(x), as PyTorch's GELU and BERT
+    "gelu": lambda x: x * (1 + erf(x * 0.5 ** 0.5)) / 2,  # x Φ(x), as PyTorch's GELU and BERT
     # (via erf: XLA:CPU runs jax.nn.gelu(approximate=False), which uses erfc, ~2x slower)
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # the tanh approximation (GPT-2)
     "silu": jax.nn.silu,  # x σ(x) (Llama's and Mamba's)

@@ -65,6 +65,7 @@ def test_activations(name, key):
                 "gelu_tanh": x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))) / 2, "step": (x > 0).astype(np.float32),
                 "softmax": np.exp(x) / np.exp(x).sum(), "identity": x, "silu": x / (1 + np.exp(-x))}[name]
     chex.assert_trees_all_close(layer({}, x), expected, atol=1e-6)
+    assert layer({}, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16  # no float32 constant inside
     if name != "step":
         grads_ok(layer, {}, x)
     with pytest.raises(dp.LayerError):

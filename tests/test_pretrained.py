@@ -76,6 +76,21 @@ def test_bert_reads_like_the_notes_and_scans_its_blocks():
     chex.assert_trees_all_equal(run(params, ids), run(params, ids))
 
 
+def test_bfloat16_bert_and_gpt2_stay_bfloat16_and_compute_what_float32_does():
+    """Params cast to bfloat16 (`model.to(torch.bfloat16)`): every output is bfloat16 and the
+    float32 model's to bfloat16 precision (a float32 constant in "gelu" once turned a block's
+    output float32, and the scan over the blocks refused it)."""
+    ids = jnp.arange(10) % 99
+    for model in (dp.bert(BERT), dp.gpt2(GPT2)):
+        params = model.init(jax.random.key(0), ids)
+        run = jax.jit(dp.batched(model).apply)
+        want = run(params, ids[None])
+        got = run(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), ids[None])
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert g.dtype == jnp.bfloat16
+            np.testing.assert_allclose(g.astype(jnp.float32), w, atol=0.03 * float(jnp.abs(w).max()))
+
+
 def test_generate_compiles_once_per_model_and_shape():
     model = dp.gpt2(GPT2)
     params = model.init(jax.random.key(0), jnp.zeros(4, jnp.int32))
