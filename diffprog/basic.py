@@ -44,7 +44,8 @@ def affine(params, x, transposed=False):
     """x W (+ b) over the last axis of x (..., d), as one (N, d)·(d, out) product over all N
     leading positions; `transposed`: W stored as (out, d) (a tied embedding table), read in place.
     (Autodiff of the product on (B, T, d) gave a weight-gradient contraction over two axes that
-    XLA:CPU ran ~20% slower than this one 2-D product.)"""
+    XLA:CPU ran ~20% slower than this one 2-D product.) In float32 on bfloat16 args where the CPU
+    emulates bfloat16 (`kernels.on_cpu`): b's gradient is a sum over all positions."""
     definition = functools.partial(_affine, transposed=transposed)
     return kernels.on_cpu(definition, definition, params, x)
 
