@@ -30,12 +30,13 @@ def classifiers():
 
 def train_step_and_args(model, targets_like):
     step = dp.TrainStep(model, lambda out, b: dp.metrics.cross_entropy(out, b["targets"]), optax.adam(1e-3))
-    state = step.init(model.init(jax.random.key(0), IDS[0]))
+    state = jax.eval_shape(lambda: step.init(model.init(jax.random.key(0), IDS[0])))
     return step, (state, {"inputs": IDS, "targets": targets_like})
 
 
 def programs():
-    """(name, function, args): each experiment model's train step, and generation for the LMs."""
+    """(name, function, args): each experiment model's train step, and generation for the LMs;
+    the params as shapes and dtypes (an export needs no values)."""
     for name, model in language_models().items():
         step, args = train_step_and_args(model, IDS)
         yield f"charlm {name} train step", step, args
@@ -45,7 +46,7 @@ def programs():
         step, args = train_step_and_args(model, IDS % 2)
         yield f"compare {name} train step", step, args
     for name, model in {"rnn": dp.rnn_seq2seq(7, 7, 16), "transformer": dp.transformer_seq2seq(7, 7, 16, 2, 32, 1, 12)}.items():
-        params = model.init(jax.random.key(0), (IDS[0], IDS[0]))
+        params = jax.eval_shape(model.init, jax.random.key(0), (IDS[0], IDS[0]))
         yield f"seq2seq {name} translate", lambda params, sources, model=model: dp.translate(model, params, sources, 5, 1), (params, IDS)
 
 
