@@ -45,9 +45,8 @@ def affine(params, x, transposed=False):
     leading positions; `transposed`: W stored as (out, d) (a tied embedding table), read in place.
     (Autodiff of the product on (B, T, d) gave a weight-gradient contraction over two axes that
     XLA:CPU ran ~20% slower than this one 2-D product.) In float32 on bfloat16 args where the CPU
-    emulates bfloat16 (`kernels.on_cpu`): b's gradient is a sum over all positions."""
-    definition = functools.partial(_affine, transposed=transposed)
-    return kernels.on_cpu(definition, definition, params, x)
+    emulates bfloat16 (`kernels.in_float32_where_emulated`): b's gradient is a sum over all positions."""
+    return kernels.in_float32_where_emulated(functools.partial(_affine, transposed=transposed), params, x)
 
 
 def _affine(params, x, transposed):
@@ -60,7 +59,8 @@ def _affine(params, x, transposed):
 class PositionWise(Layer):
     """A layer on (d,) or (T, d) that acts on the last axis alone: `check(params, x)` validates
     one example (d = `width(params)`) and `map(params, x)` computes on any leading axes, so a
-    batch (B, T, d) runs as one array (`forward_batch`) instead of a vmap over examples."""
+    batch (B, T, d) runs as one array (`forward_batch`) instead of a vmap over examples; on
+    bfloat16 values where the CPU emulates bfloat16, in float32 (`kernels.in_float32_where_emulated`)."""
 
     def width(self, params) -> int:
         """The size d of the last input axis these params take."""
@@ -71,17 +71,11 @@ class PositionWise(Layer):
 
     def forward(self, params, x, **side):
         self.check(params, x)
-        return self.map_where_fast(params, x)
+        return kernels.in_float32_where_emulated(self.map, params, x)
 
     def forward_batch(self, params, xs, **side):
         self.check(params, example_spec(xs))
-        return self.map_where_fast(params, xs)
-
-    def map_where_fast(self, params, x):
-        """`map`, through `kernels.on_cpu`: in float32 on bfloat16 args where the CPU emulates
-        bfloat16 (its result rounded back), as written everywhere else."""
-        definition = self.map
-        return kernels.on_cpu(definition, definition, params, x)
+        return kernels.in_float32_where_emulated(self.map, params, xs)
 
 
 @layerclass

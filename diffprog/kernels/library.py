@@ -221,9 +221,9 @@ def on_cpu(fast, reference, *args, kernel=True):
     every floating-point arg is float32 — or bfloat16 (float32 beside it allowed) on a CPU
     without bfloat16 hardware (`bfloat16_hardware`): there fast runs on the args in float32 and
     its results are rounded to the dtypes of reference's, since emulated bfloat16 is slower than
-    float32 (a warning says so once). `fast` may be `reference` itself (a definition to run in
-    float32 there). Inside `disabled()`, always reference(*args). Both must compute the same
-    function."""
+    float32 (a warning says so once). `fast` may be `reference` itself: see
+    `in_float32_where_emulated`. Inside `disabled()`, always reference(*args). Both must compute
+    the same function."""
     if not enabled():
         return reference(*args)
     if kernel:
@@ -238,6 +238,14 @@ def on_cpu(fast, reference, *args, kernel=True):
     if fast is reference:
         return reference(*args)
     return jax.lax.platform_dependent(*args, cpu=fast, default=reference)
+
+
+def in_float32_where_emulated(definition, *args):
+    """definition(*args) — in float32 on bfloat16 args where the CPU emulates bfloat16 (its results
+    rounded back to the dtypes the definition gives), as written everywhere else: `on_cpu` with
+    the definition as its own fast path. For layers whose gradients XLA:CPU runs slowly in
+    emulated bfloat16 (sums over all positions: biases, scales; a scan's steps)."""
+    return on_cpu(definition, definition, *args)
 
 
 def _in_float32(f, out):

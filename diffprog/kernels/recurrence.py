@@ -15,7 +15,7 @@ backends, chosen here:
   one matrix product over all examples and steps after it, instead of T small ones inside it.
 
 In bfloat16 on a CPU without bfloat16 hardware both run in float32, their results rounded to
-bfloat16 (`on_cpu`).
+bfloat16 (`on_cpu`, `in_float32_where_emulated`).
 
 Both take and return the same things: `weights` is the layer's `Weights(w_x, w_h, b_x, b_h)`
 (with w_x None, xs are the input projections x W_x (T, B, G) already), `carry` the initial
@@ -29,7 +29,7 @@ from functools import cache, partial
 import jax
 import jax.numpy as jnp
 
-from .library import on_cpu, require
+from .library import in_float32_where_emulated, on_cpu, require
 from .products import bfloat16_products, gemm, summed_products
 from .partition import batch_partitioned
 
@@ -39,7 +39,7 @@ def recurrence(layer, weights, xs, carry, valid):
     args, scan = (weights, xs, carry, valid), partial(scan_recurrence, layer)
     if getattr(layer, "kernel", None) == "lstm":
         return on_cpu(partial(lstm_recurrence, layer, bfloat16_products()), scan, *args)
-    return on_cpu(scan, scan, *args)  # in float32 where bfloat16 is emulated
+    return in_float32_where_emulated(scan, *args)
 
 
 def _projected(w_x, xs, bfloat16=False):
