@@ -140,7 +140,11 @@ class _Checkpoints:
         if len(want) != len(got):
             raise CheckpointError(f"{path}: the checkpoint holds {len(got)} arrays, the model "
                                   f"expects {len(want)}")
-        return restored
+        # orbax places what it restores on `like`'s devices, committed; an array `like` left
+        # uncommitted (one device, no placement asked) comes back uncommitted, so the resumed
+        # state hits the step already compiled in this process instead of compiling it again
+        return jax.tree.map(lambda a, b: b if getattr(a, "committed", True) else jnp.asarray(np.asarray(b)),
+                            like, restored)
 
 
 LOSS_KEYS = frozenset({"inputs", "targets", "mask"})

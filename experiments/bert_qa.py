@@ -455,7 +455,6 @@ def main(argv=None):
     qa, mlm = reader(args, vocab, "question_answering"), reader(args, vocab, "masked_lm")
     spec = jax.ShapeDtypeStruct((args.max_len,), jnp.int32)
     qa_init = lambda seed: qa.init(jax.random.key(seed), spec)
-    common = dict(eval_every=args.eval_every, clip_norm=1.0)
     sample_rows = lambda arrays, rows: {k: v[rows] for k, v in arrays.items()}
 
     tuning = optimizer(args.lr, max(args.qa_steps // 10, 1))  # one object: every QA run shares one compiled step
@@ -463,18 +462,18 @@ def main(argv=None):
     def finetune(params, steps, rows, name, seed, quiet=False, workdir=None, resume=False):
         """QA training; with `workdir`, checkpointed at the end (and with `resume`, continued from
         its last checkpoint)."""
-        return dp.train(qa, span_loss, tuning, sampler(sample_rows(train, rows), args.batch, seed),
+        return dp.train(qa, span_loss, tuning, sampler(sample_rows(train, rows), args.batch, seed), clip_norm=1.0,
                         steps=steps, params=params, seed=seed, quiet=quiet, description=name, workdir=workdir,
                         checkpoint_every=steps if workdir else 0, resume=resume,
                         **({} if quiet else dict(eval_data=batches(validation, args.batch), eval_metrics={"span_exact": span_exact},
-                                                 **common)))
+                                                 eval_every=args.eval_every)))
 
     pretrained = dp.train(mlm, lambda logits, b: dp.metrics.cross_entropy(logits, b["targets"], b["mask"]),
                           optimizer(args.lr, max(args.pretrain_steps // 10, 1), args.pretrain_steps),
                           sampler(text_data, args.batch, args.seed, lambda k, b: masked_batch(k, b, vocab)),
                           steps=args.pretrain_steps, description="masked-LM pretraining", seed=args.seed, eval_data=[
                               masked_batch(jax.random.key(10_000 + i), b, vocab)
-                              for i, b in enumerate(batches(text_validation, args.batch))], **common)
+                              for i, b in enumerate(batches(text_validation, args.batch))], clip_norm=1.0, eval_every=args.eval_every)
     body = {k: pretrained.params[k] for k in ("embeddings", "encoder")}
     starts = {"scratch": qa_init(args.seed), "pretrained": {**qa_init(args.seed), **body}}
     every = np.arange(len(train_examples))

@@ -112,14 +112,18 @@ def test_data_parallel_on_four_devices_matches_one():
     np.testing.assert_allclose(losses(train_toy.run(None, 20, mesh=mesh, fsdp=True)), one, atol=1e-5)
 
 
-def test_equal_train_calls_compile_once(compiles):
+def test_equal_train_calls_compile_once(compiles, tmp_path):
     """A second dp.train with the same model, loss and optimiser objects and batch shapes compiles
-    nothing (init, step, evaluation, clipping); another optimiser object compiles its step."""
-    run = lambda optimizer: dp.train(train_toy.MODEL, train_toy.loss, optimizer, train_toy.data, steps=3,
-                                     quiet=True, clip_norm=1.0, eval_data=[train_toy.data(99)], eval_every=2)
+    nothing (init, step, evaluation, clipping), nor does one resuming the first's checkpoint;
+    another optimiser object compiles its step."""
+    run = lambda optimizer, steps=3, **kw: dp.train(
+        train_toy.MODEL, train_toy.loss, optimizer, train_toy.data, steps=steps, quiet=True, clip_norm=1.0,
+        eval_data=[train_toy.data(99)], eval_every=2, workdir=tmp_path, checkpoint_every=3, **kw)
     run(train_toy.OPTIMIZER)
     before = len(compiles)
     run(train_toy.OPTIMIZER)
+    assert len(compiles) == before
+    assert run(train_toy.OPTIMIZER, steps=5, resume=True).step == 5  # restored arrays: the same program
     assert len(compiles) == before
     run(optax.adam(1e-2))
     assert len(compiles) > before
