@@ -303,6 +303,9 @@ def main(argv=None):
                   f"{best['tokens_per_s']:>9,.0f} tok/s  params {best['params']:,}", flush=True)
         entry["diffprog"]["sweep"] = {}
         for t in sweep:
+            if (sweep_batch, t) == (batch, steps):  # the shape timed above (--quick): its best round
+                entry["diffprog"]["sweep"][t] = {k: entry["diffprog"][k] for k in ("step_s", "compile_s")}
+                continue
             facts, round_ = prepare("diffprog", kind, sweep_batch, t, max(args.reps // 2, 3))
             entry["diffprog"]["sweep"][t] = {"step_s": round_()["step_s"], "compile_s": facts["compile_s"]}
         if kind in MODERN:  # the peers at the longest T, but the sequential Mamba (15 GB, minutes a step)

@@ -84,7 +84,8 @@ def test_a_second_run_loads_its_compiled_programs_from_the_compile_cache(tmp_pat
     import sys
 
     def run(name, cache, env_cache):
-        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(env_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(env_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_ENABLE_COMPILATION_CACHE": "true"}  # as users have it (the suite runs without)
         subprocess.run([sys.executable, "-m", "experiments.charlm", "--body", "rnn", "--n_layer", "1", "--n_embd", "8",
                         "--max_iters", "3", "--eval_interval", "2", "--eval_batches", "1", "--checkpoint_every", "0",
                         "--sample_chars", "5", "--workdir", str(tmp_path / name), "--compile_cache", cache],
@@ -109,7 +110,11 @@ def test_the_experiments_compile_cache_stays_under_its_bound(tmp_path, monkeypat
 
     from experiments import common
     monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
-    suites = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # these programs compile in ~10 ms
+    settings = ("jax_compilation_cache_max_size", "jax_enable_compilation_cache", "jax_persistent_cache_min_compile_time_secs")
+    suites = jax.config.jax_compilation_cache_dir, {name: getattr(jax.config, name) for name in settings}
+    jax.config.update("jax_enable_compilation_cache", True)  # as users have it (the suite runs without)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     stored = lambda folder: {p.name: p.stat().st_size for p in folder.iterdir() if p.name.endswith("-cache")}
     programs, x = [jax.jit(lambda x, k=k: jnp.sin(x) * k) for k in range(5)], jnp.ones(3)
     try:
@@ -123,9 +128,10 @@ def test_the_experiments_compile_cache_stays_under_its_bound(tmp_path, monkeypat
             program(x)
         kept = stored(bounded)
         assert 1 <= len(kept) <= 2 and sum(kept.values()) <= 2.5 * size
-    finally:  # the suite's own cache (its folder, unbounded) for the tests after this one
+    finally:  # the suite's own settings for the tests after this one
         compilation_cache.reset_cache()
-        jax.config.update("jax_compilation_cache_max_size", suites[1])
+        for name, value in suites[1].items():
+            jax.config.update(name, value)
         compilation_cache.set_cache_dir(suites[0])
 
 
