@@ -34,7 +34,11 @@ class Conv(Layer):
     y[p, o] = b[o] + Σ_{Δ, c} K[Δ, c, o] · x[stride·p + Δ, c]
     Type: (W, C) → (W', features) or (H, W, C) → (H', W', features); the input rank picks
     1-D or 2-D. `padding` is 'SAME', 'VALID' or explicit ((lo, hi), ...) per spatial axis.
-    Params: kernel (*kernel, C, features) (HWIO), bias (features,).
+    Params: kernel (*kernel, C, features) (HWIO), bias (features,). On bfloat16 or float16
+    inputs the sums accumulate in float32 and the bias is added before the one rounding to the
+    input's dtype (as cuDNN's and the TPU's convolutions do): a CPU without bfloat16 hardware
+    runs a float32 convolution instead of emulating bfloat16, and the bias gradient, a sum over
+    every position, is summed in float32.
     """
 
     features: int
@@ -55,13 +59,15 @@ class Conv(Layer):
         self.expect(x, _spatial_patterns(kernel.shape[-2])[n - 1])
         dims = ("WC", "WIO", "WC") if n == 1 else ("HWC", "HWIO", "HWC")
         padding = self.padding if isinstance(self.padding, str) else tuple(map(tuple, self.padding))
+        narrow = x.dtype in (jnp.bfloat16, jnp.float16)
         y = jax.lax.conv_general_dilated(
             x[None], kernel.astype(x.dtype), _tuple(self.stride, n, self, "stride"), padding,
-            dimension_numbers=("N" + dims[0], dims[1], "N" + dims[2]))[0]
+            dimension_numbers=("N" + dims[0], dims[1], "N" + dims[2]),
+            preferred_element_type=jnp.float32 if narrow else None)[0]
         if 0 in y.shape:
             raise LayerError(f"{self!r}: kernel {tuple(kernel.shape[:n])} with padding {self.padding!r} leaves no "
                              f"output on input {tuple(x.shape)} (got {tuple(y.shape)}); use padding='SAME' or a smaller kernel")
-        return y + params["bias"]
+        return (y + params["bias"]).astype(jnp.promote_types(x.dtype, params["bias"].dtype))
 
 
 @layerclass

@@ -137,6 +137,31 @@ def test_conv1d_same_and_explicit_padding(key):
         conv.init(key, jnp.ones(5))
 
 
+def test_bfloat16_conv_sums_in_float32_and_rounds_once(key):
+    """On bfloat16 values Conv accumulates in float32 and adds the bias before rounding: its
+    output is the float32 Conv of the same (bfloat16) numbers, rounded once; the program sums no
+    bfloat16 (the bias gradient is a sum over every position, slow in emulated bfloat16); its
+    gradients keep the params' dtype. bfloat16 inputs with float32 params give float32."""
+    x = jax.random.normal(key, (12, 10, 3))
+    conv = dp.Conv(8, kernel=3)
+    p = jax.tree.map(lambda a: (a + 0.1).astype(jnp.bfloat16), conv.init(key, x))
+    xb = x.astype(jnp.bfloat16)
+    y = conv(p, xb)
+    assert y.dtype == jnp.bfloat16
+    as32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
+    exact = conv(as32(p), as32(xb))
+    np.testing.assert_allclose(as32(y), exact.astype(jnp.bfloat16).astype(jnp.float32), rtol=2 ** -8, atol=1e-6)
+    loss = lambda p: jnp.sum(jnp.sin(conv(p, xb).astype(jnp.float32)))
+    lowered = jax.jit(jax.grad(loss)).lower(p).as_text()
+    assert not [line for line in lowered.splitlines() if "stablehlo.reduce(" in line and "xbf16>" in line.split("->")[-1]]
+    grads = jax.grad(loss)(p)
+    assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
+    want = jax.grad(lambda p: jnp.sum(jnp.sin(conv(p, as32(xb)))))(as32(p))
+    for got, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(as32(got), w, atol=0.02 * float(jnp.abs(w).max()))
+    assert conv(as32(p), xb).dtype == jnp.float32
+
+
 @pytest.mark.parametrize("pool,reduce", [(dp.MaxPool, np.max), (dp.AvgPool, np.mean)])
 def test_pooling_fold_matches_sliding_window_and_definition(pool, reduce, key):
     x = jax.random.normal(key, (8, 6, 3))
