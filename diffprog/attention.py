@@ -113,15 +113,20 @@ class Attention(Combinator):
 
     def rotate(self, y, position):
         """RoPE: y (..., T, n, head_dim) at steps position..position+T-1 rotated pairwise, the
-        halves (y_i, y_{i+D/2}) by the angle step·θ^(−2i/D) (nothing without `rotary`)."""
+        halves (y_i, y_{i+D/2}) by the angle step·θ^(−2i/D) (nothing without `rotary`); in float32
+        where the CPU emulates bfloat16 (`dp.kernels.in_float32_where_emulated`: XLA:CPU's
+        bfloat16 gradient of the slices and pads took ~9 ms per rotation in the Transformer++ step)."""
         if self.rotary is None:
             return y
-        half = y.shape[-1] // 2
-        steps = position + jnp.arange(y.shape[-3])
-        angles = steps[:, None] * (1.0 / self.rotary ** (np.arange(half, dtype=np.float32) * 2 / y.shape[-1]))
-        cos, sin = (jnp.concatenate([f(angles)] * 2, -1)[:, None, :] for f in (jnp.cos, jnp.sin))
-        turned = jnp.concatenate([-y[..., half:], y[..., :half]], -1)
-        return (y * cos + turned * sin).astype(y.dtype)
+
+        def rotated(y):
+            half = y.shape[-1] // 2
+            steps = position + jnp.arange(y.shape[-3])
+            angles = steps[:, None] * (1.0 / self.rotary ** (np.arange(half, dtype=np.float32) * 2 / y.shape[-1]))
+            cos, sin = (jnp.concatenate([f(angles)] * 2, -1)[:, None, :] for f in (jnp.cos, jnp.sin))
+            turned = jnp.concatenate([-y[..., half:], y[..., :half]], -1)
+            return (y * cos + turned * sin).astype(y.dtype)
+        return kernels.in_float32_where_emulated(rotated, y)
 
     def shared(self, kv):
         """Keys or values (..., S, kv_heads, head_dim) repeated for the query heads that read them."""

@@ -822,7 +822,7 @@ def test_add_to_each_sums_the_gradient_by_a_product_with_ones(key):
 def test_bfloat16_layers_run_in_float32_where_bfloat16_is_emulated(key, monkeypatch, hardware):
     """A model in bfloat16 (params and inputs) on a CPU without bfloat16 hardware: the kernels
     (self-attention, the LSTM, the selective scan), the scan of the other recurrent layers, the
-    position-wise layers and SelectiveSSM run in float32 on the rounded inputs, their results
+    position-wise layers, rotary positions and SelectiveSSM run in float32 on the rounded inputs, their results
     rounded to bfloat16 — the float32 model's outputs and gradients to bfloat16's precision — with
     a warning at the user's line. So the program (its StableHLO, before XLA's passes) sums no
     bfloat16: the bias and scale gradients of Dense, FeedForward, LayerNorm, RMSNorm and
@@ -833,7 +833,8 @@ def test_bfloat16_layers_run_in_float32_where_bfloat16_is_emulated(key, monkeypa
     monkeypatch.setattr(kernels.library, "bfloat16_hardware", lambda: hardware)
     kernels.library.bfloat16_in_float32.cache_clear()
     model = (dp.Dense(11) @ dp.RMSNorm() @ dp.FeedForward(16, activation="gelu") @ dp.LSTM(16) @ dp.SelectiveSSM(4)
-             @ dp.TransformerBlock(16, 2, 32, causal=True) @ dp.SimpleRNN(16) @ dp.EmbedToken(11, 16))
+             @ dp.TransformerBlock(16, 2, 32, causal=True, rotary=1e4) @ dp.TransformerBlock(16, 2, 32, causal=True)
+             @ dp.SimpleRNN(16) @ dp.EmbedToken(11, 16))
     net, ids = dp.batched(model), jax.random.randint(key, (3, 9), 0, 11)
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), model.init(key, ids[0]))
     loss = lambda p: net.apply(p, ids).astype(jnp.float32).sum()
@@ -846,9 +847,12 @@ def test_bfloat16_layers_run_in_float32_where_bfloat16_is_emulated(key, monkeypa
     targets = ("diffprog_projected_attention_forward", "diffprog_lstm_forward", "diffprog_selective_forward")
     assert [t in hlo for t in targets] == [not hardware] * 3 and len(said) == (not hardware)
     assert all(w.filename == __file__ for w in said)  # the line that traced the model, not diffprog's
-    bfloat16_sums = [line for line in lowered.as_text().splitlines()
-                     if "stablehlo.reduce(" in line and "xbf16>" in line.split("->")[-1]]
-    assert bool(bfloat16_sums) == hardware
+    in_bfloat16 = lambda op: [line for line in lowered.as_text().splitlines()
+                              if op in line and "xbf16>" in line.split("->")[-1]]
+    assert bool(in_bfloat16("stablehlo.reduce(")) == hardware
+    # RoPE's gradient negates and pads the halves of q and k: in float32 where emulated (in
+    # bfloat16, ~9 ms a rotation in the Transformer++ step)
+    assert bool(in_bfloat16("stablehlo.negate") + in_bfloat16("stablehlo.pad")) == hardware
     value, grads = run(params)
     assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
     if hardware:  # the bfloat16 definitions: not the float32 model's numbers to bfloat16's precision
