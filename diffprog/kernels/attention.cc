@@ -36,16 +36,17 @@ extern "C" int diffprog_bfloat16_hardware() {
 namespace {
 
 // C = A B for the rows [0, m), B packed with `b_rows` rows: a block of rows [i, i + 6) reads
-// A's columns (B's rows) [k_begin(i), k_end(i)) and writes C's columns [0, n_end(i, i_end)).
+// A's columns (B's rows) [k_begin(i), k_end(i)) and writes C's columns [0, n_end(i, i_end)),
+// row r of C times row_scale[r] where given.
 template <class KBegin, class KEnd, class NEnd>
 void product(int m, Operand a, const float* b, int b_rows, float* c, long ldc,
-             KBegin k_begin, KEnd k_end, NEnd n_end) {
+             KBegin k_begin, KEnd k_end, NEnd n_end, const float* row_scale = nullptr) {
   for (int i = 0; i < m; i += kRows) {
     const int i_end = std::min(i + kRows, m), k0 = k_begin(i), kc = k_end(i) - k0;
     const int n = n_end(i, i_end);
     for (int j = 0; j < n; j += kCols)
       tile(i_end - i, kc, a.at(i, k0), b + static_cast<size_t>(j) * b_rows + k0 * kCols, c + i * ldc + j, ldc,
-           std::min(kCols, n - j));
+           std::min(kCols, n - j), row_scale ? row_scale + i : nullptr);
   }
 }
 
@@ -119,15 +120,17 @@ struct Products {
   bool causal;
   int last(int i) const { return causal ? i : steps - 1; }  // the last key row i attends to
   int row_end(int i) const { return causal ? row_block_end(i, steps) : steps; }  // where row i's P ends
-  // C (T × D) = L B or Lᵀ B (`transposed`, Lᵀ read in place), B packed T × D. Causal: L is
-  // lower-triangular, zero past the diagonal up to its row blocks' end; row i of L ends at i,
-  // row j of Lᵀ starts at j. Otherwise L is full.
-  void by_values(const float* l, int ld, bool transposed, const float* b, float* c, long ldc) const {
+  // C (T × D) = L B or Lᵀ B (`transposed`, Lᵀ read in place), B packed T × D, row i of C times
+  // row_scale[i] where given. Causal: L is lower-triangular, zero past the diagonal up to its row
+  // blocks' end; row i of L ends at i, row j of Lᵀ starts at j. Otherwise L is full.
+  void by_values(const float* l, int ld, bool transposed, const float* b, float* c, long ldc,
+                 const float* row_scale = nullptr) const {
     const int t = steps, d = dim;
     const bool lower = causal;
     auto width = [d](int, int) { return d; };
     if (transposed) product(t, {l, 1, ld}, b, t, c, ldc, [lower](int j) { return lower ? j : 0; }, [t](int) { return t; }, width);
-    else product(t, {l, ld, 1}, b, t, c, ldc, [](int) { return 0; }, [t, lower](int i) { return lower ? std::min(i + kRows, t) : t; }, width);
+    else product(t, {l, ld, 1}, b, t, c, ldc, [](int) { return 0; }, [t, lower](int i) { return lower ? std::min(i + kRows, t) : t; }, width,
+                 row_scale);
   }
   // C (T × T; causal: the lower part up to the row blocks' end) = A (T × D) B, B packed D × T,
   // the columns rounded up to kCols.
@@ -233,15 +236,8 @@ void attend(ffi::ThreadPool pool, const Shape& sh, const Operands& in, float sca
     exponentials(on, x.q, x.q_row, x.k, x.row, x.k_bias, scale, packed, p, ld,
                  const_cast<float*>(sh.lse(lse, item)), sh.heads, totals, ItemOperands::next(sh, in, item + 1));
     pack(x.v, x.row, steps, dim, packed, x.v_bias);
-    on.by_values(p, ld, false, packed, out, row);
-    for (int i = 0; i < steps; ++i) {
-      const vec inverse = simd::splat(1.0f / totals[i]);
-      for (int d = 0; d < dim; d += kLanes) {
-        const Lanes in_row(dim - d);
-        float* y = out + i * row + d;
-        in_row.store(y, in_row.load(y) * inverse);
-      }
-    }
+    for (int i = 0; i < steps; ++i) totals[i] = 1.0f / totals[i];
+    on.by_values(p, ld, false, packed, out, row, totals);  // O = P V, each row over its total as it is stored
   });
 }
 

@@ -138,11 +138,41 @@ void pack(const float* x, long ldx, int rows, int cols, float* out, const float*
   }
 }
 
-// B = xᵀ (cols × rows), x's rows + bias (cols) where given.
+// The 8 × 8 floats in r transposed, in registers (AVX's 8-float vectors, at either width: the
+// packing below moves 8 of x's rows at a time).
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  for (int i = 0; i < 8; i += 4)
+    for (int h = 0; h < 2; ++h) {
+      u[i + h] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      u[i + h + 2] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  const int order[4] = {0, 2, 1, 3};  // u[0..3] hold the columns (0, 4), (2, 6), (1, 5), (3, 7)
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[order[i]], u[order[i] + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[order[i]], u[order[i] + 4], 0x31);
+  }
+}
+
+// B = xᵀ (cols × rows), x's rows + bias (cols) where given: 8 × 8 blocks of x transposed in
+// registers, the last cols % 8 one by one.
 void pack_transposed(const float* x, long ldx, int rows, int cols, float* out, const float* bias = nullptr) {
   for (int j = 0; j < rows; j += kCols, out += static_cast<size_t>(cols) * kCols)
-    for (int c = 0; c < kCols; ++c)
-      for (int r = 0; r < cols; ++r) out[r * kCols + c] = j + c < rows ? x[(j + c) * ldx + r] + (bias ? bias[r] : 0.0f) : 0.0f;
+    for (int c = 0; c < kCols; c += 8) {  // the panel's columns c .. c + 7: x's rows j + c .. j + c + 7
+      const int present = std::clamp(rows - j - c, 0, 8);
+      int r = 0;
+      for (; r + 8 <= cols; r += 8) {
+        const __m256 b = bias ? _mm256_loadu_ps(bias + r) : _mm256_setzero_ps();
+        __m256 v[8];
+        for (int i = 0; i < 8; ++i)
+          v[i] = i < present ? _mm256_add_ps(_mm256_loadu_ps(x + (j + c + i) * ldx + r), b) : _mm256_setzero_ps();
+        transpose8(v);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (r + i) * kCols + c, v[i]);
+      }
+      for (; r < cols; ++r)
+        for (int i = 0; i < 8; ++i) out[r * kCols + c + i] = i < present ? x[(j + c + i) * ldx + r] + (bias ? bias[r] : 0.0f) : 0.0f;
+    }
 }
 
 // An A operand: element (r, p) at a[r * lda + p * step] (step 1: row-major; lda 1: A is the
@@ -153,11 +183,13 @@ struct Operand {
   Operand at(long r, long p) const { return {a + r * lda + p * step, lda, step}; }
 };
 
-// C[R × nr] = A[R × kc] B[kc × kCols] for R ≤ 6 rows and nr ≤ kCols columns, B a packed panel.
+// C[R × nr] = A[R × kc] B[kc × kCols] for R ≤ 6 rows and nr ≤ kCols columns, B a packed panel;
+// row r of C times row_scale[r] where row_scale is given.
 // Twelve named accumulators (those past R are never used): GCC keeps an array of them in
 // memory, storing it every iteration.
 template <int R = kRows>
-void micro_kernel(int kc, Operand op, const float* b, float* c, long ldc, int nr = kCols) {
+void micro_kernel(int kc, Operand op, const float* b, float* c, long ldc, int nr = kCols,
+                  const float* row_scale = nullptr) {
   static_assert(R >= 1 && R <= kRows);
   using simd::fmadd, simd::splat;
   const float* a = op.a;
@@ -192,7 +224,12 @@ void micro_kernel(int kc, Operand op, const float* b, float* c, long ldc, int nr
       c50 = fmadd(x, b0, c50), c51 = fmadd(x, b1, c51);
     }
   }
-  const vec rows[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  vec rows[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (row_scale)
+    for (int r = 0; r < R; ++r) {
+      const vec by = splat(row_scale[r]);
+      rows[r][0] = rows[r][0] * by, rows[r][1] = rows[r][1] * by;
+    }
   if (nr == kCols) {
     for (int r = 0; r < R; ++r) {
       simd::store(c + r * ldc, rows[r][0]);
@@ -207,15 +244,16 @@ void micro_kernel(int kc, Operand op, const float* b, float* c, long ldc, int nr
   }
 }
 
-// C[mr × nr] = A[mr × kc] B for mr ≤ 6 rows and nr ≤ kCols columns, B a packed panel.
-void tile(int mr, int kc, Operand a, const float* b, float* c, long ldc, int nr) {
+// C[mr × nr] = A[mr × kc] B for mr ≤ 6 rows and nr ≤ kCols columns, B a packed panel; row r
+// times row_scale[r] where given.
+void tile(int mr, int kc, Operand a, const float* b, float* c, long ldc, int nr, const float* row_scale = nullptr) {
   switch (mr) {
-    case 6: micro_kernel<6>(kc, a, b, c, ldc, nr); break;
-    case 5: micro_kernel<5>(kc, a, b, c, ldc, nr); break;
-    case 4: micro_kernel<4>(kc, a, b, c, ldc, nr); break;
-    case 3: micro_kernel<3>(kc, a, b, c, ldc, nr); break;
-    case 2: micro_kernel<2>(kc, a, b, c, ldc, nr); break;
-    default: micro_kernel<1>(kc, a, b, c, ldc, nr); break;
+    case 6: micro_kernel<6>(kc, a, b, c, ldc, nr, row_scale); break;
+    case 5: micro_kernel<5>(kc, a, b, c, ldc, nr, row_scale); break;
+    case 4: micro_kernel<4>(kc, a, b, c, ldc, nr, row_scale); break;
+    case 3: micro_kernel<3>(kc, a, b, c, ldc, nr, row_scale); break;
+    case 2: micro_kernel<2>(kc, a, b, c, ldc, nr, row_scale); break;
+    default: micro_kernel<1>(kc, a, b, c, ldc, nr, row_scale); break;
   }
 }
 
