@@ -862,3 +862,31 @@ def test_bfloat16_layers_run_in_float32_where_bfloat16_is_emulated(key, monkeypa
     np.testing.assert_allclose(value, want_value, rtol=0.03)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=0.05 * float(jnp.abs(want).max()) + 1e-3)
+
+
+@pytest.mark.parametrize("layer", [dp.Attention(2, causal=True), dp.Attention(2, kv_heads=1, rotary=1e4, causal=True),
+                                   dp.Attention(2)], ids=repr)
+def test_bfloat16_attention_where_emulated_is_float32_attention_rounded_once(layer, key, monkeypatch):
+    """Where the CPU emulates bfloat16, an Attention layer on bfloat16 params and values computes
+    in float32 as one computation — projections, attention, output projection — and rounds its
+    result once: bit for bit the float32 layer on the same (rounded) numbers, rounded. Its
+    gradients are the float32 layer's at those numbers, rounded. (Before, q, k, v and the heads'
+    output were rounded to bfloat16 in between, each in a pass of its own.)"""
+    monkeypatch.setattr(kernels.library, "bfloat16_hardware", lambda: False)
+    kx, kp, kc = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (3, 9, 8)).astype(jnp.bfloat16)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), layer.init(kp, x[0]))
+    ct = jax.random.normal(kc, (3, 9, 8)).astype(jnp.bfloat16).astype(jnp.float32)
+    net = dp.batched(layer)
+    as32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+    loss = lambda p, x: jnp.sum(net.apply(p, x).astype(jnp.float32) * ct)
+    rounded_loss = lambda p, x: jnp.sum(net.apply(p, x).astype(jnp.bfloat16).astype(jnp.float32) * ct)
+    y = jax.jit(net.apply)(params, x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(y, jax.jit(net.apply)(as32(params), as32(x)).astype(jnp.bfloat16))
+    grads = jax.jit(jax.grad(loss, (0, 1)))(params, x)
+    want = jax.jit(jax.grad(rounded_loss, (0, 1)))(as32(params), as32(x))
+    assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got.astype(jnp.float32), expected.astype(jnp.bfloat16).astype(jnp.float32),
+                                   rtol=1e-2, atol=1e-2 * float(jnp.abs(expected).max()))
