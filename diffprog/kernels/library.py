@@ -122,7 +122,7 @@ def bfloat16_hardware() -> bool:
 def bfloat16_in_float32():
     """Say once that bfloat16 runs as float32 here (see `on_cpu`)."""
     warnings.warn("diffprog: this CPU has neither AMX nor AVX512-BF16: on bfloat16 values the matrix products, "
-                  "kernels, recurrent scans, position-wise layers, rotary positions and SelectiveSSM run in float32 (faster here "
+                  "kernels, recurrent scans, position-wise layers, Attention and SelectiveSSM run in float32 (faster here "
                   "than emulated bfloat16)", stacklevel=_users_line())
 
 
