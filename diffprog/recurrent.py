@@ -146,7 +146,7 @@ class Recurrent(Layer):
         gh_t and incoming carry (for the written-out backward pass of `dp.kernels`)."""
         def step(carry, inputs):
             xw, v = inputs
-            gx, gh = xw + weights.b_x, carry["h"] @ weights.w_h + weights.b_h
+            gx, gh = xw + weights.b_x, kernels.step_product(carry["h"], weights.w_h) + weights.b_h
             new, out = self.update(gx, gh, carry, v)
             return new, ((out, gh, carry) if residuals else out)
         return jax.lax.scan(step, carry, (xws, valid), unroll=self.unroll)

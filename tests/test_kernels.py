@@ -890,3 +890,35 @@ def test_bfloat16_attention_where_emulated_is_float32_attention_rounded_once(lay
     for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
         np.testing.assert_allclose(got.astype(jnp.float32), expected.astype(jnp.bfloat16).astype(jnp.float32),
                                    rtol=1e-2, atol=1e-2 * float(jnp.abs(expected).max()))
+
+
+@needs_mkl
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_a_recurrent_steps_product_takes_the_micro_kernel_where_it_runs_shallow_products(transpose_b, key, monkeypatch):
+    """`step_product(h, w)` (each step's h W_h, and ∂gh W_hᵀ backward) is gemm.cc's call where the
+    micro-kernel runs float32 products of depth ≤ 256 (AVX2 CPUs), whatever its size, and h @ w
+    elsewhere (MKL's sgemm CPUs, depth 257, bfloat16, one example's h (K,)): the same values,
+    gradients and vmap. A SimpleRNN's loop on a batch then holds the call."""
+    kh, kw, kc = jax.random.split(key, 3)
+    h, w = jax.random.normal(kh, (32, 24)), jax.random.normal(kw, (40, 24) if transpose_b else (24, 40))
+    ct = jax.random.normal(kc, (32, 40))
+    plain = lambda h, w: h @ (w.T if transpose_b else w)
+    for micro_kernel in (True, False):
+        monkeypatch.setattr(kernels.products, "float32_by_mkl", lambda: not micro_kernel)
+        fast = lambda h, w: kernels.step_product(h, w, transpose_b)  # a new function: jit's cache keys on it
+        assert ("diffprog_gemm_f32" in jax.jit(fast).lower(h, w).as_text()) == micro_kernel
+        chex.assert_trees_all_close(jax.jit(fast)(h, w), plain(h, w), atol=1e-5)
+        grads = [jax.grad(lambda h, w: jnp.sum(f(h, w) * ct), (0, 1))(h, w) for f in (fast, plain)]
+        chex.assert_trees_all_close(*grads, atol=1e-4)
+        chex.assert_trees_all_close(jax.vmap(fast, (0, None))(jnp.stack([h, -h]), w), jnp.stack([plain(h, w), plain(-h, w)]),
+                                    atol=1e-5)
+    monkeypatch.setattr(kernels.products, "float32_by_mkl", lambda: False)
+    fast = lambda h, w: kernels.step_product(h, w, transpose_b)
+    deep = jnp.zeros((257, 8)) if not transpose_b else jnp.zeros((8, 257))
+    for args in ((jnp.zeros((4, 257)), deep), (h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)), (h[0], w)):
+        assert "diffprog_gemm" not in jax.jit(fast).lower(*args).as_text()
+    model = dp.Dense(5) @ dp.SimpleRNN(16) @ dp.EmbedToken(5, 8)
+    ids = jax.random.randint(key, (3, 7), 0, 5)
+    params = model.init(key, ids[0])
+    # its other products (x W_x over all steps, the head) are under `product`'s sizes: XLA's dots
+    assert "diffprog_gemm_f32" in jax.jit(dp.batched(model).apply).lower(params, ids).compile().as_text()

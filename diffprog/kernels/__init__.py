@@ -12,6 +12,7 @@ the definition stays the reference it is tested against and the path taken every
 | `recurrence` → `scan_recurrence`: written-out backward pass | recurrent layers on a batch | elsewhere | `Recurrent.scan` |
 | `product` → `gemm`: MKL's GEMM, float32 (on AVX2 CPUs those of depth ≤ 256 with A not transposed by cpu.h's micro-kernel: `library.float32_by_mkl`) and bfloat16 (AMX where the CPU has it; bfloat16 products other than Aᵀ B run as XLA's dot into float32, the faster there: `runs_on_mkl`), ≥ `VENDOR_MIN_WORK` multiply-adds, sides ≥ `VENDOR_MIN_SIDE` | `Dense`, `FeedForward`, ... | CPU, MKL installed | `x @ w` |
 | `relu_affine`: gemm.cc's shallow product (cpu.h's micro-kernel) adding the bias and taking the ReLU as it stores each tile, float32, `product`'s sizes, depth ≤ `SHALLOW_DEPTH`, where `library.float32_by_mkl()` is False (AVX2 CPUs) | `FeedForward` with ReLU and a bias | CPU, MKL installed | `relu(product(x, w) + b)` |
+| `step_product` → `gemm`: gemm.cc's shallow product (cpu.h's micro-kernel) for each step's product, whatever its size, float32, depth ≤ `SHALLOW_DEPTH`, where `library.float32_by_mkl()` is False (AVX2 CPUs) | `Recurrent.scan`'s h W_h and its backward's ∂gh W_hᵀ (SimpleRNN, GRU, ...) | CPU, MKL installed | `h @ w_h` |
 | `product` → `_narrowing_product`: transposed-operand gradient | the same | CPU, no MKL | the same |
 | `summed_products`: MKL's Aᵀ B on the merged rows (T, B) as they lie (each device its shard, summed across devices) | the recurrent layers' weight gradients over all steps, float32 | CPU, MKL installed, `product`'s sizes | `jnp.tensordot` over the leading axes |
 | `add_to_each`: the gradient of a table added to every example as a product with ones | `LearnedPositions` on a batch | CPU | `xs + y` (its gradient XLA's sum over the batch) |
@@ -30,6 +31,6 @@ from .attention import (attention_kernel, causal_attention, causal_attention_blo
                         projected_self_attention, self_attention, split_projection)
 from .library import (available, build, cache_dir, disabled, enabled, in_float32_where_emulated, on_cpu,
                       vendor_blas)
-from .products import add_to_each, autocast, gemm, product, relu_affine, summed_products
+from .products import add_to_each, autocast, gemm, product, relu_affine, step_product, summed_products
 from .recurrence import lstm_backward, lstm_forward, lstm_recurrence, recurrence, scan_recurrence
 from .ssm import kernel_selective, parallel_selective, scan_selective, selective_scan, written_selective

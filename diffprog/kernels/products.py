@@ -85,6 +85,22 @@ def product(a, b, transpose_a=False, transpose_b=False):
     return on_cpu(_narrowing_product, jnp.matmul, a, b, kernel=False)
 
 
+def step_product(h, w, transpose_b=False):
+    """h op(w) for one step of a recurrent loop: h (B, K), w (K, N) or, transposed, (N, K) — the
+    h_{t-1} W_h of `Recurrent.scan` and the ∂gh_t W_hᵀ of its written-out backward pass. On the
+    CPU in float32 where gemm.cc's shallow product runs (depth K ≤ SHALLOW_DEPTH, cpu.h's
+    micro-kernel: AVX2 CPUs, `library.float32_by_mkl()` False, MKL installed), `gemm` whatever
+    the product's size: inside XLA's while loop its dot took ~3× as long at the SimpleRNN's
+    (32 × 256)·(256 × 256) (the README SimpleRNN's forward pass 0.73× as long by gemm). Elsewhere
+    (and for one example, h (K,)) h op(w)."""
+    k = w.shape[1] if transpose_b else w.shape[0]
+    if (h.ndim == 2 and h.dtype == w.dtype == jnp.float32 and k <= SHALLOW_DEPTH and _needs_devices is not None
+            and getattr(_autocast, "dtype", None) is None and enabled() and vendor_blas() is not None
+            and not float32_by_mkl()):
+        return gemm(h, w, transpose_b=transpose_b)
+    return h @ (w.T if transpose_b else w)
+
+
 def relu_affine(x, w, b):
     """relu(x w + b) over the last axis of x (..., d), with w (d, out) and b (out,): the layer
     FeedForward(out) with its default ReLU. On the CPU in float32 (bfloat16 too where it is

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from .library import in_float32_where_emulated, on_cpu, require
-from .products import bfloat16_products, gemm, summed_products
+from .products import bfloat16_products, gemm, step_product, summed_products
 from .partition import batch_partitioned
 
 
@@ -89,7 +89,7 @@ def _scan_bwd(layer, residuals, cotangents):
         _, vjp = jax.vjp(lambda gx, gh, carry: layer.update(gx, gh, carry, v), xw + weights.b_x, gh, carry)
         d_gx, d_gh, d_prev = vjp((d_carry, d_out))
         # where gx and gh only meet as gx + gh, autodiff hands back one object for both: stack it once
-        return {**d_prev, "h": d_prev["h"] + d_gh @ w_h_t}, (d_gh if d_gx is d_gh else (d_gx, d_gh))
+        return {**d_prev, "h": d_prev["h"] + step_product(d_gh, w_h_t)}, (d_gh if d_gx is d_gh else (d_gx, d_gh))
 
     d_carry, d_gs = jax.lax.scan(step, d_final, (xws, ghs, carries, valid, d_outs),
                                  reverse=True, unroll=layer.unroll)
