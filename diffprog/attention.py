@@ -138,7 +138,7 @@ class Attention(Combinator):
         on bfloat16 values where the CPU emulates bfloat16 (`dp.kernels.in_float32_where_emulated`):
         the projections, the attention and the output projection as one float32 computation, its
         result rounded once (q, k, v and the heads' output no longer rounded and widened again in
-        passes of their own: the README Transformer's bfloat16 forward pass 0.98× as long)."""
+        passes of their own: the README Transformer's bfloat16 forward pass 0.97–1.01× as long)."""
         arrays = {n: v for n, v in side.items() if isinstance(v, (jax.Array, np.ndarray))}  # the rest stays static
         return kernels.in_float32_where_emulated(
             lambda params, x, key, arrays: self.attend_all(run, params, x, key=key, **{**side, **arrays}),

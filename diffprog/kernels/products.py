@@ -91,7 +91,7 @@ def step_product(h, w, transpose_b=False):
     CPU in float32 where gemm.cc's shallow product runs (depth K ≤ SHALLOW_DEPTH, cpu.h's
     micro-kernel: AVX2 CPUs, `library.float32_by_mkl()` False, MKL installed), `gemm` whatever
     the product's size: inside XLA's while loop its dot took ~3× as long at the SimpleRNN's
-    (32 × 256)·(256 × 256) (the README SimpleRNN's forward pass 0.73× as long by gemm). Elsewhere
+    (32 × 256)·(256 × 256) (the README SimpleRNN's forward pass 0.71–0.89× as long by gemm). Elsewhere
     (and for one example, h (K,)) h op(w)."""
     k = w.shape[1] if transpose_b else w.shape[0]
     if (h.ndim == 2 and h.dtype == w.dtype == jnp.float32 and k <= SHALLOW_DEPTH and _needs_devices is not None
