@@ -85,6 +85,14 @@ def product(a, b, transpose_a=False, transpose_b=False):
     return on_cpu(_narrowing_product, jnp.matmul, a, b, kernel=False)
 
 
+def _on_micro_kernel(depth) -> bool:
+    """Whether gemm.cc runs a float32 product of this depth by cpu.h's micro-kernel (its shallow
+    product) when traced now: depth ≤ SHALLOW_DEPTH, on an AVX2 CPU (`float32_by_mkl()` False),
+    MKL installed, outside `autocast`."""
+    return (getattr(_autocast, "dtype", None) is None and _needs_devices is not None and depth <= SHALLOW_DEPTH
+            and enabled() and vendor_blas() is not None and not float32_by_mkl())
+
+
 def step_product(h, w, transpose_b=False):
     """h op(w) for one step of a recurrent loop: h (B, K), w (K, N) or, transposed, (N, K) — the
     h_{t-1} W_h of `Recurrent.scan` and the ∂gh_t W_hᵀ of its written-out backward pass. On the
@@ -93,10 +101,7 @@ def step_product(h, w, transpose_b=False):
     the product's size: inside XLA's while loop its dot took ~3× as long at the SimpleRNN's
     (32 × 256)·(256 × 256) (the README SimpleRNN's forward pass 0.71–0.89× as long by gemm). Elsewhere
     (and for one example, h (K,)) h op(w)."""
-    k = w.shape[1] if transpose_b else w.shape[0]
-    if (h.ndim == 2 and h.dtype == w.dtype == jnp.float32 and k <= SHALLOW_DEPTH and _needs_devices is not None
-            and getattr(_autocast, "dtype", None) is None and enabled() and vendor_blas() is not None
-            and not float32_by_mkl()):
+    if h.ndim == 2 and h.dtype == w.dtype == jnp.float32 and _on_micro_kernel(w.shape[1] if transpose_b else w.shape[0]):
         return gemm(h, w, transpose_b=transpose_b)
     return h @ (w.T if transpose_b else w)
 
@@ -113,8 +118,7 @@ def relu_affine(x, w, b):
         raise ValueError(f"relu_affine: expected w (d, out), x (..., d) and b (out,), got w {w.shape}, x {x.shape} "
                          f"and b {b.shape}")
     d, out = w.shape
-    if (getattr(_autocast, "dtype", None) is None and _needs_devices is not None and d <= SHALLOW_DEPTH
-            and _vendor_takes(math.prod(x.shape[:-1]), d, out) and not float32_by_mkl()):
+    if _on_micro_kernel(d) and _vendor_takes(math.prod(x.shape[:-1]), d, out):
         return on_cpu(_fused_relu_affine, _relu_affine, x, w, b)
     return _relu_affine(x, w, b)
 
