@@ -257,10 +257,18 @@ def test_lstm_kernel_matches_the_scan_values_and_gradients(steps, batch, d, hidd
 
 
 @needs_bfloat16_mkl
-def test_lstm_kernel_in_bfloat16_rounds_each_steps_product(key):
+def test_lstm_kernel_in_bfloat16_rounds_each_steps_product(key, mkl_at_full_width):
     """With bfloat16 (autocast's LSTM), each step's h_{t-1} W_h and the input projection x W_x
     round their operands to bfloat16 and sum in float32: the steps equal a scan written so; the gradients stay within bfloat16's error of
     float32's, and autocast is what turns it on."""
+    kernels.library.use_vendor_sgemm(True)  # MKL's packed GEMMs handed to the kernel, as on Intel's CPUs
+    try:
+        lstm_in_bfloat16(key)
+    finally:
+        kernels.library.use_vendor_sgemm(kernels.library.float32_by_mkl())
+
+
+def lstm_in_bfloat16(key):
     layer, (weights, xs, carry, valid) = lstm_arguments(key, 9, 7, 5, 21, [9, 3, 1, 2, 7, 9, 8])
     rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
 
@@ -435,6 +443,15 @@ needs_mkl = pytest.mark.skipif(kernels.vendor_blas() is None, reason="MKL is not
 
 
 @pytest.fixture
+def mkl_at_full_width(monkeypatch):
+    """The seam's choices where MKL runs at the CPU's width (Intel's CPUs, AVX2 ones), on any CPU
+    with MKL: on AMD's AVX-512 ones `runs_on_mkl` keeps gemm.cc for the micro-kernel's products
+    alone (tested apart), so MKL's handlers and their routes are tested here."""
+    for module in (kernels.products, sys.modules["diffprog.kernels.recurrence"]):  # the module, not the function
+        monkeypatch.setattr(module, "mkl_at_full_width", lambda: True)
+
+
+@pytest.fixture
 def float32_products(request):
     """gemm.cc's float32 products of depth ≤ 256 by MKL (`use_vendor_sgemm(True)`) or by cpu.h's
     micro-kernel (False), as the test's `route` says; the default again afterwards."""
@@ -457,7 +474,7 @@ def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dt
     127 · 256 · 70 multiply-adds pass kSplitWork, so the threads split the panels),
     or, in bfloat16, where `runs_on_mkl` chooses XLA's dot into float32, against XLA's dot: values,
     both gradients, and vmap over A (folded into rows), over B and over both (XLA's batched dot)."""
-    if route == "mkl":
+    if route != "chosen":  # gemm.cc's handlers, whichever `runs_on_mkl` would choose on this CPU
         monkeypatch.setattr(kernels.products, "runs_on_mkl", lambda *_: True)
     m, k, n = sizes
     ka, kb, kc = jax.random.split(key, 3)
@@ -472,7 +489,7 @@ def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dt
     chex.assert_trees_all_close(as32(jax.jit(ours)(a, b)), as32(xla(a, b)), **tol)
     chex.assert_trees_all_close(as32(loss(ours)(a, b)), as32(loss(xla)(a, b)), **tol)
     on_mkl = 'custom_call_target="diffprog_gemm_' in jax.jit(ours).lower(a, b).compile().as_text()
-    assert on_mkl == (route != "chosen" or kernels.products.runs_on_mkl(transpose_a, jnp.dtype(dtype)))
+    assert on_mkl == (route != "chosen" or kernels.products.runs_on_mkl(transpose_a, a.shape[0] if transpose_a else a.shape[1], jnp.dtype(dtype)))
     stacked = lambda x: jnp.stack([x, 2 * x, -x])
     for axes in ((0, None), (None, 0), (0, 0)):
         args = [stacked(x) if axis == 0 else x for x, axis in zip((a, b), axes)]
@@ -593,7 +610,7 @@ def test_feedforward_relu_takes_the_fused_kernel_where_the_product_is_shallow(ke
 
 
 @needs_mkl
-def test_dense_takes_mkl_on_the_cpu_only_and_agrees_with_xla(key, monkeypatch):
+def test_dense_takes_mkl_on_the_cpu_only_and_agrees_with_xla(key, monkeypatch, mkl_at_full_width):
     """The seam picks MKL for a Dense layer over a batch (its gradient too, one product over all
     rows) on the CPU, XLA's dot on accelerators and inside `disabled()`; per-example gradients
     (vmap of grad) and batch gradients (grad of vmap) agree with the reference."""
@@ -622,7 +639,51 @@ def test_dense_takes_mkl_on_the_cpu_only_and_agrees_with_xla(key, monkeypatch):
 
 
 @needs_mkl
-def test_summed_products_by_mkl_agree_with_tensordot_under_grad_vmap_and_a_mesh(key, monkeypatch):
+def test_where_mkl_runs_narrower_than_the_cpu_gemm_cc_takes_only_the_micro_kernels_products(key, monkeypatch):
+    """On AMD's AVX-512 CPUs (`mkl_at_full_width()` False: MKL runs its AVX2 code there) the seam
+    keeps gemm.cc for float32 products the micro-kernel runs (depth ≤ 256, A not transposed) and
+    gives XLA's dot the rest — deeper products, weight gradients (Aᵀ B, `summed_products`),
+    autocast's bfloat16 products — and the LSTM's steps stay float32 under autocast: the values
+    and gradients of the definitions."""
+    for module in (kernels.products, sys.modules["diffprog.kernels.recurrence"]):
+        monkeypatch.setattr(module, "mkl_at_full_width", lambda: False)
+    monkeypatch.setattr(kernels.products, "float32_by_mkl", lambda: False)
+    monkeypatch.setattr(kernels.products, "bfloat16_hardware", lambda: True)
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_WORK", 1)
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_SIDE", 1)
+    f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+    runs = kernels.products.runs_on_mkl
+    assert runs(False, 256, f32) and not runs(True, 256, f32) and not runs(False, 257, f32)
+    assert not runs(False, 64, bf16) and not runs(True, 64, bf16)
+    net, xs = dp.batched(dp.Dense(5) @ dp.FeedForward(300) @ dp.FeedForward(12)), jax.random.normal(key, (3, 7, 6))
+    params = net.init(key, xs)
+    loss = lambda p, xs: jnp.sum(jnp.sin(net.apply(p, xs)))
+    grad = jax.jit(jax.grad(loss, (0, 1)))
+    compiled = grad.lower(params, xs).compile().as_text()
+    # gemm.cc: FeedForward(12)'s x W (depth 6, fused with its bias and ReLU), FeedForward(300)'s
+    # (depth 12), and the input gradients of depth ≤ 256 (Dense's ∂y Wᵀ, depth 5; FeedForward(300)'s
+    # is 300 deep: XLA's); no weight gradient
+    assert compiled.count('custom_call_target="diffprog_relu_affine_f32"') == 2
+    assert compiled.count('custom_call_target="diffprog_gemm_f32"') == 2
+    with kernels.disabled():
+        want = jax.grad(loss, (0, 1))(params, xs)
+    chex.assert_trees_all_close(grad(params, xs), want, atol=1e-5)
+    a, b = jax.random.normal(key, (2, 7, 8, 16))
+    assert "diffprog_gemm" not in jax.jit(lambda a, b: kernels.products.summed_products(a, b)).lower(a, b).as_text()
+    lstm = dp.batched(dp.LSTM(8))
+    lstm_params = lstm.layer.init(key, xs[0])
+    with kernels.autocast(jnp.bfloat16):
+        product = jax.jit(lambda a, b: kernels.product(a, b))
+        hlo = product.lower(a[0], b[0].T).compile().as_text(), jax.jit(lstm.apply).lower(lstm_params, xs).compile().as_text()
+        out = product(a[0], b[0].T)
+    assert "diffprog_gemm" not in hlo[0] and "bf16" in hlo[0]
+    rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+    chex.assert_trees_all_close(out, rounded(a[0]) @ rounded(b[0].T), atol=1e-4)
+    assert "bfloat16 = false" in hlo[1] and "bfloat16 = true" not in hlo[1]
+
+
+@needs_mkl
+def test_summed_products_by_mkl_agree_with_tensordot_under_grad_vmap_and_a_mesh(key, monkeypatch, mkl_at_full_width):
     """summed_products(a (T, B, K), b (T, B, N)) = Σ_{t,b} a_tbᵀ b_tb: on the CPU one MKL call
     (Aᵀ B on the merged rows) whose value, gradients (to second order) and vmap equal
     tensordot's; small sums and `disabled()` stay tensordot; under a 4-device mesh sharding B,
@@ -666,7 +727,7 @@ def test_bfloat16_products_sum_in_float32(key):
 
 
 @needs_mkl
-def test_mkl_products_run_on_each_devices_shard_of_the_batch(monkeypatch):
+def test_mkl_products_run_on_each_devices_shard_of_the_batch(monkeypatch, mkl_at_full_width):
     """Under a 4-device data-parallel mesh each device multiplies its rows of the batch (and its
     slice of the weight gradient's sum, added across devices): no all-gather, and the losses of
     the 1-device run."""
@@ -691,7 +752,7 @@ def test_mkl_products_run_on_each_devices_shard_of_the_batch(monkeypatch):
 
 
 @needs_mkl
-def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float32(key):
+def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float32(key, mkl_at_full_width):
     """`autocast`: float32 in and out, the operands rounded to bfloat16 (MKL's bfloat16 kernel)
     where the CPU has AMX or AVX512-BF16; where it has neither, float32 products and a warning
     that says so. A TrainStep with compute_dtype=bfloat16 on the CPU keeps float32 params and
@@ -732,7 +793,7 @@ def test_autocast_runs_the_products_in_bfloat16_and_training_in_it_matches_float
 
 
 @needs_bfloat16_mkl
-def test_bfloat16_products_take_xlas_dot_but_for_the_weight_gradients(key):
+def test_bfloat16_products_take_xlas_dot_but_for_the_weight_gradients(key, mkl_at_full_width):
     """Under autocast, with bfloat16 hardware: x W and ∂y Wᵀ run as XLA's dot into float32 (the
     faster there), xᵀ ∂y (A contracted over its rows) as MKL's; the values and gradients are
     those of products of the rounded operands."""

@@ -1,6 +1,6 @@
 // C = op(A) op(B) by the vendor's BLAS (Intel MKL's cblas, which picks AVX2, AVX-512 or AMX code
-// for the CPU it runs on, AMD's included), as one XLA FFI handler per operand type:
-//   float32 × float32 → float32 (cblas_sgemm; where library.py says so — AVX2 CPUs — products of
+// for the CPU it runs on — on AMD's, AVX2 code at most), as one XLA FFI handler per operand type:
+//   float32 × float32 → float32 (cblas_sgemm; where library.py says so — AVX2 CPUs, AMD's AVX-512 ones — products of
 //   depth ≤ 256 with A not transposed by cpu.h's micro-kernel, in `shallow_product` below);
 //   bfloat16 × bfloat16 → float32 (cblas_gemm_bf16bf16f32: bfloat16 products summed in float32,
 //   on AMX or AVX512-BF16 where the CPU has them).
@@ -44,7 +44,7 @@ void finish_block(float* c, long ldc, long rows, long cols, Epilogue finish) {
 }
 
 // float32 products of depth ≤ kShallow with A not transposed by `shallow_product` instead of MKL's
-// sgemm: set by library.py where that is the faster (AVX2 CPUs).
+// sgemm: set by library.py where that is the faster (AVX2 CPUs, AMD's AVX-512 ones).
 constexpr long kShallow = 256;  // products.py's SHALLOW_DEPTH repeats it (relu_affine chooses by it)
 std::atomic<bool> shallow_by_micro_kernel{false};
 

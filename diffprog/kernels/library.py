@@ -26,13 +26,18 @@ FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-pthread"]
 LINK_FLAGS = ["-shared", "-pthread"]
 
 
-def _this_cpu() -> bytes:
-    """What -march=native compiles for: the CPU's model and flags (one cache entry per CPU kind)."""
+def _cpuinfo(key) -> str:
+    """The first line of /proc/cpuinfo that starts with `key` ("" where there is none)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return b""
-    return "\n".join(next((l for l in lines if l.startswith(key)), "") for key in ("model name", "flags")).encode()
+        return ""
+    return next((l for l in lines if l.startswith(key)), "")
+
+
+def _this_cpu() -> bytes:
+    """What -march=native compiles for: the CPU's model and flags (one cache entry per CPU kind)."""
+    return "\n".join(_cpuinfo(key) for key in ("model name", "flags")).encode()
 
 
 def cache_dir() -> Path:
@@ -165,16 +170,28 @@ def vendor_blas() -> dict | None:
     return blas
 
 
+@functools.cache
+def mkl_at_full_width() -> bool:
+    """Whether MKL runs code as wide as the kernels' vectors here: on Intel's CPUs, and on AVX2
+    ones; not on AMD's AVX-512 CPUs (Zen 4, Zen 5), where it runs its AVX2 code — on the AMD EPYC
+    (Zen 5) measured, 190–220 GFLOP/s in float32 and in bfloat16 against XLA's dot's 370–490
+    (float32; 930 bfloat16 into float32) and cpu.h's micro-kernel's 460–480 (benchmarks/README).
+    Where False, gemm.cc runs only what its micro-kernel takes (`products.runs_on_mkl`)."""
+    return available() and (ctypes.CDLL(str(build())).diffprog_vector_lanes() == 8
+                            or _cpuinfo("vendor_id").endswith("GenuineIntel"))
+
+
 def float32_by_mkl() -> bool:
     """The default for the float32 products where MKL and cpu.h's micro-kernel are both at hand —
     the LSTM kernel's per-step ones (a thread's rows of h by W_h, ∂z by W_hᵀ) and gemm.cc's of depth
     ≤ 256 with A not transposed (x W of `Dense` and its kin at width ≤ 256): MKL's where the kernels
-    are built for AVX-512 (its packed sgemm the faster there, measured on the Intel Xeon at f164b1a;
-    the bfloat16 products of `autocast` need it, and their hardware comes with AVX-512), the
-    micro-kernel on AVX2 cores (on the AMD EPYC, Zen 3, where MKL runs its generic path: the LSTM
-    step 1.15–1.2× and the Transformer's forward pass 1.05× faster; MKL repacks each step's rows,
-    and zeroes C before a product)."""
-    return available() and ctypes.CDLL(str(build())).diffprog_vector_lanes() == 16
+    are built for AVX-512 and MKL runs at that width (`mkl_at_full_width`: Intel's CPUs; its packed
+    sgemm the faster there, measured on the Intel Xeon at f164b1a; the bfloat16 products of
+    `autocast` need it, and their hardware comes with AVX-512), the micro-kernel elsewhere: on
+    AVX2 cores (on the AMD EPYC, Zen 3, where MKL runs its generic path: the LSTM step 1.15–1.2×
+    and the Transformer's forward pass 1.05× faster; MKL repacks each step's rows, and zeroes C
+    before a product) and on AMD's AVX-512 ones (Zen 5: the micro-kernel at twice MKL's rate)."""
+    return available() and ctypes.CDLL(str(build())).diffprog_vector_lanes() == 16 and mkl_at_full_width()
 
 
 def use_vendor_sgemm(on: bool):

@@ -14,7 +14,8 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from .library import bfloat16_hardware, bfloat16_in_float32, enabled, float32_by_mkl, on_cpu, require, vendor_blas
+from .library import (bfloat16_hardware, bfloat16_in_float32, enabled, float32_by_mkl, mkl_at_full_width, on_cpu, require,
+                      vendor_blas)
 from .partition import batch_partitioned, product_partitioned, summed_partitioned
 
 try:  # jax's set of primitives whose lowering needs the devices: gemm's CPU lowering holds a
@@ -87,7 +88,7 @@ def product(a, b, transpose_a=False, transpose_b=False):
 
 def _on_micro_kernel(depth) -> bool:
     """Whether gemm.cc runs a float32 product of this depth by cpu.h's micro-kernel (its shallow
-    product) when traced now: depth ≤ SHALLOW_DEPTH, on an AVX2 CPU (`float32_by_mkl()` False),
+    product) when traced now: depth ≤ SHALLOW_DEPTH, where `float32_by_mkl()` is False,
     MKL installed, outside `autocast`."""
     return (getattr(_autocast, "dtype", None) is None and _needs_devices is not None and depth <= SHALLOW_DEPTH
             and enabled() and vendor_blas() is not None and not float32_by_mkl())
@@ -97,7 +98,7 @@ def step_product(h, w, transpose_b=False):
     """h op(w) for one step of a recurrent loop: h (B, K), w (K, N) or, transposed, (N, K) — the
     h_{t-1} W_h of `Recurrent.scan` and the ∂gh_t W_hᵀ of its written-out backward pass. On the
     CPU in float32 where gemm.cc's shallow product runs (depth K ≤ SHALLOW_DEPTH, cpu.h's
-    micro-kernel: AVX2 CPUs, `library.float32_by_mkl()` False, MKL installed), `gemm` whatever
+    micro-kernel: `library.float32_by_mkl()` False — AVX2 CPUs, AMD's AVX-512 ones —, MKL installed), `gemm` whatever
     the product's size: inside XLA's while loop its dot took ~3× as long at the SimpleRNN's
     (32 × 256)·(256 × 256) (the README SimpleRNN's forward pass 0.71–0.89× as long by gemm). Elsewhere
     (and for one example, h (K,)) h op(w)."""
@@ -110,7 +111,7 @@ def relu_affine(x, w, b):
     """relu(x w + b) over the last axis of x (..., d), with w (d, out) and b (out,): the layer
     FeedForward(out) with its default ReLU. On the CPU in float32 (bfloat16 too where it is
     emulated: `on_cpu`), where `product` takes gemm.cc and the product is shallow
-    (d ≤ SHALLOW_DEPTH, by cpu.h's micro-kernel: AVX2 CPUs, see `library.float32_by_mkl`), one call adds the bias and takes the ReLU as each tile of the
+    (d ≤ SHALLOW_DEPTH, by cpu.h's micro-kernel: AVX2 CPUs and AMD's AVX-512 ones, see `library.float32_by_mkl`), one call adds the bias and takes the ReLU as each tile of the
     product is stored: no second pass over the (..., out) result (its gradient: g = ∂y ⊙ [y > 0],
     ∂x = g wᵀ, ∂w = xᵀ g by `product`, ∂b = Σ g). Elsewhere, and under `autocast`, the
     definition relu(product(x, w) + b)."""
@@ -170,7 +171,7 @@ def gemm(a, b, transpose_a=False, transpose_b=False, precision=None):
     alone folds into its rows (one product), any other batch runs XLA's batched dot."""
     precision = jnp.dtype(precision or a.dtype)
     return _gemm.bind(a, b, transpose_a=transpose_a, transpose_b=transpose_b, precision=precision,
-                      mkl=runs_on_mkl(transpose_a, precision))
+                      mkl=runs_on_mkl(transpose_a, a.shape[0] if transpose_a else a.shape[1], precision))
 
 
 def _dot(a, b, transpose_a, transpose_b, precision=None):
@@ -185,14 +186,21 @@ def _dot(a, b, transpose_a, transpose_b, precision=None):
                                preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-def runs_on_mkl(transpose_a, precision) -> bool:
-    """Whether `gemm` runs op(A) op(B) by MKL on this CPU, else by XLA's dot: in float32
-    always (MKL 1.05–1.4× faster at the char-LMs' shapes); in bfloat16 where the CPU has its
-    hardware, only where A is contracted over its rows (Aᵀ B, the weight gradients: MKL 3.5–4×
-    faster) — XLA's dot into float32 (YNNPACK, on AMX) runs the others 1.1–2.8× faster where the
-    result stays float32 (`autocast`), most at K = 256, and level with MKL where it is rounded
-    to bfloat16. On the Xeon measured (`benchmarks.kernels`)."""
-    return precision != jnp.bfloat16 or transpose_a or vendor_blas() is None or not bfloat16_hardware()
+def runs_on_mkl(transpose_a, depth, precision) -> bool:
+    """Whether `gemm` runs op(A) op(B) of this depth by gemm.cc (MKL, or cpu.h's micro-kernel for
+    its shallow products) on this CPU, else by XLA's dot. Where MKL runs at the CPU's width
+    (`library.mkl_at_full_width`): in float32 always (MKL 1.05–1.4× faster at the char-LMs'
+    shapes); in bfloat16 where the CPU has its hardware, only where A is contracted over its rows
+    (Aᵀ B, the weight gradients: MKL 3.5–4× faster) — XLA's dot into float32 (YNNPACK, on AMX)
+    runs the others 1.1–2.8× faster where the result stays float32 (`autocast`), most at K = 256,
+    and level with MKL where it is rounded to bfloat16. On the Xeon measured (`benchmarks.kernels`).
+    Elsewhere (AMD's AVX-512 CPUs) only the micro-kernel's products: XLA's dot runs the others
+    at twice MKL's rate there."""
+    if vendor_blas() is None or (precision == jnp.bfloat16 and not bfloat16_hardware()):
+        return True  # `_mkl` says what is missing, or runs it in float32 and says so
+    if not mkl_at_full_width():
+        return precision == jnp.float32 and not transpose_a and _on_micro_kernel(depth)
+    return precision != jnp.bfloat16 or transpose_a
 
 
 def _mkl(a, b, transpose_a, transpose_b, precision):
@@ -232,7 +240,8 @@ def summed_products(a, b):
     if a.shape[:-1] != b.shape[:-1] or b.ndim != a.ndim:
         raise ValueError(f"summed_products: expected a (..., K) and b (..., N) with the same leading axes, "
                          f"got {a.shape} and {b.shape}")
-    if a.dtype == b.dtype == jnp.float32 and _vendor_takes(int(np.prod(a.shape[:-1])), a.shape[-1], b.shape[-1]):
+    if (a.dtype == b.dtype == jnp.float32 and _vendor_takes(int(np.prod(a.shape[:-1])), a.shape[-1], b.shape[-1])
+            and mkl_at_full_width()):
         return on_cpu(_summed_by_mkl, _summed_reference, a, b, kernel=False)
     return _summed_reference(a, b)
 

@@ -8,8 +8,9 @@ backends, chosen here:
   C++ kernels of lstm.cc, the products over all steps around them XLA's, but for the weight
   gradients (MKL's, `summed_products`, on the CPU wherever MKL is installed); inside
   `autocast(bfloat16)` the kernels' per-step products h W_h and ∂z W_hᵀ and the products over
-  all steps run in bfloat16 (MKL, where the CPU has AMX or AVX512-BF16), as PyTorch's autocast
-  LSTM;
+  all steps run in bfloat16 (MKL, where the CPU has AMX or AVX512-BF16 and MKL runs at the CPU's
+  width, `library.mkl_at_full_width`: not on AMD's AVX-512 CPUs, where the LSTM stays float32, its
+  steps cpu.h's micro-kernel at twice MKL's bfloat16 rate), as PyTorch's autocast LSTM;
 - everywhere else (`scan_recurrence`): the scan, with its backward pass written out — the
   reverse scan carries only the state gradients, and the weight gradient Σ_t h_{t-1}ᵀ ∂gh_t is
   one matrix product over all examples and steps after it, instead of T small ones inside it.
@@ -29,7 +30,7 @@ from functools import cache, partial
 import jax
 import jax.numpy as jnp
 
-from .library import in_float32_where_emulated, on_cpu, require
+from .library import in_float32_where_emulated, mkl_at_full_width, on_cpu, require
 from .products import bfloat16_products, gemm, step_product, summed_products
 from .partition import batch_partitioned
 
@@ -38,7 +39,7 @@ def recurrence(layer, weights, xs, carry, valid):
     """The batch loop of `layer`; the backend is chosen here (see the module docstring)."""
     args, scan = (weights, xs, carry, valid), partial(scan_recurrence, layer)
     if getattr(layer, "kernel", None) == "lstm":
-        return on_cpu(partial(lstm_recurrence, layer, bfloat16_products()), scan, *args)
+        return on_cpu(partial(lstm_recurrence, layer, bfloat16_products() and mkl_at_full_width()), scan, *args)
     return in_float32_where_emulated(scan, *args)
 
 
