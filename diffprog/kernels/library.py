@@ -231,14 +231,18 @@ def enabled() -> bool:
     return not getattr(_switch, "off", False)
 
 
-def on_cpu(fast, reference, *args, kernel=True):
+def on_cpu(fast, reference, *args, kernel=True, sequential=False):
     """fast(*args) where it runs on the CPU, reference(*args) elsewhere — chosen per platform at
     lowering by `lax.platform_dependent`, so an accelerator program never holds a CPU kernel.
     With `kernel` (a C++ kernel, float32: the default), also only where the library is built and
     every floating-point arg is float32 — or bfloat16 (float32 beside it allowed) on a CPU
     without bfloat16 hardware (`bfloat16_hardware`): there fast runs on the args in float32 and
     its results are rounded to the dtypes of reference's, since emulated bfloat16 is slower than
-    float32 (a warning says so once). `fast` may be `reference` itself: see
+    float32 (a warning says so once). `sequential` (a loop over time steps: a recurrence, a
+    scan) does the same on bfloat16 args on every CPU: a step's products are too small to gain
+    from bfloat16 hardware, and XLA:CPU runs its element-wise bfloat16 operations one conversion
+    at a time (the LSTM's bfloat16 forward pass 1.9×, the SimpleRNN's 2.8× as long as float32's
+    on an AMD EPYC, Zen 5, with AVX512-BF16). `fast` may be `reference` itself: see
     `in_float32_where_emulated`. Inside `disabled()`, always reference(*args). Both must compute
     the same function."""
     if not enabled():
@@ -248,9 +252,10 @@ def on_cpu(fast, reference, *args, kernel=True):
         if not available() or not floats or not floats <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}:
             return reference(*args)
         if jnp.dtype(jnp.bfloat16) in floats:
-            if bfloat16_hardware():
+            if bfloat16_hardware() and not sequential:
                 return reference(*args)
-            bfloat16_in_float32()
+            if not bfloat16_hardware():
+                bfloat16_in_float32()
             fast = _in_float32(fast, jax.eval_shape(reference, *args))
     if fast is reference:
         return reference(*args)
