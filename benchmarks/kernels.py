@@ -107,7 +107,8 @@ def products(results, quick, reps):
                 variants.append(("MKL (gemm.cc)", dp.kernels.gemm, True))
                 if dtype == jnp.bfloat16:
                     variants.append(("dp.kernels.gemm (as `runs_on_mkl` chooses)", dp.kernels.gemm, False))
-            for name, f, mkl_only in variants:
+            for name, product, mkl_only in variants:
+                f = lambda x, w, product=product: product(x, w)  # traced anew: jax caches traces by function
                 with mock.patch.object(dp.kernels.products, "runs_on_mkl", lambda *_: True) if mkl_only else nullcontext():
                     fwd, bwd = jax.jit(f).lower(x, w).compile(), jax.jit(jax.grad(
                         lambda x, w: f(x, w).astype(jnp.float32).sum(), (0, 1))).lower(x, w).compile()
