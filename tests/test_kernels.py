@@ -642,7 +642,8 @@ def test_dense_takes_mkl_on_the_cpu_only_and_agrees_with_xla(key, monkeypatch, m
 def test_where_mkl_runs_narrower_than_the_cpu_gemm_cc_takes_only_the_micro_kernels_products(key, monkeypatch):
     """On AMD's AVX-512 CPUs (`mkl_at_full_width()` False: MKL runs its AVX2 code there) the seam
     keeps gemm.cc for float32 products the micro-kernel runs (depth ≤ 256, A not transposed) and
-    gives XLA's dot the rest — deeper products, weight gradients (Aᵀ B, `summed_products`),
+    gives XLA's dot the rest — deeper products, weight gradients (Aᵀ B from a transposed copy of
+    A; `summed_products`),
     autocast's bfloat16 products — and the LSTM's steps stay float32 under autocast: the values
     and gradients of the definitions."""
     for module in (kernels.products, sys.modules["diffprog.kernels.recurrence"]):
@@ -665,6 +666,8 @@ def test_where_mkl_runs_narrower_than_the_cpu_gemm_cc_takes_only_the_micro_kerne
     # is 300 deep: XLA's); no weight gradient
     assert compiled.count('custom_call_target="diffprog_relu_affine_f32"') == 2
     assert compiled.count('custom_call_target="diffprog_gemm_f32"') == 2
+    # the weight gradients xᵀ ∂y from a transposed copy of x (XLA:CPU contracts an operand's rows slowly)
+    assert grad.lower(params, xs).as_text().count("stablehlo.optimization_barrier") >= 3
     with kernels.disabled():
         want = jax.grad(loss, (0, 1))(params, xs)
     chex.assert_trees_all_close(grad(params, xs), want, atol=1e-5)
