@@ -114,7 +114,7 @@ class Attention(Combinator):
     def rotate(self, y, position):
         """RoPE: y (..., T, n, head_dim) at steps position..position+T-1 rotated pairwise, the
         halves (y_i, y_{i+D/2}) by the angle step·θ^(−2i/D) (nothing without `rotary`); in float32
-        where the CPU emulates bfloat16 (`dp.kernels.in_float32_where_emulated`: XLA:CPU's
+        on bfloat16 values on the CPU (`dp.kernels.in_float32_on_cpu`: XLA:CPU's
         bfloat16 gradient of the slices and pads took ~9 ms per rotation in the Transformer++ step)."""
         if self.rotary is None:
             return y
@@ -126,7 +126,7 @@ class Attention(Combinator):
             cos, sin = (jnp.concatenate([f(angles)] * 2, -1)[:, None, :] for f in (jnp.cos, jnp.sin))
             turned = jnp.concatenate([-y[..., half:], y[..., :half]], -1)
             return (y * cos + turned * sin).astype(y.dtype)
-        return kernels.in_float32_where_emulated(rotated, y)
+        return kernels.in_float32_on_cpu(rotated, y)
 
     def shared(self, kv):
         """Keys or values (..., S, kv_heads, head_dim) repeated for the query heads that read them."""
@@ -134,13 +134,13 @@ class Attention(Combinator):
 
     def route(self, run, params, x, *, key=None, **side):
         """The projections over all positions at once (B·T on a batch); the attention itself
-        per example, except self-attention without masks, which takes the whole batch. In float32
-        on bfloat16 values where the CPU emulates bfloat16 (`dp.kernels.in_float32_where_emulated`):
-        the projections, the attention and the output projection as one float32 computation, its
-        result rounded once (q, k, v and the heads' output no longer rounded and widened again in
+        per example, except self-attention without masks, which takes the whole batch. On the CPU
+        in float32 on bfloat16 values (`dp.kernels.in_float32_on_cpu`; the products bfloat16 ×
+        bfloat16 → float32 where the CPU has the hardware): the projections, the attention and the
+        output projection as one float32 computation, its result rounded once (q, k, v and the heads' output no longer rounded and widened again in
         passes of their own: the README Transformer's bfloat16 forward pass 0.97–1.01× as long)."""
         arrays = {n: v for n, v in side.items() if isinstance(v, (jax.Array, np.ndarray))}  # the rest stays static
-        return kernels.in_float32_where_emulated(
+        return kernels.in_float32_on_cpu(
             lambda params, x, key, arrays: self.attend_all(run, params, x, key=key, **{**side, **arrays}),
             params, x, key, arrays)
 

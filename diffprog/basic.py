@@ -44,9 +44,10 @@ def affine(params, x, transposed=False):
     """x W (+ b) over the last axis of x (..., d), as one (N, d)·(d, out) product over all N
     leading positions; `transposed`: W stored as (out, d) (a tied embedding table), read in place.
     (Autodiff of the product on (B, T, d) gave a weight-gradient contraction over two axes that
-    XLA:CPU ran ~20% slower than this one 2-D product.) In float32 on bfloat16 args where the CPU
-    emulates bfloat16 (`kernels.in_float32_where_emulated`): b's gradient is a sum over all positions."""
-    return kernels.in_float32_where_emulated(functools.partial(_affine, transposed=transposed), params, x)
+    XLA:CPU ran ~20% slower than this one 2-D product.) On the CPU in float32 on bfloat16 args, the
+    product in bfloat16 where the CPU has the hardware (`kernels.in_float32_on_cpu`): b's gradient is
+    a sum over all positions."""
+    return kernels.in_float32_on_cpu(functools.partial(_affine, transposed=transposed), params, x)
 
 
 def _affine(params, x, transposed):
@@ -60,7 +61,7 @@ class PositionWise(Layer):
     """A layer on (d,) or (T, d) that acts on the last axis alone: `check(params, x)` validates
     one example (d = `width(params)`) and `map(params, x)` computes on any leading axes, so a
     batch (B, T, d) runs as one array (`forward_batch`) instead of a vmap over examples; on
-    bfloat16 values where the CPU emulates bfloat16, in float32 (`kernels.in_float32_where_emulated`)."""
+    bfloat16 values on the CPU, in float32 (`kernels.in_float32_on_cpu`)."""
 
     def width(self, params) -> int:
         """The size d of the last input axis these params take."""
@@ -71,11 +72,11 @@ class PositionWise(Layer):
 
     def forward(self, params, x, **side):
         self.check(params, x)
-        return kernels.in_float32_where_emulated(self.map, params, x)
+        return kernels.in_float32_on_cpu(self.map, params, x)
 
     def forward_batch(self, params, xs, **side):
         self.check(params, example_spec(xs))
-        return kernels.in_float32_where_emulated(self.map, params, xs)
+        return kernels.in_float32_on_cpu(self.map, params, xs)
 
 
 @layerclass

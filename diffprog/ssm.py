@@ -87,8 +87,8 @@ class SelectiveSSM(Layer):
     def mix(self, params, xs, cache):
         """The equations above for xs (..., P, d), continuing from `cache` {"conv": the K − 1
         inputs of the convolution before xs, "state": h}: (out (..., P, d), the cache after xs).
-        In float32 on bfloat16 args on the CPU, a recurrence (`kernels.on_cpu`'s `sequential`)."""
-        return kernels.on_cpu(self._equations, self._equations, params, xs, cache, sequential=True)
+        In float32 on bfloat16 args on the CPU (`kernels.in_float32_on_cpu`)."""
+        return kernels.in_float32_on_cpu(self._equations, params, xs, cache)
 
     def _equations(self, params, xs, cache):
         u, z = jnp.split(affine(params["in_proj"], xs), 2, -1)

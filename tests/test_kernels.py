@@ -883,21 +883,24 @@ def test_add_to_each_sums_the_gradient_by_a_product_with_ones(key):
 
 
 @pytest.mark.parametrize("hardware", [False, True], ids=["emulated bfloat16", "bfloat16 hardware"])
-def test_bfloat16_layers_run_in_float32_where_bfloat16_is_emulated_and_recurrences_everywhere(key, monkeypatch, hardware):
-    """A model in bfloat16 (params and inputs) on a CPU without bfloat16 hardware: the kernels
-    (self-attention, the LSTM, the selective scan), the scan of the other recurrent layers, the
-    position-wise layers, rotary positions and SelectiveSSM run in float32 on the rounded inputs, their results
-    rounded to bfloat16 — the float32 model's outputs and gradients to bfloat16's precision — with
-    a warning at the user's line. So the program (its StableHLO, before XLA's passes) sums no
-    bfloat16: the bias and scale gradients of Dense, FeedForward, LayerNorm, RMSNorm and
-    attention's output projection, and SelectiveSSM's convolution and skip, are sums over every
-    position, which XLA:CPU runs in bfloat16 as slow trees of reduce-windows (the README's
-    Transformer LM in bfloat16: its training step 1.2× the float32 one). With the hardware, the
-    bfloat16 definitions (their sums in bfloat16; no attention kernel) but for the recurrences —
-    the LSTM, the selective scan (so SelectiveSSM) and the other recurrent layers' scans — which
-    run in float32 on every CPU (`on_cpu`'s `sequential`: in bfloat16 the LSTM's and the
-    SimpleRNN's forward passes took 1.9× and 2.8× as long, Mamba's 43×)."""
-    monkeypatch.setattr(kernels.library, "bfloat16_hardware", lambda: hardware)
+def test_bfloat16_layers_run_in_float32_on_the_cpu_their_products_in_bfloat16_where_the_hardware_is(key, monkeypatch,
+                                                                                                   hardware):
+    """A model in bfloat16 (params and inputs) on the CPU: the kernels (self-attention, the LSTM,
+    the selective scan), the scan of the other recurrent layers, the position-wise layers, rotary
+    positions, Attention and SelectiveSSM run in float32 on the bfloat16 inputs, their results
+    rounded to bfloat16 — the float32 model's outputs and gradients to bfloat16's precision. So
+    the program (its StableHLO, before XLA's passes) sums no bfloat16: the bias and scale
+    gradients of Dense, FeedForward, LayerNorm, RMSNorm and attention's output projection, and
+    SelectiveSSM's convolution and skip, are sums over every position, which XLA:CPU runs in
+    bfloat16 as slow trees of reduce-windows (the README's Transformer LM in bfloat16: its training
+    step 1.2× the float32 one where bfloat16 is emulated, 1.9× on an AMD EPYC, Zen 5, with
+    AVX512-BF16). Where the CPU has bfloat16 hardware their products multiply bfloat16 operands
+    into float32 (`autocast`); where it emulates bfloat16 they are float32, and a warning at the
+    user's line says so."""
+    for module in (kernels.library, kernels.products):
+        monkeypatch.setattr(module, "bfloat16_hardware", lambda: hardware)
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_WORK", 1)  # the products take `gemm`, as at real sizes
+    monkeypatch.setattr(kernels.products, "VENDOR_MIN_SIDE", 1)
     kernels.library.bfloat16_in_float32.cache_clear()
     model = (dp.Dense(11) @ dp.RMSNorm() @ dp.FeedForward(16, activation="gelu") @ dp.LSTM(16) @ dp.SelectiveSSM(4)
              @ dp.TransformerBlock(16, 2, 32, causal=True, rotary=1e4) @ dp.TransformerBlock(16, 2, 32, causal=True)
@@ -912,18 +915,19 @@ def test_bfloat16_layers_run_in_float32_where_bfloat16_is_emulated_and_recurrenc
         hlo = lowered.compile().as_text()
     said = [w for w in caught if "neither AMX nor AVX512-BF16" in str(w.message)]
     targets = ("diffprog_projected_attention_forward", "diffprog_lstm_forward", "diffprog_selective_forward")
-    assert [t in hlo for t in targets] == [not hardware, True, True] and len(said) == (not hardware)
+    assert all(t in hlo for t in targets) and bool(said) == (not hardware)
     assert all(w.filename == __file__ for w in said)  # the line that traced the model, not diffprog's
     in_bfloat16 = lambda op: [line for line in lowered.as_text().splitlines()
                               if op in line and "xbf16>" in line.split("->")[-1]]
-    assert bool(in_bfloat16("stablehlo.reduce(")) == hardware
-    # RoPE's gradient negates and pads the halves of q and k: in float32 where emulated (in
-    # bfloat16, ~9 ms a rotation in the Transformer++ step)
-    assert bool(in_bfloat16("stablehlo.negate") + in_bfloat16("stablehlo.pad")) == hardware
+    assert not in_bfloat16("stablehlo.reduce(")
+    # RoPE's gradient negates and pads the halves of q and k: in float32 (in bfloat16, ~9 ms a
+    # rotation in the Transformer++ step)
+    assert not in_bfloat16("stablehlo.negate") and not in_bfloat16("stablehlo.pad")
+    bfloat16_products = [line for line in lowered.as_text().splitlines() if "stablehlo.dot_general" in line
+                         and "xbf16>" in line.split("->")[0] and "xf32>" in line.split("->")[-1]]
+    assert bool(bfloat16_products) == hardware
     value, grads = run(params)
     assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
-    if hardware:  # the bfloat16 definitions: not the float32 model's numbers to bfloat16's precision
-        return
     as_float32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
     want_value, want_grads = jax.jit(jax.value_and_grad(loss))(as_float32)
     np.testing.assert_allclose(value, want_value, rtol=0.03)
@@ -964,8 +968,8 @@ def test_bfloat16_attention_where_emulated_is_float32_attention_rounded_once(lay
 def test_a_recurrent_steps_product_takes_the_micro_kernel_where_it_runs_shallow_products(transpose_b, key, monkeypatch):
     """`step_product(h, w)` (each step's h W_h, and ∂gh W_hᵀ backward) is gemm.cc's call where the
     micro-kernel runs float32 products of depth ≤ 256 (AVX2 CPUs), whatever its size, and h @ w
-    elsewhere (MKL's sgemm CPUs, depth 257, bfloat16, one example's h (K,)): the same values,
-    gradients and vmap. A SimpleRNN's loop on a batch then holds the call."""
+    elsewhere (MKL's sgemm CPUs, depth 257, bfloat16, one example's h (K,)), under `autocast` too:
+    the same values, gradients and vmap. A SimpleRNN's loop on a batch then holds the call."""
     kh, kw, kc = jax.random.split(key, 3)
     h, w = jax.random.normal(kh, (32, 24)), jax.random.normal(kw, (40, 24) if transpose_b else (24, 40))
     ct = jax.random.normal(kc, (32, 40))
@@ -984,6 +988,8 @@ def test_a_recurrent_steps_product_takes_the_micro_kernel_where_it_runs_shallow_
     deep = jnp.zeros((257, 8)) if not transpose_b else jnp.zeros((8, 257))
     for args in ((jnp.zeros((4, 257)), deep), (h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)), (h[0], w)):
         assert "diffprog_gemm" not in jax.jit(fast).lower(*args).as_text()
+    with kernels.autocast():  # a step's product stays float32 under autocast: the micro-kernel's still
+        assert "diffprog_gemm_f32" in jax.jit(lambda h, w: kernels.step_product(h, w, transpose_b)).lower(h, w).as_text()
     model = dp.Dense(5) @ dp.SimpleRNN(16) @ dp.EmbedToken(5, 8)
     ids = jax.random.randint(key, (3, 7), 0, 5)
     params = model.init(key, ids[0])

@@ -29,7 +29,7 @@ jax.numpy paths run. Under a mesh each device runs a kernel on its own shard of 
 """
 from .attention import (attention_kernel, causal_attention, causal_attention_blocks, causal_attention_kernel,
                         projected_self_attention, self_attention, split_projection)
-from .library import (available, build, cache_dir, disabled, enabled, in_float32_where_emulated, on_cpu,
+from .library import (available, build, cache_dir, disabled, enabled, in_float32_on_cpu, on_cpu,
                       vendor_blas)
 from .products import add_to_each, autocast, gemm, product, relu_affine, step_product, summed_products
 from .recurrence import lstm_backward, lstm_forward, lstm_recurrence, recurrence, scan_recurrence

@@ -231,20 +231,20 @@ def enabled() -> bool:
     return not getattr(_switch, "off", False)
 
 
-def on_cpu(fast, reference, *args, kernel=True, sequential=False):
+def on_cpu(fast, reference, *args, kernel=True):
     """fast(*args) where it runs on the CPU, reference(*args) elsewhere — chosen per platform at
     lowering by `lax.platform_dependent`, so an accelerator program never holds a CPU kernel.
     With `kernel` (a C++ kernel, float32: the default), also only where the library is built and
-    every floating-point arg is float32 — or bfloat16 (float32 beside it allowed) on a CPU
-    without bfloat16 hardware (`bfloat16_hardware`): there fast runs on the args in float32 and
-    its results are rounded to the dtypes of reference's, since emulated bfloat16 is slower than
-    float32 (a warning says so once). `sequential` (a loop over time steps: a recurrence, a
-    scan) does the same on bfloat16 args on every CPU: a step's products are too small to gain
-    from bfloat16 hardware, and XLA:CPU runs its element-wise bfloat16 operations one conversion
-    at a time (the LSTM's bfloat16 forward pass 1.9×, the SimpleRNN's 2.8× as long as float32's
-    on an AMD EPYC, Zen 5, with AVX512-BF16). `fast` may be `reference` itself: see
-    `in_float32_where_emulated`. Inside `disabled()`, always reference(*args). Both must compute
-    the same function."""
+    every floating-point arg is float32 — or bfloat16 (float32 beside it allowed): then fast runs
+    on the args in float32 and its results are rounded to the dtypes of reference's, its
+    products bfloat16 × bfloat16 → float32 (`autocast`) where the CPU has bfloat16 hardware
+    (`bfloat16_hardware`) and float32 where it emulates bfloat16 (a warning says so once).
+    XLA:CPU runs bfloat16's element-wise operations and sums one conversion at a time on every
+    x86 CPU (AVX512-BF16 and AMX only multiply): on an AMD EPYC, Zen 5, with AVX512-BF16, the
+    bfloat16 definitions took 1.9× (the LSTM's forward pass), 2.8× (the SimpleRNN's), 43×
+    (Mamba's) and 1.9× (the Transformer's step) as long as this. `fast` may be `reference` itself:
+    see `in_float32_on_cpu`. Inside `disabled()`, always reference(*args). Both must compute the
+    same function."""
     if not enabled():
         return reference(*args)
     if kernel:
@@ -252,8 +252,6 @@ def on_cpu(fast, reference, *args, kernel=True, sequential=False):
         if not available() or not floats or not floats <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}:
             return reference(*args)
         if jnp.dtype(jnp.bfloat16) in floats:
-            if bfloat16_hardware() and not sequential:
-                return reference(*args)
             if not bfloat16_hardware():
                 bfloat16_in_float32()
             fast = _in_float32(fast, jax.eval_shape(reference, *args))
@@ -262,20 +260,24 @@ def on_cpu(fast, reference, *args, kernel=True, sequential=False):
     return jax.lax.platform_dependent(*args, cpu=fast, default=reference)
 
 
-def in_float32_where_emulated(definition, *args):
-    """definition(*args) — in float32 on bfloat16 args where the CPU emulates bfloat16 (its results
-    rounded back to the dtypes the definition gives), as written everywhere else: `on_cpu` with
-    the definition as its own fast path. For layers whose gradients XLA:CPU runs slowly in
-    emulated bfloat16 (sums over all positions: biases, scales; a scan's steps)."""
+def in_float32_on_cpu(definition, *args):
+    """definition(*args) — on the CPU in float32 on bfloat16 args, its products in bfloat16 where
+    the CPU has the hardware, its results rounded back to the dtypes the definition gives (see
+    `on_cpu`), as written everywhere else: `on_cpu` with the definition as its own fast path. For
+    layers whose bfloat16 definitions XLA:CPU runs slowly (sums over all positions: biases,
+    scales; a scan's steps; element-wise chains)."""
     return on_cpu(definition, definition, *args)
 
 
 def _in_float32(f, out):
-    """f on its bfloat16 args as float32, its results rounded to the dtypes of `out` (a tree of
-    ShapeDtypeStructs)."""
+    """f on its bfloat16 args as float32 (inside `autocast(bfloat16)` where the CPU has bfloat16
+    hardware), its results rounded to the dtypes of `out` (a tree of ShapeDtypeStructs)."""
     def run(*args):
+        from .products import autocast  # products.py imports this module
         args = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, args)
-        return jax.tree.map(lambda y, o: y.astype(o.dtype), f(*args), out)
+        with autocast() if bfloat16_hardware() else contextlib.nullcontext():
+            results = f(*args)
+        return jax.tree.map(lambda y, o: y.astype(o.dtype), results, out)
     return run
 
 

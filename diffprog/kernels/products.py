@@ -89,9 +89,9 @@ def product(a, b, transpose_a=False, transpose_b=False):
 def _on_micro_kernel(depth) -> bool:
     """Whether gemm.cc runs a float32 product of this depth by cpu.h's micro-kernel (its shallow
     product) when traced now: depth ≤ SHALLOW_DEPTH, where `float32_by_mkl()` is False,
-    MKL installed, outside `autocast`."""
-    return (getattr(_autocast, "dtype", None) is None and _needs_devices is not None and depth <= SHALLOW_DEPTH
-            and enabled() and vendor_blas() is not None and not float32_by_mkl())
+    MKL installed."""
+    return (_needs_devices is not None and depth <= SHALLOW_DEPTH and enabled() and vendor_blas() is not None
+            and not float32_by_mkl())
 
 
 def step_product(h, w, transpose_b=False):
@@ -100,8 +100,9 @@ def step_product(h, w, transpose_b=False):
     CPU in float32 where gemm.cc's shallow product runs (depth K ≤ SHALLOW_DEPTH, cpu.h's
     micro-kernel: `library.float32_by_mkl()` False — AVX2 CPUs, AMD's AVX-512 ones —, MKL installed), `gemm` whatever
     the product's size: inside XLA's while loop its dot took ~3× as long at the SimpleRNN's
-    (32 × 256)·(256 × 256) (the README SimpleRNN's forward pass 0.71–0.89× as long by gemm). Elsewhere
-    (and for one example, h (K,)) h op(w)."""
+    (32 × 256)·(256 × 256) (the README SimpleRNN's forward pass 0.71–0.89× as long by gemm) — under
+    `autocast` too, where h op(w) stays float32 (a step's product is below `product`'s sizes).
+    Elsewhere (and for one example, h (K,)) h op(w)."""
     if h.ndim == 2 and h.dtype == w.dtype == jnp.float32 and _on_micro_kernel(w.shape[1] if transpose_b else w.shape[0]):
         return gemm(h, w, transpose_b=transpose_b)
     return h @ (w.T if transpose_b else w)
@@ -119,7 +120,7 @@ def relu_affine(x, w, b):
         raise ValueError(f"relu_affine: expected w (d, out), x (..., d) and b (out,), got w {w.shape}, x {x.shape} "
                          f"and b {b.shape}")
     d, out = w.shape
-    if _on_micro_kernel(d) and _vendor_takes(math.prod(x.shape[:-1]), d, out):
+    if getattr(_autocast, "dtype", None) is None and _on_micro_kernel(d) and _vendor_takes(math.prod(x.shape[:-1]), d, out):
         return on_cpu(_fused_relu_affine, _relu_affine, x, w, b)
     return _relu_affine(x, w, b)
 

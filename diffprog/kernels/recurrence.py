@@ -15,8 +15,8 @@ backends, chosen here:
   reverse scan carries only the state gradients, and the weight gradient Σ_t h_{t-1}ᵀ ∂gh_t is
   one matrix product over all examples and steps after it, instead of T small ones inside it.
 
-In bfloat16 on the CPU both run in float32, their results rounded to bfloat16 (`on_cpu`'s
-`sequential`), with bfloat16 hardware or without.
+In bfloat16 on the CPU both run in float32, their results rounded to bfloat16 (`on_cpu`), with
+bfloat16 hardware or without.
 
 Both take and return the same things: `weights` is the layer's `Weights(w_x, w_h, b_x, b_h)`
 (with w_x None, xs are the input projections x W_x (T, B, G) already), `carry` the initial
@@ -30,7 +30,7 @@ from functools import cache, partial
 import jax
 import jax.numpy as jnp
 
-from .library import mkl_at_full_width, on_cpu, require
+from .library import in_float32_on_cpu, mkl_at_full_width, on_cpu, require
 from .products import bfloat16_products, gemm, step_product, summed_products
 from .partition import batch_partitioned
 
@@ -39,9 +39,8 @@ def recurrence(layer, weights, xs, carry, valid):
     """The batch loop of `layer`; the backend is chosen here (see the module docstring)."""
     args, scan = (weights, xs, carry, valid), partial(scan_recurrence, layer)
     if getattr(layer, "kernel", None) == "lstm":
-        return on_cpu(partial(lstm_recurrence, layer, bfloat16_products() and mkl_at_full_width()), scan, *args,
-                      sequential=True)
-    return on_cpu(scan, scan, *args, sequential=True)
+        return on_cpu(partial(lstm_recurrence, layer, bfloat16_products() and mkl_at_full_width()), scan, *args)
+    return in_float32_on_cpu(scan, *args)
 
 
 def _projected(w_x, xs, bfloat16=False):

@@ -20,7 +20,7 @@ def selective_scan(delta, A, B, C, u, h0):
     args = (delta, A, B, C, u, h0)
     if not enabled():
         return scan_selective(*args)
-    return on_cpu(kernel_selective, _jax_selective, *args, sequential=True)
+    return on_cpu(kernel_selective, _jax_selective, *args)
 
 
 def _jax_selective(*args):
