@@ -110,8 +110,8 @@ def step_product(h, w, transpose_b=False):
 
 def relu_affine(x, w, b):
     """relu(x w + b) over the last axis of x (..., d), with w (d, out) and b (out,): the layer
-    FeedForward(out) with its default ReLU. On the CPU in float32 (bfloat16 too where it is
-    emulated: `on_cpu`), where `product` takes gemm.cc and the product is shallow
+    FeedForward(out) with its default ReLU. On the CPU in float32 (bfloat16 too, in float32:
+    `on_cpu`), outside `autocast`, where `product` takes gemm.cc and the product is shallow
     (d ≤ SHALLOW_DEPTH, by cpu.h's micro-kernel: AVX2 CPUs and AMD's AVX-512 ones, see `library.float32_by_mkl`), one call adds the bias and takes the ReLU as each tile of the
     product is stored: no second pass over the (..., out) result (its gradient: g = ∂y ⊙ [y > 0],
     ∂x = g wᵀ, ∂w = xᵀ g by `product`, ∂b = Σ g). Elsewhere, and under `autocast`, the
