@@ -36,15 +36,18 @@ class EmbedToken(Layer):
         self.check(params, ids)
         return self.lookup(params["table"], ids)
 
+    def check_ids(self, ids, vocab):
+        """Concrete ids outside [0, vocab) are a LayerError; traced ones are not known here."""
+        if not isinstance(ids, jax.core.Tracer):
+            bad = np.asarray(ids)[(np.asarray(ids) < 0) | (np.asarray(ids) >= vocab)]
+            if bad.size:
+                raise LayerError(f"{self!r}: expected token ids in [0, {vocab}), got {bad.tolist()[:5]}")
+
     def lookup(self, table, ids):
         """table[ids] for a table of any width; out-of-range ids are an error (concrete ids) or
         rows of NaN (traced ids)."""
         vocab = table.shape[0]
-        if not isinstance(ids, jax.core.Tracer):
-            bad = np.asarray(ids)[(np.asarray(ids) < 0) | (np.asarray(ids) >= vocab)]
-            if bad.size:
-                raise LayerError(f"{self!r}: expected token ids in [0, {vocab}), "
-                                 f"got {bad.tolist()[:5]}")
+        self.check_ids(ids, vocab)
         valid = (ids >= 0) & (ids < vocab)
         vectors = table[jnp.clip(ids, 0, vocab - 1)]
         return jnp.where(valid[..., None], vectors, jnp.nan)

@@ -20,6 +20,7 @@ import jax
 from .checks import example_spec
 from .core import Compose, Layer, Wrapper, layerclass, rewrite
 from .embed import EmbedToken
+from .kernels.recurrence import TableRows
 from .recurrent import Recurrent
 from .sequence import check_sequence
 
@@ -48,11 +49,14 @@ class TokenVectors:
 
     def materialize(self):
         """E[ids] (B, T, dim), exactly as the embedding computes it."""
+        self.embed.check_ids(self.ids, self.vocab)
         return jax.vmap(lambda ids: self.embed.lookup(self.table, ids))(self.ids)
 
     def project(self, w):
-        """E[ids] w = (E w)[ids], time-major: (T, B, out)."""
-        return self.embed.lookup(self.table @ w, self.ids.T)
+        """E[ids] w = (E w)[ids], time-major (T, B, out), as `TableRows`: the LSTM's kernel reads
+        each row from the projected table as it needs it, every other path looks them up."""
+        self.embed.check_ids(self.ids, self.vocab)
+        return TableRows(self.table @ w, self.ids.T, self.embed.lookup)
 
 
 @layerclass

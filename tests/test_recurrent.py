@@ -8,6 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 import diffprog as dp
+from diffprog import kernels
 from helpers import fit
 
 sigmoid = jax.nn.sigmoid
@@ -151,8 +152,10 @@ def test_recurrent_after_an_embedding_projects_the_table(layer, vocab, dim, key)
     """On a batch, `dp.batched(layer ** 2 @ EmbedToken)` (the fusion is on by default) computes
     layer 1's input projection as (E W_x)[ids] when the vocabulary is not larger than the batch's
     tokens: the same values and gradients as the unfused model (fuse=False) and as vmap of the
-    per-example model; out-of-range ids still give NaN rows. (dim 5 = hidden: the two layers'
-    params are stacked and the first application leaves the scan.)"""
+    per-example model; out-of-range ids still give NaN rows under jit and a LayerError with
+    concrete ids. On the CPU the LSTM's kernel reads those rows from the projected table itself.
+    (dim 5 = hidden: the two layers' params are stacked and the first application leaves the
+    scan.)"""
     model = layer ** 2 @ dp.EmbedToken(vocab, dim)
     ids = jax.random.randint(key, (3, 4), 0, vocab)
     p = model.init(key, ids[0])
@@ -168,8 +171,13 @@ def test_recurrent_after_an_embedding_projects_the_table(layer, vocab, dim, key)
         outputs_and_grads = lambda run: jax.jit(lambda p: (run(p), jax.grad(lambda p: jnp.sum(jnp.sin(run(p))))(p)))(p)
         chex.assert_trees_all_close(outputs_and_grads(by_batch), outputs_and_grads(by_vmap), outputs_and_grads(unfused),
                                     atol=1e-5)
-    out = jax.jit(net)(p, ids.at[1, 2].set(vocab))
-    assert np.isnan(out[1, 2:]).all() and np.isfinite(out[0]).all() and np.isfinite(out[1, :2]).all()
+    from_table = 'custom_call_target="diffprog_lstm_forward_from_table"' in jax.jit(net).lower(p, ids).compile().as_text()
+    assert from_table == (isinstance(layer, dp.LSTM) and vocab <= ids.size and kernels.available())
+    out = jax.jit(net)(p, ids.at[1, 2].set(vocab).at[2, 3].set(-1))
+    assert np.isnan(out[1, 2:]).all() and np.isnan(out[2, 3:]).all()
+    assert np.isfinite(out[0]).all() and np.isfinite(out[1, :2]).all() and np.isfinite(out[2, :3]).all()
+    with pytest.raises(dp.LayerError, match=r"expected token ids in \[0, \d+\), got \[-1\]"):
+        net(p, ids.at[2, 3].set(-1))
 
 
 @pytest.mark.parametrize("layer", LAYERS + [dp.Bidirectional(dp.LSTM(4))], ids=repr)

@@ -80,7 +80,7 @@ def build(sources=SOURCES, flags=()) -> Path:
 TARGETS = ("diffprog_attention_forward", "diffprog_attention_backward",
            "diffprog_attention_forward_bf16", "diffprog_attention_backward_bf16",
            "diffprog_projected_attention_forward", "diffprog_projected_attention_backward",
-           "diffprog_lstm_forward", "diffprog_lstm_backward",
+           "diffprog_lstm_forward", "diffprog_lstm_forward_from_table", "diffprog_lstm_backward",
            "diffprog_selective_forward", "diffprog_selective_backward")
 
 

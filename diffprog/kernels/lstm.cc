@@ -1,7 +1,8 @@
 // The LSTM recurrence for float32 on x86-64 CPUs with AVX2 and FMA or AVX-512 (cpu.h's `simd`),
-// as two XLA FFI handlers.
-// The input projection x_t W_x (all steps at once) and the weight gradients are XLA's matrix
-// products; these handlers run what is left, the T steps one after the other. Per step t:
+// as XLA FFI handlers.
+// The input projection x_t W_x (all steps at once; after a token embedding, a row of the
+// projected table per token, read by `ForwardFromTable`) and the weight gradients are XLA's
+// matrix products; these handlers run what is left, the T steps one after the other. Per step t:
 //   z_t = xw_t + bias + h_{t-1} W_h                      (G = 4H columns: remember|save|focus|candidate)
 //   f, i, o = σ(z_f), σ(z_i), σ(z_o),  g = tanh(z_g)
 //   c_t = f ⊙ c_{t-1} + i ⊙ g,  h_t = o ⊙ tanh(c_t)
@@ -14,6 +15,7 @@
 // where Python handed it over (cpu.h's `vendor_gemms`) — its bfloat16 GEMM under autocast
 // (`bfloat16`) — else by cpu.h's micro-kernel.
 // Layout: xw, gates, ∂z (T, B, G); hs, cs, ∂hs (T, B, H); states (B, H); lengths (B,) int32.
+#include <limits>
 #include <vector>
 
 #include "cpu.h"
@@ -141,11 +143,13 @@ Sizes sizes_of(ffi::Buffer<ffi::F32>& xw) {
   return {static_cast<int>(dims[0]), static_cast<int>(dims[1]), static_cast<int>(dims[2] / 4)};
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
-                   ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                   ffi::Buffer<ffi::S32> lengths, bool bfloat16, ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> h,
-                   ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> cs) {
-  const Sizes n = sizes_of(xw);
+// The T steps forward; xw_row(t, b) is where x_t W_x of row b is (G floats).
+template <class XwRow>
+ffi::Error Steps(ffi::ThreadPool pool, const Sizes n, XwRow xw_row, ffi::Buffer<ffi::F32>& bias,
+                 ffi::Buffer<ffi::F32>& w_h, ffi::Buffer<ffi::F32>& h0, ffi::Buffer<ffi::F32>& c0,
+                 ffi::Buffer<ffi::S32>& lengths, bool bfloat16, ffi::ResultBuffer<ffi::F32>& hs,
+                 ffi::ResultBuffer<ffi::F32>& h, ffi::ResultBuffer<ffi::F32>& c, ffi::ResultBuffer<ffi::F32>& gates,
+                 ffi::ResultBuffer<ffi::F32>& cs) {
   const int H = n.hidden, G = n.gates();
   std::copy_n(h0.typed_data(), static_cast<size_t>(n.batch) * H, h->typed_data());
   std::copy_n(c0.typed_data(), static_cast<size_t>(n.batch) * H, c->typed_data());
@@ -161,8 +165,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<f
         float *h_out = hs->typed_data() + n.at(t, b, H), *c_out = cs->typed_data() + n.at(t, b, H);
         float* gates_out = gates->typed_data() + n.at(t, b, G);
         if (t < lengths.typed_data()[b]) {
-          cell_forward(H, pre.data() + static_cast<size_t>(r) * G, xw.typed_data() + n.at(t, b, G),
-                       bias.typed_data(), c_rows + r * H, h_rows + r * H, gates_out, h_out, c_out);
+          cell_forward(H, pre.data() + static_cast<size_t>(r) * G, xw_row(t, b), bias.typed_data(), c_rows + r * H,
+                       h_rows + r * H, gates_out, h_out, c_out);
         } else {
           std::fill_n(h_out, H, 0.0f), std::fill_n(gates_out, G, 0.0f);
           std::copy_n(c_rows + r * H, H, c_out);
@@ -171,6 +175,36 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<f
     }
   }, n.parts());
   return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
+                   ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                   ffi::Buffer<ffi::S32> lengths, bool bfloat16, ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> h,
+                   ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> cs) {
+  const Sizes n = sizes_of(xw);
+  const float* rows = xw.typed_data();
+  return Steps(pool, n, [&](int t, int b) { return rows + n.at(t, b, n.gates()); }, bias, w_h, h0, c0, lengths,
+               bfloat16, hs, h, c, gates, cs);
+}
+
+// The same steps with x_t W_x of row b the row ids[t, b] of table (V, G) — a row of NaN where the
+// id is outside [0, V), as `EmbedToken.lookup` under jit —, read as each step needs it: the
+// (T, B, G) array of `Forward`'s xw is never written.
+ffi::Error ForwardFromTable(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids,
+                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0,
+                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::S32> lengths, bool bfloat16,
+                            ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> h, ffi::ResultBuffer<ffi::F32> c,
+                            ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> cs) {
+  const auto steps = ids.dimensions(), width = table.dimensions();
+  const Sizes n{static_cast<int>(steps[0]), static_cast<int>(steps[1]), static_cast<int>(width[1] / 4)};
+  const long vocab = width[0];
+  const std::vector<float> missing(n.gates(), std::numeric_limits<float>::quiet_NaN());
+  const float* rows = table.typed_data();
+  const int32_t* id = ids.typed_data();
+  return Steps(pool, n, [&](int t, int b) {
+    const long at = id[static_cast<size_t>(t) * n.batch + b];
+    return at >= 0 && at < vocab ? rows + at * n.gates() : missing.data();
+  }, bias, w_h, h0, c0, lengths, bfloat16, hs, h, c, gates, cs);
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> gates,
@@ -232,6 +266,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_lstm_forward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c0
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
                                   .Attr<bool>("bfloat16")        // the per-step products in bfloat16
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // gates
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // cs
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(diffprog_lstm_forward_from_table, ForwardFromTable,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // table (V, G)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ids (T, B)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Attr<bool>("bfloat16")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // hs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // h
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c

@@ -29,18 +29,56 @@ from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .library import in_float32_on_cpu, mkl_at_full_width, on_cpu, require
 from .products import bfloat16_products, gemm, step_product, summed_products
 from .partition import batch_partitioned
 
 
+@jax.tree_util.register_pytree_node_class
+class TableRows:
+    """Time-major inputs xws (T, B, G) given as rows of a table: xws[t, b] = table[ids[t, b]],
+    by `lookup(table, ids)` (the embedding's: a row of NaN for an id outside the table) — the
+    projections of a token embedding's vectors, (E W_x)[ids] (`dp.fusion`). The LSTM's kernel
+    reads each row from the table as a step needs it; every other path `materialize`s them."""
+
+    def __init__(self, table, ids, lookup):
+        self.table, self.ids, self.lookup = table, ids, lookup
+
+    def tree_flatten(self):
+        return (self.table, self.ids), self.lookup
+
+    @classmethod
+    def tree_unflatten(cls, lookup, children):
+        return cls(*children, lookup)
+
+    @property
+    def shape(self):
+        return self.ids.shape + self.table.shape[1:]
+
+    def materialize(self):
+        return self.lookup(self.table, self.ids)
+
+    def cotangent(self, d_xws):
+        """The cotangent of these rows' leaves given that of xws: the lookup's gradient for the
+        table (a sum over the ids), zero (float0) for the ids."""
+        _, vjp = jax.vjp(lambda table: self.lookup(table, self.ids), self.table)
+        return TableRows(*vjp(d_xws), np.zeros(self.ids.shape, jax.dtypes.float0), self.lookup)
+
+
 def recurrence(layer, weights, xs, carry, valid):
-    """The batch loop of `layer`; the backend is chosen here (see the module docstring)."""
-    args, scan = (weights, xs, carry, valid), partial(scan_recurrence, layer)
+    """The batch loop of `layer`; the backend is chosen here (see the module docstring). xs may
+    be `TableRows` when weights.w_x is None."""
+    args = (weights, xs, carry, valid)
+    scan = lambda weights, xs, *rest: scan_recurrence(layer, weights, _materialized(xs), *rest)
     if getattr(layer, "kernel", None) == "lstm":
         return on_cpu(partial(lstm_recurrence, layer, bfloat16_products() and mkl_at_full_width()), scan, *args)
     return in_float32_on_cpu(scan, *args)
+
+
+def _materialized(xs):
+    return xs.materialize() if isinstance(xs, TableRows) else xs
 
 
 def _projected(w_x, xs, bfloat16=False):
@@ -143,14 +181,15 @@ def _lstm_bwd(layer, bfloat16, residuals, cotangents):
     d_z, d_h0, d_c0 = lstm_backward(weights, gates, cs, carry, lengths, d_outs["h"], d_final, bfloat16)
     h_prev = jnp.concatenate([carry["h"][None], hs[:-1]])  # past a length h_prev is 0, but so is ∂z there
     d_weights, d_xs = _projection_gradients(weights, xs, h_prev, d_z, d_z, bfloat16)
-    return d_weights, d_xs, {"h": d_h0, "c": d_c0}, None
+    return d_weights, xs.cotangent(d_xs) if isinstance(xs, TableRows) else d_xs, {"h": d_h0, "c": d_c0}, None
 
 
 lstm_recurrence.defvjp(_lstm_fwd, _lstm_bwd)
 
 
 def lstm_forward(weights, xw, carry, lengths, bfloat16=False):
-    """The LSTM's T steps (see lstm.cc) on time-major float32 inputs: xw = x W_x (T, B, 4H), the
+    """The LSTM's T steps (see lstm.cc) on time-major float32 inputs: xw = x W_x (T, B, 4H) (or
+    `TableRows`, each row read from the table by the kernel), the
     weights' w_h (H, 4H) and b_x + b_h (4H,), the carry's h and c (B, H), lengths (B,) int32
     (steps at and past an example's length keep its state and output 0); with `bfloat16`, each
     step's h W_h rounds h and W_h to bfloat16 (MKL's bfloat16 GEMM; float32 without MKL). Returns
@@ -166,7 +205,10 @@ def lstm_forward(weights, xw, carry, lengths, bfloat16=False):
     if gates % 4 or got != expected:
         raise ValueError(f"lstm_forward: for xw {xw.shape} (T, B, 4H) expected {expected}, got {got}")
     require("lstm_forward")
-    return _lstm_forward_call(bool(bfloat16))(xw, bias, weights.w_h, carry["h"], carry["c"], lengths.astype(jnp.int32))
+    state = (bias, weights.w_h, carry["h"], carry["c"], lengths.astype(jnp.int32))
+    if isinstance(xw, TableRows):
+        return _lstm_forward_from_table_call(bool(bfloat16))(xw.table, xw.ids.astype(jnp.int32), *state)
+    return _lstm_forward_call(bool(bfloat16))(xw, *state)
 
 
 def lstm_backward(weights, gates, cs, carry, lengths, d_hs, d_final, bfloat16=False):
@@ -188,6 +230,18 @@ def _lstm_forward_call(bfloat16):
         return tuple(jax.ffi.ffi_call("diffprog_lstm_forward", (like(steps, batch, w_h.shape[0]), state, state,
                                                                 like(*xw.shape), like(steps, batch, w_h.shape[0])))(
             xw, bias, w_h, h0, c0, lengths, bfloat16=bfloat16))
+    return call
+
+
+@cache
+def _lstm_forward_from_table_call(bfloat16):
+    @batch_partitioned("v g, t b, g, h g, b h, b h, b -> t b h, b h, b h, t b g, t b h", batch="b")
+    def call(table, ids, bias, w_h, h0, c0, lengths):
+        (steps, batch), hidden = ids.shape, w_h.shape[0]
+        like = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+        return tuple(jax.ffi.ffi_call("diffprog_lstm_forward_from_table", (
+            like(steps, batch, hidden), like(batch, hidden), like(batch, hidden), like(steps, batch, 4 * hidden),
+            like(steps, batch, hidden)))(table, ids, bias, w_h, h0, c0, lengths, bfloat16=bfloat16))
     return call
 
 
