@@ -268,6 +268,18 @@ def test_lstm_kernel_in_bfloat16_rounds_each_steps_product(key, mkl_at_full_widt
         kernels.library.use_vendor_sgemm(kernels.library.float32_by_mkl())
 
 
+@needs_bfloat16_mkl
+def test_lstm_kernel_in_bfloat16_by_the_micro_kernels_pairs(key):
+    """Where MKL is not handed to the kernel (AMD's AVX-512 CPUs: `mkl_at_full_width()` False),
+    autocast's LSTM steps are cpu.h's micro-kernel on AVX512-BF16's bfloat16 pairs: the same
+    rounding, the same sums in float32, and autocast turns it on there too."""
+    kernels.library.use_vendor_sgemm(False)
+    try:
+        lstm_in_bfloat16(key)
+    finally:
+        kernels.library.use_vendor_sgemm(kernels.library.float32_by_mkl())
+
+
 def lstm_in_bfloat16(key):
     layer, (weights, xs, carry, valid) = lstm_arguments(key, 9, 7, 5, 21, [9, 3, 1, 2, 7, 9, 8])
     rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
@@ -447,8 +459,7 @@ def mkl_at_full_width(monkeypatch):
     """The seam's choices where MKL runs at the CPU's width (Intel's CPUs, AVX2 ones), on any CPU
     with MKL: on AMD's AVX-512 ones `runs_on_mkl` keeps gemm.cc for the micro-kernel's products
     alone (tested apart), so MKL's handlers and their routes are tested here."""
-    for module in (kernels.products, sys.modules["diffprog.kernels.recurrence"]):  # the module, not the function
-        monkeypatch.setattr(module, "mkl_at_full_width", lambda: True)
+    monkeypatch.setattr(kernels.products, "mkl_at_full_width", lambda: True)
 
 
 @pytest.fixture
@@ -644,10 +655,9 @@ def test_where_mkl_runs_narrower_than_the_cpu_gemm_cc_takes_only_the_micro_kerne
     keeps gemm.cc for float32 products the micro-kernel runs (depth ≤ 256, A not transposed) and
     gives XLA's dot the rest — deeper products, weight gradients (Aᵀ B from a transposed copy of
     A; `summed_products`),
-    autocast's bfloat16 products — and the LSTM's steps stay float32 under autocast: the values
-    and gradients of the definitions."""
-    for module in (kernels.products, sys.modules["diffprog.kernels.recurrence"]):
-        monkeypatch.setattr(module, "mkl_at_full_width", lambda: False)
+    autocast's bfloat16 products — and the LSTM's steps run in bfloat16 under autocast (by the
+    micro-kernel's AVX512-BF16 pairs): the values and gradients of the definitions."""
+    monkeypatch.setattr(kernels.products, "mkl_at_full_width", lambda: False)
     monkeypatch.setattr(kernels.products, "float32_by_mkl", lambda: False)
     monkeypatch.setattr(kernels.products, "bfloat16_hardware", lambda: True)
     monkeypatch.setattr(kernels.products, "VENDOR_MIN_WORK", 1)
@@ -682,7 +692,7 @@ def test_where_mkl_runs_narrower_than_the_cpu_gemm_cc_takes_only_the_micro_kerne
     assert "diffprog_gemm" not in hlo[0] and "bf16" in hlo[0]
     rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
     chex.assert_trees_all_close(out, rounded(a[0]) @ rounded(b[0].T), atol=1e-4)
-    assert "bfloat16 = false" in hlo[1] and "bfloat16 = true" not in hlo[1]
+    assert "bfloat16 = true" in hlo[1] and "bfloat16 = false" not in hlo[1]
 
 
 @needs_mkl

@@ -177,57 +177,82 @@ void pack_transposed(const float* x, long ldx, int rows, int cols, float* out, c
 
 // An A operand: element (r, p) at a[r * lda + p * step] (step 1: row-major; lda 1: A is the
 // transpose of a row-major matrix, read in place).
-struct Operand {
-  const float* a;
+template <class Element>
+struct OperandOf {
+  const Element* a;
   long lda, step;
-  Operand at(long r, long p) const { return {a + r * lda + p * step, lda, step}; }
+  OperandOf at(long r, long p) const { return {a + r * lda + p * step, lda, step}; }
 };
+using Operand = OperandOf<float>;
+
+// What the micro-kernel multiplies: float32 (A's floats, B's packed floats: FMAs) or, where the
+// CPU has AVX512-BF16, bfloat16 pairs (`Bfloat16Pairs`).
+struct Float32 {
+  using Element = float;
+  using Panel = vec;
+  static Panel load(const float* b) { return simd::load(b); }
+  static Panel broadcast(float a) { return simd::splat(a); }
+  static vec multiply_add(Panel a, Panel b, vec c) { return simd::fmadd(a, b, c); }
+};
+
+#if defined(__AVX512BF16__)
+// bfloat16 × bfloat16 → float32 by AVX512-BF16's dot products of pairs (vdpbf16ps, twice the
+// FMA's multiply-adds): an element is two consecutive bfloat16 as one 32-bit lane — for A two
+// neighbours in its row (`pair_row`), for B the same column of two neighbouring rows
+// (`pair_rows`) —, and a lane of C gains a₀b₀ + a₁b₁ per element (sums in float32).
+struct Bfloat16Pairs {
+  using Element = uint32_t;
+  using Panel = __m512bh;
+  static Panel load(const uint32_t* b) { return (__m512bh)_mm512_loadu_si512(b); }
+  static Panel broadcast(uint32_t a) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(a)); }
+  static vec multiply_add(Panel a, Panel b, vec c) { return _mm512_dpbf16_ps(c, a, b); }
+};
+#endif
 
 // C[R × nr] = A[R × kc] B[kc × kCols] for R ≤ 6 rows and nr ≤ kCols columns, B a packed panel;
 // row r of C times row_scale[r] where row_scale is given.
 // Twelve named accumulators (those past R are never used): GCC keeps an array of them in
 // memory, storing it every iteration.
-template <int R = kRows>
-void micro_kernel(int kc, Operand op, const float* b, float* c, long ldc, int nr = kCols,
-                  const float* row_scale = nullptr) {
+template <int R = kRows, class Kind = Float32>
+void micro_kernel(int kc, OperandOf<typename Kind::Element> op, const typename Kind::Element* b, float* c, long ldc,
+                  int nr = kCols, const float* row_scale = nullptr) {
   static_assert(R >= 1 && R <= kRows);
-  using simd::fmadd, simd::splat;
-  const float* a = op.a;
+  const auto* a = op.a;
   const long lda = op.lda;
   vec c00 = simd::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   vec c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int p = 0; p < kc; ++p, b += kCols, a += op.step) {
-    vec b0 = simd::load(b), b1 = simd::load(b + kLanes);
+    typename Kind::Panel b0 = Kind::load(b), b1 = Kind::load(b + kLanes);
     // B's two vectors in registers: for R < 6 GCC folds their loads into the FMAs, 2R loads a
     // step instead of 2, and AVX2 cores (two loads a cycle) then wait on loads, not FMAs.
     asm("" : "+v"(b0), "+v"(b1));
-    vec x = splat(a[0]);
-    c00 = fmadd(x, b0, c00), c01 = fmadd(x, b1, c01);
+    auto x = Kind::broadcast(a[0]);
+    c00 = Kind::multiply_add(x, b0, c00), c01 = Kind::multiply_add(x, b1, c01);
     if constexpr (R > 1) {
-      x = splat(a[lda]);
-      c10 = fmadd(x, b0, c10), c11 = fmadd(x, b1, c11);
+      x = Kind::broadcast(a[lda]);
+      c10 = Kind::multiply_add(x, b0, c10), c11 = Kind::multiply_add(x, b1, c11);
     }
     if constexpr (R > 2) {
-      x = splat(a[2 * lda]);
-      c20 = fmadd(x, b0, c20), c21 = fmadd(x, b1, c21);
+      x = Kind::broadcast(a[2 * lda]);
+      c20 = Kind::multiply_add(x, b0, c20), c21 = Kind::multiply_add(x, b1, c21);
     }
     if constexpr (R > 3) {
-      x = splat(a[3 * lda]);
-      c30 = fmadd(x, b0, c30), c31 = fmadd(x, b1, c31);
+      x = Kind::broadcast(a[3 * lda]);
+      c30 = Kind::multiply_add(x, b0, c30), c31 = Kind::multiply_add(x, b1, c31);
     }
     if constexpr (R > 4) {
-      x = splat(a[4 * lda]);
-      c40 = fmadd(x, b0, c40), c41 = fmadd(x, b1, c41);
+      x = Kind::broadcast(a[4 * lda]);
+      c40 = Kind::multiply_add(x, b0, c40), c41 = Kind::multiply_add(x, b1, c41);
     }
     if constexpr (R > 5) {
-      x = splat(a[5 * lda]);
-      c50 = fmadd(x, b0, c50), c51 = fmadd(x, b1, c51);
+      x = Kind::broadcast(a[5 * lda]);
+      c50 = Kind::multiply_add(x, b0, c50), c51 = Kind::multiply_add(x, b1, c51);
     }
   }
   vec rows[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   if (row_scale)
     for (int r = 0; r < R; ++r) {
-      const vec by = splat(row_scale[r]);
+      const vec by = simd::splat(row_scale[r]);
       rows[r][0] = rows[r][0] * by, rows[r][1] = rows[r][1] * by;
     }
   if (nr == kCols) {
@@ -246,25 +271,62 @@ void micro_kernel(int kc, Operand op, const float* b, float* c, long ldc, int nr
 
 // C[mr × nr] = A[mr × kc] B for mr ≤ 6 rows and nr ≤ kCols columns, B a packed panel; row r
 // times row_scale[r] where given.
-void tile(int mr, int kc, Operand a, const float* b, float* c, long ldc, int nr, const float* row_scale = nullptr) {
+template <class Kind = Float32>
+void tile(int mr, int kc, OperandOf<typename Kind::Element> a, const typename Kind::Element* b, float* c, long ldc,
+          int nr, const float* row_scale = nullptr) {
   switch (mr) {
-    case 6: micro_kernel<6>(kc, a, b, c, ldc, nr, row_scale); break;
-    case 5: micro_kernel<5>(kc, a, b, c, ldc, nr, row_scale); break;
-    case 4: micro_kernel<4>(kc, a, b, c, ldc, nr, row_scale); break;
-    case 3: micro_kernel<3>(kc, a, b, c, ldc, nr, row_scale); break;
-    case 2: micro_kernel<2>(kc, a, b, c, ldc, nr, row_scale); break;
-    default: micro_kernel<1>(kc, a, b, c, ldc, nr, row_scale); break;
+    case 6: micro_kernel<6, Kind>(kc, a, b, c, ldc, nr, row_scale); break;
+    case 5: micro_kernel<5, Kind>(kc, a, b, c, ldc, nr, row_scale); break;
+    case 4: micro_kernel<4, Kind>(kc, a, b, c, ldc, nr, row_scale); break;
+    case 3: micro_kernel<3, Kind>(kc, a, b, c, ldc, nr, row_scale); break;
+    case 2: micro_kernel<2, Kind>(kc, a, b, c, ldc, nr, row_scale); break;
+    default: micro_kernel<1, Kind>(kc, a, b, c, ldc, nr, row_scale); break;
   }
 }
 
-// C[m × n] = A[m × k] B, B packed with k rows; any m and n. Column panels outside, row blocks
-// inside, so each panel of B is read from memory once and reused from the L1 cache.
-void multiply(int m, int n, int k, Operand a, const float* b, float* c, long ldc) {
+// C[m × n] = A[m × k] B, B packed with k rows (of pairs, for `Bfloat16Pairs`); any m and n.
+// Column panels outside, row blocks inside, so each panel of B is read from memory once and
+// reused from the L1 cache.
+template <class Kind = Float32>
+void multiply(int m, int n, int k, OperandOf<typename Kind::Element> a, const typename Kind::Element* b, float* c,
+              long ldc) {
   for (int j = 0; j < n; j += kCols)
     for (int i = 0; i < m; i += kRows)
-      tile(std::min(kRows, m - i), k, a.at(i, 0), b + static_cast<size_t>(j) * k, c + i * ldc + j, ldc,
-           std::min(kCols, n - j));
+      tile<Kind>(std::min(kRows, m - i), k, a.at(i, 0), b + static_cast<size_t>(j) * k, c + i * ldc + j, ldc,
+                 std::min(kCols, n - j));
 }
+
+#if defined(__AVX512BF16__)
+// 16 pairs (even[i], odd[i]) of floats rounded to bfloat16 (to nearest even, as XLA's convert),
+// each one 32-bit lane, even in its low half.
+inline __m512i bfloat16_pairs(vec even, vec odd) {
+  const __m512i low = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(even));
+  return _mm512_or_si512(low, _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(odd)), 16));
+}
+
+size_t paired_size(int rows, int cols) { return packed_size((rows + 1) / 2, cols); }
+
+// B packed by `pack` or `pack_transposed` (`rows` rows) as `Bfloat16Pairs`: in each panel the
+// rows (2p, 2p + 1) paired column by column; an odd last row paired with 0.
+void pair_rows(const float* packed, int rows, int cols, uint32_t* out) {
+  const int pairs = (rows + 1) / 2;
+  for (int j = 0; j < cols; j += kCols, packed += static_cast<size_t>(rows) * kCols, out += static_cast<size_t>(pairs) * kCols)
+    for (int p = 0; p < pairs; ++p)
+      for (int half = 0; half < kCols; half += kLanes) {
+        const vec odd = 2 * p + 1 < rows ? simd::load(packed + (2 * p + 1) * kCols + half) : simd::zero();
+        _mm512_storeu_si512(out + p * kCols + half, bfloat16_pairs(simd::load(packed + 2 * p * kCols + half), odd));
+      }
+}
+
+// A row of k floats as (k + 1) / 2 `Bfloat16Pairs` elements (for odd k the last one's odd half 0).
+void pair_row(const float* a, int k, uint32_t* out) {
+  for (int p = 0; p < k; p += 2 * kLanes) {
+    const __m512bh pairs = _mm512_cvtne2ps_pbh(simd::load(a + p + kLanes, simd::first(k - p - kLanes)),
+                                               simd::load(a + p, simd::first(k - p)));
+    _mm512_mask_storeu_epi32(out + p / 2, simd::first((k - p + 1) / 2), (__m512i)pairs);
+  }
+}
+#endif
 
 // bfloat16 bits of x rounded to nearest even (as XLA's convert); a NaN stays a (quiet) NaN.
 inline uint16_t to_bfloat16(float x) {

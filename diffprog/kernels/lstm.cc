@@ -13,7 +13,7 @@
 // past its length keeps its state, outputs 0 and passes its gradients through. The per-step
 // products h_{t-1} W_h and ∂z W_hᵀ multiply by W_h packed once per call: by MKL's packed sgemm
 // where Python handed it over (cpu.h's `vendor_gemms`) — its bfloat16 GEMM under autocast
-// (`bfloat16`) — else by cpu.h's micro-kernel.
+// (`bfloat16`) — else by cpu.h's micro-kernel (under autocast its bfloat16 pairs, AVX512-BF16).
 // Layout: xw, gates, ∂z (T, B, G); hs, cs, ∂hs (T, B, H); states (B, H); lengths (B,) int32.
 #include <limits>
 #include <vector>
@@ -99,13 +99,14 @@ void cell_backward(int hidden, const float* gates, const float* c, const float* 
 // C (rows × n) = A (rows × k) W at every step, W (k × n) the same at all of them: W_h, or W_hᵀ
 // (`transposed`: w is stored n × k), packed once: for MKL's packed sgemm, or with `bfloat16` for
 // its bfloat16 × bfloat16 → float32 GEMM (A and W rounded to bfloat16: autocast's products, on
-// AMX or AVX512-BF16), or, without MKL, for the micro-kernel (float32).
+// AMX or AVX512-BF16), or, without MKL, for the micro-kernel: float32, or with `bfloat16` its
+// bfloat16 pairs where the CPU has AVX512-BF16 (AMD's AVX-512 CPUs; float32 where it has not).
 class StepProduct {
  public:
   StepProduct(const float* w, bool transposed, int rows, int k, int n, bool bfloat16)
-      : vendor_(vendor_gemms.load()), bfloat16_(vendor_ && bfloat16), rows_(rows), k_(k), n_(n) {
+      : vendor_(vendor_gemms.load()), bfloat16_(bfloat16), rows_(rows), k_(k), n_(n) {
     const int ld = transposed ? k : n, identifier = 162, transpose = transposed ? 112 : 111;
-    if (bfloat16_) {
+    if (vendor_ && bfloat16_) {
       std::vector<uint16_t> rounded(static_cast<size_t>(k) * n);
       for (size_t i = 0; i < rounded.size(); ++i) rounded[i] = to_bfloat16(w[i]);
       packed16_.resize(vendor_->size_bf16(identifier, rows, n, k) / sizeof(uint16_t) + 1);
@@ -117,14 +118,27 @@ class StepProduct {
     } else {
       packed_.resize(packed_size(k, n));
       transposed ? pack_transposed(w, k, n, k, packed_.data()) : pack(w, n, k, n, packed_.data());
+#if defined(__AVX512BF16__)
+      if (bfloat16_) {
+        pairs_.resize(paired_size(k, n));
+        pair_rows(packed_.data(), k, n, pairs_.data());
+        a_pairs_.resize(static_cast<size_t>(rows) * (k + 1) / 2 + kLanes);
+      }
+#endif
     }
   }
   void operator()(const float* a, float* c) {
-    if (bfloat16_) {
+    if (vendor_ && bfloat16_) {
       for (size_t i = 0; i < a16_.size(); ++i) a16_[i] = to_bfloat16(a[i]);
       vendor_->compute_bf16(101, 111, 151, rows_, n_, k_, 1.0f, a16_.data(), k_, packed16_.data(), n_, 0.0f, c, n_);
     } else if (vendor_) {
       vendor_->compute(101, 111, 151, rows_, n_, k_, a, k_, packed_.data(), n_, 0.0f, c, n_);
+#if defined(__AVX512BF16__)
+    } else if (bfloat16_) {
+      const int pairs = (k_ + 1) / 2;
+      for (int r = 0; r < rows_; ++r) pair_row(a + static_cast<size_t>(r) * k_, k_, a_pairs_.data() + r * pairs);
+      multiply<Bfloat16Pairs>(rows_, n_, pairs, {a_pairs_.data(), pairs, 1}, pairs_.data(), c, n_);
+#endif
     } else {
       multiply(rows_, n_, k_, {a, k_, 1}, packed_.data(), c, n_);
     }
@@ -136,6 +150,7 @@ class StepProduct {
   int rows_, k_, n_;
   std::vector<float> packed_;
   std::vector<uint16_t> packed16_, a16_;
+  std::vector<uint32_t> pairs_, a_pairs_;
 };
 
 Sizes sizes_of(ffi::Buffer<ffi::F32>& xw) {

@@ -8,9 +8,10 @@ backends, chosen here:
   C++ kernels of lstm.cc, the products over all steps around them XLA's, but for the weight
   gradients (MKL's, `summed_products`, on the CPU wherever MKL is installed); inside
   `autocast(bfloat16)` the kernels' per-step products h W_h and ∂z W_hᵀ and the products over
-  all steps run in bfloat16 (MKL, where the CPU has AMX or AVX512-BF16 and MKL runs at the CPU's
-  width, `library.mkl_at_full_width`: not on AMD's AVX-512 CPUs, where the LSTM stays float32, its
-  steps cpu.h's micro-kernel at twice MKL's bfloat16 rate), as PyTorch's autocast LSTM;
+  all steps run in bfloat16 into float32 where the CPU has AMX or AVX512-BF16, as PyTorch's
+  autocast LSTM: the steps' by MKL where it runs at the CPU's width (`library.mkl_at_full_width`),
+  else by cpu.h's micro-kernel on AVX512-BF16's pairs (AMD's AVX-512 CPUs: 1.75× its float32
+  rate, MKL's bfloat16 there half of its float32's); the others by `gemm`;
 - everywhere else (`scan_recurrence`): the scan, with its backward pass written out — the
   reverse scan carries only the state gradients, and the weight gradient Σ_t h_{t-1}ᵀ ∂gh_t is
   one matrix product over all examples and steps after it, instead of T small ones inside it.
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .library import in_float32_on_cpu, mkl_at_full_width, on_cpu, require
+from .library import in_float32_on_cpu, on_cpu, require
 from .products import bfloat16_products, gemm, step_product, summed_products
 from .partition import batch_partitioned
 
@@ -73,7 +74,7 @@ def recurrence(layer, weights, xs, carry, valid):
     args = (weights, xs, carry, valid)
     scan = lambda weights, xs, *rest: scan_recurrence(layer, weights, _materialized(xs), *rest)
     if getattr(layer, "kernel", None) == "lstm":
-        return on_cpu(partial(lstm_recurrence, layer, bfloat16_products() and mkl_at_full_width()), scan, *args)
+        return on_cpu(partial(lstm_recurrence, layer, bfloat16_products()), scan, *args)
     return in_float32_on_cpu(scan, *args)
 
 
@@ -82,7 +83,7 @@ def _materialized(xs):
 
 
 def _projected(w_x, xs, bfloat16=False):
-    """x W_x (T, B, G) for time-major xs; with `bfloat16`, by MKL's bfloat16 GEMM on batch-major
+    """x W_x (T, B, G) for time-major xs; with `bfloat16`, by `gemm`'s bfloat16 product on batch-major
     rows (see `_rows`)."""
     if w_x is None:
         return xs
@@ -97,7 +98,7 @@ def _rows(x):
 
 
 def _by_rows(xs, w, transpose_w=False):
-    """xs (T, B, k) times w (k, n), or wᵀ with `transpose_w`, → (T, B, n): MKL's bfloat16 GEMM on
+    """xs (T, B, k) times w (k, n), or wᵀ with `transpose_w`, → (T, B, n): `gemm`'s bfloat16 product on
     `_rows(xs)`."""
     steps, batch = xs.shape[:2]
     product = gemm(_rows(xs), w, transpose_b=transpose_w, precision=jnp.bfloat16)
@@ -141,7 +142,7 @@ def _projection_gradients(weights, xs, h_prev, d_gxs, d_ghs, bfloat16=False):
     """The gradients of gx_t = x_t W_x + b_x and gh_t = h_{t-1} W_h + b_h given ∂gx, ∂gh (T, B, G),
     each one product over all T·B rows: ∂W_x = Σ x_tᵀ ∂gx_t, ∂b_x, ∂W_h = Σ h_{t-1}ᵀ ∂gh_t, ∂b_h,
     and ∂x_t = ∂gx_t W_xᵀ — the sums by `summed_products` on the time-major rows as they are, with
-    `bfloat16` all by MKL's bfloat16 GEMM on batch-major rows. (Written out rather than left to
+    `bfloat16` all by `gemm`'s bfloat16 products on batch-major rows. (Written out rather than left to
     autodiff of `xs @ w_x`, whose transpose XLA:CPU ran as a slower dot on a transposed copy of
     ∂gx.) Returns (∂weights, ∂xs)."""
     w_x = weights.w_x
@@ -164,7 +165,7 @@ scan_recurrence.defvjp(_scan_fwd, _scan_bwd)
 def lstm_recurrence(layer, bfloat16, weights, xs, carry, valid):
     """`scan_recurrence` for the LSTM by the C++ kernels (CPU, float32; `dp.kernels.available()`):
     its steps forward and backward are `lstm_forward` / `lstm_backward`, the products over all
-    steps those of `_projection_gradients` — with `bfloat16`, all of them MKL's bfloat16 products."""
+    steps those of `_projection_gradients` — with `bfloat16`, all of them bfloat16 products into float32."""
     return _lstm_fwd(layer, bfloat16, weights, xs, carry, valid)[0]
 
 
@@ -192,7 +193,8 @@ def lstm_forward(weights, xw, carry, lengths, bfloat16=False):
     `TableRows`, each row read from the table by the kernel), the
     weights' w_h (H, 4H) and b_x + b_h (4H,), the carry's h and c (B, H), lengths (B,) int32
     (steps at and past an example's length keep its state and output 0); with `bfloat16`, each
-    step's h W_h rounds h and W_h to bfloat16 (MKL's bfloat16 GEMM; float32 without MKL). Returns
+    step's h W_h rounds h and W_h to bfloat16 (MKL's bfloat16 GEMM where Python handed MKL over,
+    else the micro-kernel's AVX512-BF16 pairs; float32 on a CPU without them). Returns
     hs (T, B, H), the final h and c (B, H), and for `lstm_backward` the gate activations
     (T, B, 4H) and cell states cs (T, B, H). Not differentiable by itself: `lstm_recurrence` is."""
     steps, batch, gates = xw.shape
