@@ -926,6 +926,7 @@ def test_bfloat16_layers_run_in_float32_on_the_cpu_their_products_in_bfloat16_wh
     said = [w for w in caught if "neither AMX nor AVX512-BF16" in str(w.message)]
     targets = ("diffprog_projected_attention_forward", "diffprog_lstm_forward", "diffprog_selective_forward")
     assert all(t in hlo for t in targets) and bool(said) == (not hardware)
+    assert ("bfloat16 = true" in hlo) == (hardware and kernels.vendor_blas() is not None)  # the LSTM's steps
     assert all(w.filename == __file__ for w in said)  # the line that traced the model, not diffprog's
     in_bfloat16 = lambda op: [line for line in lowered.as_text().splitlines()
                               if op in line and "xbf16>" in line.split("->")[-1]]

@@ -74,7 +74,8 @@ def recurrence(layer, weights, xs, carry, valid):
     args = (weights, xs, carry, valid)
     scan = lambda weights, xs, *rest: scan_recurrence(layer, weights, _materialized(xs), *rest)
     if getattr(layer, "kernel", None) == "lstm":
-        return on_cpu(partial(lstm_recurrence, layer, bfloat16_products()), scan, *args)
+        # bfloat16_products() read when the kernel is traced: inside on_cpu's autocast on bfloat16 args
+        return on_cpu(lambda *args: lstm_recurrence(layer, bfloat16_products(), *args), scan, *args)
     return in_float32_on_cpu(scan, *args)
 
 
