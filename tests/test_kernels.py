@@ -482,7 +482,8 @@ def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dt
                                                     float32_products):
     """C = op(A) op(B) by MKL or, in float32, by the micro-kernel where it takes the product
     (depth ≤ 256, A not transposed: here M 127 crosses a block of 120 rows, N 70 a panel's edge, and
-    127 · 256 · 70 multiply-adds pass kSplitWork, so the threads split the panels),
+    127 · 256 · 70 multiply-adds pass kSplitWork, so the threads split the panels), in bfloat16 Aᵀ B
+    by the micro-kernel's AVX512-BF16 pairs where gemm.cc takes them (`vendor_blas()["paired"]`),
     or, in bfloat16, where `runs_on_mkl` chooses XLA's dot into float32, against XLA's dot: values,
     both gradients, and vmap over A (folded into rows), over B and over both (XLA's batched dot)."""
     if route != "chosen":  # gemm.cc's handlers, whichever `runs_on_mkl` would choose on this CPU
@@ -500,7 +501,8 @@ def test_gemm_matches_xla_values_gradients_and_vmap(transpose_a, transpose_b, dt
     chex.assert_trees_all_close(as32(jax.jit(ours)(a, b)), as32(xla(a, b)), **tol)
     chex.assert_trees_all_close(as32(loss(ours)(a, b)), as32(loss(xla)(a, b)), **tol)
     on_mkl = 'custom_call_target="diffprog_gemm_' in jax.jit(ours).lower(a, b).compile().as_text()
-    assert on_mkl == (route != "chosen" or kernels.products.runs_on_mkl(transpose_a, a.shape[0] if transpose_a else a.shape[1], jnp.dtype(dtype)))
+    assert on_mkl == (route != "chosen" or kernels.products.runs_on_mkl(transpose_a, a.shape[0] if transpose_a else a.shape[1],
+                                                                         jnp.dtype(dtype), transpose_b))
     stacked = lambda x: jnp.stack([x, 2 * x, -x])
     for axes in ((0, None), (None, 0), (0, 0)):
         args = [stacked(x) if axis == 0 else x for x, axis in zip((a, b), axes)]
@@ -665,7 +667,8 @@ def test_where_mkl_runs_narrower_than_the_cpu_gemm_cc_takes_only_the_micro_kerne
     f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
     runs = kernels.products.runs_on_mkl
     assert runs(False, 256, f32) and not runs(True, 256, f32) and not runs(False, 257, f32)
-    assert not runs(False, 64, bf16) and not runs(True, 64, bf16)
+    assert not runs(False, 64, bf16) and not runs(True, 64, bf16, True)
+    assert runs(True, 64, bf16) == kernels.vendor_blas()["paired"]  # Aᵀ B by AVX512-BF16's pairs where built
     net, xs = dp.batched(dp.Dense(5) @ dp.FeedForward(300) @ dp.FeedForward(12)), jax.random.normal(key, (3, 7, 6))
     params = net.init(key, xs)
     loss = lambda p, xs: jnp.sum(jnp.sin(net.apply(p, xs)))
@@ -693,6 +696,23 @@ def test_where_mkl_runs_narrower_than_the_cpu_gemm_cc_takes_only_the_micro_kerne
     rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
     chex.assert_trees_all_close(out, rounded(a[0]) @ rounded(b[0].T), atol=1e-4)
     assert "bfloat16 = true" in hlo[1] and "bfloat16 = false" not in hlo[1]
+
+
+@pytest.mark.skipif(kernels.vendor_blas() is None or not kernels.vendor_blas()["paired"],
+                    reason="gemm.cc's bfloat16 Aᵀ B by AVX512-BF16's pairs is taken where MKL runs narrower than the CPU")
+@pytest.mark.parametrize("rows, m, n", [(37, 5, 21), (301, 70, 33), (301, 33, 70), (1024, 64, 96)])
+def test_bfloat16_transposed_products_by_the_micro_kernels_pairs(rows, m, n, key):
+    """Where gemm.cc takes bfloat16 Aᵀ B (AMD's AVX-512 CPUs with AVX512-BF16: XLA's dot runs it in
+    float32), cpu.h's micro-kernel on pairs of rows computes it: Aᵀ B of the operands rounded to
+    bfloat16, summed in float32 — an odd number of rows (the last pair padded), panel edges, more
+    columns of A than of B (computed as (Bᵀ A)ᵀ), and sizes the threads split."""
+    a, b = jax.random.normal(key, (rows, m)), jax.random.normal(jax.random.fold_in(key, 1), (rows, n))
+    product = jax.jit(lambda a, b: kernels.gemm(a, b, transpose_a=True, precision=jnp.bfloat16))
+    assert 'custom_call_target="diffprog_gemm_bf16"' in product.lower(a, b).compile().as_text()
+    rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+    want = jnp.matmul(rounded(a).T, rounded(b), precision="highest")
+    chex.assert_trees_all_close(product(a, b), want, atol=1e-5 * rows ** 0.5 * 4, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(product(a, b) - a.T @ b))) > 1e-3  # the operands were rounded
 
 
 @needs_mkl

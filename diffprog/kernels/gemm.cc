@@ -3,7 +3,8 @@
 //   float32 × float32 → float32 (cblas_sgemm; where library.py says so — AVX2 CPUs, AMD's AVX-512 ones — products of
 //   depth ≤ 256 with A not transposed by cpu.h's micro-kernel, in `shallow_product` below);
 //   bfloat16 × bfloat16 → float32 (cblas_gemm_bf16bf16f32: bfloat16 products summed in float32,
-//   on AMX or AVX512-BF16 where the CPU has them).
+//   on AMX or AVX512-BF16 where the CPU has them; where library.py says so — AMD's AVX-512 CPUs —
+//   Aᵀ B by cpu.h's micro-kernel on AVX512-BF16's pairs, in `paired_product` below).
 // A is (M, K), or (K, M) read as its transpose with `transpose_a`; B is (K, N), or (N, K) with
 // `transpose_b`; C is (M, N), row-major. MKL runs sequentially in each of XLA's CPU threads, the
 // longer side of C split among them. A third float32 handler, C = relu(A B + bias)
@@ -74,6 +75,60 @@ void shallow_product(ffi::ThreadPool pool, long m, long n, long k, const float* 
   }, parts);
 }
 
+// bfloat16 Aᵀ B by `paired_product` instead of MKL: set by library.py where MKL runs narrower than
+// the CPU (AMD's AVX-512 CPUs, whose MKL bfloat16 GEMM is AVX2 code) and the kernels are built
+// with AVX512-BF16.
+std::atomic<bool> transposed_bf16_by_pairs{false};
+
+#if defined(__AVX512BF16__)
+// out[p · width + c] = the bfloat16 pair (X[2p][c0 + c], X[2p + 1][c0 + c]) for c < cols ≤ width
+// (`Bfloat16Pairs`; an odd last row paired with 0, columns past cols 0 up to the next multiple
+// of kLanes): X (rows × ldx) bfloat16 bits.
+void pair_rows_of(const uint16_t* x, long ldx, long rows, long c0, long cols, long width, uint32_t* out) {
+  for (long p = 0; p < (rows + 1) / 2; ++p)
+    for (long c = 0; c < cols; c += kLanes) {
+      const simd::mask lanes = simd::first(static_cast<int>(cols - c));
+      const uint16_t* even = x + 2 * p * ldx + c0 + c;
+      const __m256i odd = 2 * p + 1 < rows ? _mm256_maskz_loadu_epi16(lanes, even + ldx) : _mm256_setzero_si256();
+      const __m512i pairs = _mm512_or_si512(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, even)),
+                                            _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd), 16));
+      _mm512_mask_storeu_epi32(out + p * width + c, simd::first(static_cast<int>(std::min<long>(width - c, kLanes))), pairs);
+    }
+}
+
+// C (m × n) = Aᵀ B for A (r × m) and B (r × n), bfloat16, row-major, by cpu.h's micro-kernel on
+// AVX512-BF16's pairs of A's and B's rows: A's columns paired once in blocks of kRows (each
+// pairs × kRows), then each thread pairs its range of B's column panels (pairs × kCols, the L2
+// cache's) and runs each against every block of A — the blocks read once per panel, so for
+// m > n Cᵀ = Bᵀ A is computed so and transposed.
+void paired_product(ffi::ThreadPool pool, long m, long n, long r, const uint16_t* a, long lda, const uint16_t* b,
+                    long ldb, float* c) {
+  if (m > n) {
+    std::vector<float> transposed(static_cast<size_t>(n) * m);
+    paired_product(pool, n, m, r, b, ldb, a, lda, transposed.data());
+    for (long i = 0; i < m; ++i)
+      for (long j = 0; j < n; ++j) c[i * n + j] = transposed[j * m + i];
+    return;
+  }
+  const long pairs = (r + 1) / 2, blocks = (m + kRows - 1) / kRows;
+  std::vector<uint32_t> a_blocks(static_cast<size_t>(blocks) * pairs * kRows);
+  for (long i = 0; i < m; i += kRows)
+    pair_rows_of(a, lda, r, i, std::min<long>(kRows, m - i), kRows, a_blocks.data() + i * pairs);
+  const long panels = (n + kCols - 1) / kCols;
+  in_parallel(pool, panels, [&](long first, long last) {
+    thread_local std::vector<uint32_t> panel;
+    panel.resize(static_cast<size_t>(pairs) * kCols);
+    for (long j = first * kCols; j < std::min(n, last * kCols); j += kCols) {
+      const long cols = std::min<long>(kCols, n - j);
+      pair_rows_of(b, ldb, r, j, cols, kCols, panel.data());
+      for (long i = 0; i < m; i += kRows)
+        tile<Bfloat16Pairs>(std::min<long>(kRows, m - i), pairs, {a_blocks.data() + i * pairs, 1, kRows}, panel.data(),
+                            c + i * n + j, n, cols);
+    }
+  }, static_cast<double>(m) * n * r < kSplitWork ? 1 : pool.num_threads());
+}
+#endif
+
 // C = finish(op(A) op(B)) by blas(...) (cblas_sgemm's arguments), the longer side of C split
 // among the threads.
 template <class In, class Blas>
@@ -130,6 +185,15 @@ ffi::Error ReluAffineF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buf
 ffi::Error GemmBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, bool transpose_a,
                     bool transpose_b, ffi::ResultBuffer<ffi::F32> c) {
   static_assert(sizeof(ffi::NativeType<ffi::BF16>) == sizeof(MKL_BF16));
+#if defined(__AVX512BF16__)
+  if (transposed_bf16_by_pairs.load() && transpose_a && !transpose_b && a.dimensions().size() == 2 &&
+      b.dimensions().size() == 2 && a.dimensions()[0] == b.dimensions()[0]) {
+    const auto bits = [](auto& x) { return reinterpret_cast<const uint16_t*>(x.typed_data()); };
+    paired_product(pool, a.dimensions()[1], b.dimensions()[1], a.dimensions()[0], bits(a), a.dimensions()[1], bits(b),
+                   b.dimensions()[1], c->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
   return Gemm(pool, a.dimensions(), reinterpret_cast<const MKL_BF16*>(a.typed_data()), b.dimensions(),
               reinterpret_cast<const MKL_BF16*>(b.typed_data()), transpose_a, transpose_b, c->typed_data(),
               cblas_gemm_bf16bf16f32);
@@ -142,6 +206,17 @@ extern "C" void diffprog_gemm_setup() { mkl_set_threading_layer(MKL_THREADING_SE
 
 // The shallow float32 products by the micro-kernel (on) or by MKL (off: the default).
 extern "C" void diffprog_gemm_shallow_by_micro_kernel(int on) { shallow_by_micro_kernel.store(on); }
+
+// bfloat16 Aᵀ B by `paired_product` (on; where the kernels have AVX512-BF16) or by MKL (off: the
+// default). Returns whether the pairs are built in.
+extern "C" int diffprog_gemm_transposed_bf16_by_pairs(int on) {
+#if defined(__AVX512BF16__)
+  transposed_bf16_by_pairs.store(on);
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 template <ffi::DataType T>
 static auto with_operands() {

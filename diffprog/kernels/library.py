@@ -146,7 +146,9 @@ def vendor_blas() -> dict | None:
     """MKL's matrix products (gemm.cc), built and registered for the CPU, and handed to the
     kernels' own per-step products: {"packed": MKL's packed GEMMs (the addresses of
     cblas_sgemm_{pack_get_size, pack, compute} and of cblas_gemm_bf16bf16f32_{the same}),
-    "shallow": gemm.cc's switch of `use_vendor_sgemm`}; its bfloat16 products have hardware
+    "shallow": gemm.cc's switch of `use_vendor_sgemm`, "paired": whether gemm.cc runs bfloat16
+    Aᵀ B by cpu.h's micro-kernel on AVX512-BF16's pairs — where MKL runs narrower than the CPU
+    (`mkl_at_full_width`) and the kernels have AVX512-BF16}; its bfloat16 products have hardware
     under them where `bfloat16_hardware()`. None where MKL is not installed
     (it is a dependency on x86-64 Linux), the CPU lacks AVX2, or the build fails — then `product`
     stays with XLA's dot and the kernels with cpu.h's micro-kernel."""
@@ -163,7 +165,8 @@ def vendor_blas() -> dict | None:
     library.diffprog_gemm_setup()
     blas = {"packed": tuple(ctypes.cast(getattr(library, f"cblas_{gemm}_{name}"), ctypes.c_void_p)
                             for gemm in ("sgemm", "gemm_bf16bf16f32") for name in ("pack_get_size", "pack", "compute")),
-            "shallow": library.diffprog_gemm_shallow_by_micro_kernel}
+            "shallow": library.diffprog_gemm_shallow_by_micro_kernel,
+            "paired": not mkl_at_full_width() and bool(library.diffprog_gemm_transposed_bf16_by_pairs(int(not mkl_at_full_width())))}
     for name in ("diffprog_gemm_f32", "diffprog_gemm_bf16", "diffprog_relu_affine_f32"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
     _use_sgemm(blas, float32_by_mkl())

@@ -175,7 +175,7 @@ def gemm(a, b, transpose_a=False, transpose_b=False, precision=None):
     alone folds into its rows (one product), any other batch runs XLA's batched dot."""
     precision = jnp.dtype(precision or a.dtype)
     return _gemm.bind(a, b, transpose_a=transpose_a, transpose_b=transpose_b, precision=precision,
-                      mkl=runs_on_mkl(transpose_a, a.shape[0] if transpose_a else a.shape[1], precision))
+                      mkl=runs_on_mkl(transpose_a, a.shape[0] if transpose_a else a.shape[1], precision, transpose_b))
 
 
 def _dot(a, b, transpose_a, transpose_b, precision=None):
@@ -190,7 +190,7 @@ def _dot(a, b, transpose_a, transpose_b, precision=None):
                                preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-def runs_on_mkl(transpose_a, depth, precision) -> bool:
+def runs_on_mkl(transpose_a, depth, precision, transpose_b=False) -> bool:
     """Whether `gemm` runs op(A) op(B) of this depth by gemm.cc (MKL, or cpu.h's micro-kernel for
     its shallow products) on this CPU, else by XLA's dot. Where MKL runs at the CPU's width
     (`library.mkl_at_full_width`): in float32 always (MKL 1.05–1.4× faster at the char-LMs'
@@ -198,12 +198,16 @@ def runs_on_mkl(transpose_a, depth, precision) -> bool:
     (Aᵀ B, the weight gradients: MKL 3.5–4× faster) — XLA's dot into float32 (YNNPACK, on AMX)
     runs the others 1.1–2.8× faster where the result stays float32 (`autocast`), most at K = 256,
     and level with MKL where it is rounded to bfloat16. On the Xeon measured (`benchmarks.kernels`).
-    Elsewhere (AMD's AVX-512 CPUs) only the micro-kernel's products: XLA's dot runs the others
-    at twice MKL's rate there."""
+    Elsewhere (AMD's AVX-512 CPUs) only the micro-kernel's products — float32 ones, and bfloat16
+    Aᵀ B (B not transposed) on AVX512-BF16's pairs (`vendor_blas()["paired"]`: 2.5–3× XLA's dot,
+    which runs a bfloat16 product contracting an operand's rows in float32) —: XLA's dot runs the
+    others at twice MKL's rate there."""
     if vendor_blas() is None or (precision == jnp.bfloat16 and not bfloat16_hardware()):
         return True  # `_mkl` says what is missing, or runs it in float32 and says so
     if not mkl_at_full_width():
-        return precision == jnp.float32 and not transpose_a and _on_micro_kernel(depth)
+        if precision == jnp.bfloat16:
+            return transpose_a and not transpose_b and vendor_blas()["paired"]
+        return not transpose_a and _on_micro_kernel(depth)
     return precision != jnp.bfloat16 or transpose_a
 
 
