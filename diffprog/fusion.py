@@ -7,8 +7,9 @@ one (vocab × d)·(d × G) product instead of (B·T × d)·(d × G), its gradien
 the ids. `fuse(layer)` finds every composition whose stage `EmbedToken` is followed by a stage
 that hands its input to a recurrent layer (`Recurrent`, `R ** n`, `Remat(R)`, through
 `Layer.entry`) and rewrites the pair: the embedding hands a batch on as `TokenVectors` (the
-table and the ids), the recurrent layer projects the table. The params tree, the values and
-the gradients are those of the model as written. `dp.batched` (and so `dp.train`) applies it;
+table and the ids), the recurrent layer projects the table and hands its loop the rows as
+`TableRows` (the LSTM's kernel reads each step's row from the projected table; the other loops
+look them up). The params tree, the values and the gradients are those of the model as written. `dp.batched` (and so `dp.train`) applies it;
 `dp.batched(model, fuse=False)` and `LanguageModel(..., fuse=False)` switch it off.
 """
 from __future__ import annotations
