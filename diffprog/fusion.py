@@ -9,8 +9,9 @@ that hands its input to a recurrent layer (`Recurrent`, `R ** n`, `Remat(R)`, th
 `Layer.entry`) and rewrites the pair: the embedding hands a batch on as `TokenVectors` (the
 table and the ids), the recurrent layer projects the table and hands its loop the rows as
 `TableRows` (the LSTM's kernel reads each step's row from the projected table; the other loops
-look them up). The params tree, the values and the gradients are those of the model as written. `dp.batched` (and so `dp.train`) applies it;
-`dp.batched(model, fuse=False)` and `LanguageModel(..., fuse=False)` switch it off.
+look them up). The params tree, the values and the gradients are those of the model as
+written. `dp.batched` (and so `dp.train`) applies it; `dp.batched(model, fuse=False)` and
+`LanguageModel(..., fuse=False)` switch it off.
 """
 from __future__ import annotations
 
@@ -50,8 +51,7 @@ class TokenVectors:
 
     def materialize(self):
         """E[ids] (B, T, dim), exactly as the embedding computes it."""
-        self.embed.check_ids(self.ids, self.vocab)
-        return jax.vmap(lambda ids: self.embed.lookup(self.table, ids))(self.ids)
+        return self.embed.lookup(self.table, self.ids)
 
     def project(self, w):
         """E[ids] w = (E w)[ids], time-major (T, B, out), as `TableRows`: the LSTM's kernel reads

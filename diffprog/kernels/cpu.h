@@ -297,11 +297,13 @@ void multiply(int m, int n, int k, OperandOf<typename Kind::Element> a, const ty
 }
 
 #if defined(__AVX512BF16__)
-// 16 pairs (even[i], odd[i]) of floats rounded to bfloat16 (to nearest even, as XLA's convert),
-// each one 32-bit lane, even in its low half.
+// 16 pairs (even[i], odd[i]) of bfloat16 (given as their bits, or as floats rounded to nearest
+// even, as XLA's convert), each one 32-bit lane, even in its low half.
+inline __m512i bfloat16_pairs(__m256i even, __m256i odd) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(even), _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd), 16));
+}
 inline __m512i bfloat16_pairs(vec even, vec odd) {
-  const __m512i low = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(even));
-  return _mm512_or_si512(low, _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(odd)), 16));
+  return bfloat16_pairs((__m256i)_mm512_cvtneps_pbh(even), (__m256i)_mm512_cvtneps_pbh(odd));
 }
 
 size_t paired_size(int rows, int cols) { return packed_size((rows + 1) / 2, cols); }

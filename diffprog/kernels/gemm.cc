@@ -90,9 +90,8 @@ void pair_rows_of(const uint16_t* x, long ldx, long rows, long c0, long cols, lo
       const simd::mask lanes = simd::first(static_cast<int>(cols - c));
       const uint16_t* even = x + 2 * p * ldx + c0 + c;
       const __m256i odd = 2 * p + 1 < rows ? _mm256_maskz_loadu_epi16(lanes, even + ldx) : _mm256_setzero_si256();
-      const __m512i pairs = _mm512_or_si512(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, even)),
-                                            _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd), 16));
-      _mm512_mask_storeu_epi32(out + p * width + c, simd::first(static_cast<int>(std::min<long>(width - c, kLanes))), pairs);
+      _mm512_mask_storeu_epi32(out + p * width + c, simd::first(static_cast<int>(std::min<long>(width - c, kLanes))),
+                               bfloat16_pairs(_mm256_maskz_loadu_epi16(lanes, even), odd));
     }
 }
 

@@ -166,7 +166,7 @@ def vendor_blas() -> dict | None:
     blas = {"packed": tuple(ctypes.cast(getattr(library, f"cblas_{gemm}_{name}"), ctypes.c_void_p)
                             for gemm in ("sgemm", "gemm_bf16bf16f32") for name in ("pack_get_size", "pack", "compute")),
             "shallow": library.diffprog_gemm_shallow_by_micro_kernel,
-            "paired": not mkl_at_full_width() and bool(library.diffprog_gemm_transposed_bf16_by_pairs(int(not mkl_at_full_width())))}
+            "paired": not mkl_at_full_width() and bool(library.diffprog_gemm_transposed_bf16_by_pairs(1))}
     for name in ("diffprog_gemm_f32", "diffprog_gemm_bf16", "diffprog_relu_affine_f32"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
     _use_sgemm(blas, float32_by_mkl())
